@@ -1,0 +1,274 @@
+//! HTTP plumbing shared by the REST services: the one error type clients see, bounded JSON bodies,
+//! and the mapping of warp's own rejections (unknown route, wrong method) into that error format.
+
+use std::convert::Infallible;
+
+use bytes::{Buf, BytesMut};
+use futures_util::{Stream, StreamExt};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+/// Request bodies larger than this are refused with 413 before they are parsed.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// An error as the client sees it: `{"error":{"code":..., "message":..., "field":...}}`.
+///
+/// Messages are written for clients; database error text never goes into one (it is logged instead).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    /// 400: the body is not JSON, not an object, or a value has the wrong JSON type.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 422: well-formed, but a value breaks a rule.
+    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            message,
+        )
+        .with_field(field)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 500 for the client; `detail` goes to the log only.
+    pub fn internal(detail: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %detail, "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the service log",
+        )
+    }
+
+    /// 503: a dependency (the database) cannot be reached right now; retrying later may work.
+    pub fn unavailable(detail: &dyn std::fmt::Display) -> Self {
+        tracing::warn!(error = %detail, "dependency unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the database is unavailable; retry later",
+        )
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: &'a str,
+    field: Option<&'a str>,
+}
+
+impl Reply for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+                field: self.field.as_deref(),
+            },
+        };
+        warp::reply::with_status(warp::reply::json(&body), self.status).into_response()
+    }
+}
+
+/// Turns a handler's result into a response.
+pub fn respond<R: Reply>(result: Result<R, ApiError>) -> Response {
+    match result {
+        Ok(reply) => reply.into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
+/// Extracts the request body as a JSON object, or the client error explaining why it is not one.
+/// The body is read up to [`MAX_BODY_BYTES`] (chunked bodies included) and never further.
+pub fn json_object(
+) -> impl Filter<Extract = (Result<Map<String, Value>, ApiError>,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("content-type")
+        .and(warp::body::stream())
+        .then(|content_type: Option<String>, body| async move {
+            check_content_type(content_type.as_deref())?;
+            let bytes = read_limited(body, MAX_BODY_BYTES).await?;
+            parse_object(&bytes)
+        })
+}
+
+fn check_content_type(content_type: Option<&str>) -> Result<(), ApiError> {
+    let Some(ct) = content_type else {
+        return Ok(());
+    };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json" || essence.ends_with("+json") {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("expected Content-Type application/json, got {ct:?}"),
+        ))
+    }
+}
+
+async fn read_limited(
+    body: impl Stream<Item = Result<impl Buf, warp::Error>>,
+    limit: usize,
+) -> Result<BytesMut, ApiError> {
+    let mut body = std::pin::pin!(body);
+    let mut bytes = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|err| {
+            ApiError::bad_request("unreadable_body", format!("reading the body failed: {err}"))
+        })?;
+        if bytes.len() + chunk.remaining() > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body exceeds {limit} bytes"),
+            ));
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            let n = part.len();
+            bytes.extend_from_slice(part);
+            chunk.advance(n);
+        }
+    }
+    Ok(bytes)
+}
+
+/// Parses `bytes` as a JSON object (400 otherwise).
+pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(ApiError::bad_request(
+            "malformed_json",
+            format!("expected a JSON object, got {}", json_type(&other)),
+        )),
+        Err(err) => Err(ApiError::bad_request(
+            "malformed_json",
+            format!("request body is not valid JSON: {err}"),
+        )),
+    }
+}
+
+/// The JSON type name of a value, for error messages.
+pub fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Maps warp's rejections (no route matched, wrong method, bad query string) to the error format.
+pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
+    let err = if rejection.is_not_found() {
+        ApiError::not_found("no such resource")
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed on this resource",
+        )
+    } else if let Some(e) = rejection.find::<warp::reject::InvalidQuery>() {
+        ApiError::bad_request("invalid_query", e.to_string())
+    } else {
+        ApiError::internal(&format_args!("unhandled rejection: {rejection:?}"))
+    };
+    Ok(err.into_response())
+}
+
+/// Logs one line per request with method, path, status and latency.
+pub fn access_log(service: &'static str) -> warp::log::Log<impl Fn(warp::log::Info<'_>) + Clone> {
+    warp::log::custom(move |info| {
+        tracing::info!(
+            service,
+            method = %info.method(),
+            path = info.path(),
+            status = info.status().as_u16(),
+            elapsed_ms = info.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types() {
+        assert!(check_content_type(None).is_ok());
+        assert!(check_content_type(Some("application/json")).is_ok());
+        assert!(check_content_type(Some("Application/JSON; charset=utf-8")).is_ok());
+        assert!(check_content_type(Some("application/merge-patch+json")).is_ok());
+        let err = check_content_type(Some("application/x-www-form-urlencoded")).unwrap_err();
+        assert_eq!(err.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[test]
+    fn objects_only() {
+        assert!(parse_object(br#"{"a":1}"#).is_ok());
+        for bad in [&b"[1]"[..], b"42", b"null", b"{", b"", b"{\"a\":}"] {
+            let err = parse_object(bad).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad:?}");
+            assert_eq!(err.code, "malformed_json");
+        }
+    }
+
+    #[tokio::test]
+    async fn body_limit_counts_every_chunk() {
+        let chunks = |n: usize| {
+            futures_util::stream::iter(
+                (0..n).map(|_| Ok::<_, warp::Error>(bytes::Bytes::from_static(&[b' '; 1000]))),
+            )
+        };
+        assert_eq!(
+            read_limited(chunks(5), 5000).await.map(|b| b.len()),
+            Ok(5000)
+        );
+        let err = read_limited(chunks(6), 5000).await.unwrap_err();
+        assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+}

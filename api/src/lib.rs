@@ -1,0 +1,16 @@
+//! The REST services of the pipeline.
+//!
+//! ```text
+//!  client ──REST──► user_api ──SQL──► user_db.users          (the only write of the user service)
+//!  client ──REST──► post-api (later) ──SQL──► materialized_view_db (views kept by the projector)
+//! ```
+//!
+//! - [`user_api`]: routes, validation ([`user_api::model`]) and SQL of the user service.
+//! - [`http`]: the error format clients see, bounded JSON bodies, rejection mapping.
+//! - [`db`]: connection pool, transient-error classification, start-up migration with backoff.
+//! - [`service`]: what every binary does around `run`: tracing and the shutdown signal.
+
+pub mod db;
+pub mod http;
+pub mod service;
+pub mod user_api;

@@ -1,0 +1,321 @@
+# shellcheck shell=bash
+# Shared by scripts/dev and scripts/test: find or install PostgreSQL and the pinned broker, run a
+# private PostgreSQL cluster and a tansu broker, start and stop processes by pid.
+#
+# Nothing here looks processes up by name: every process we start has a pid file, and stopping checks
+# that the pid still runs the program we started before signalling it.
+
+TANSU_VERSION=0.6.0
+TOOLS_DIR=${CDC_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-pipeline}
+TANSU_BIN=$TOOLS_DIR/tansu-$TANSU_VERSION/bin/tansu
+
+# Dev-only credentials of the private cluster (it listens on 127.0.0.1 only).
+PG_SUPERUSER=postgres
+PG_SUPERUSER_PASSWORD=postgres
+# role:password:what — the least-privilege roles the services use.
+PG_SERVICE_ROLES=(
+  "user_service:user_service:owns user_db (user-api)"
+  "view_service:view_service:owns materialized_view_db (projector, post-api)"
+  "cdc_reader:cdc_reader:logical replication from user_db (cdc-reader)"
+)
+
+log() { printf '%s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null; then sudo "$@"
+  else die "need root (or sudo) to run: $*"
+  fi
+}
+
+apt_install() {
+  log "installing with apt: $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2 \
+    || die "apt-get install $* failed"
+}
+
+# Sets PG_BIN to a directory holding the PostgreSQL server binaries (newest version found),
+# installing the Debian server package when there is none. PG_BINDIR overrides the search.
+ensure_postgres() {
+  local dir
+  if [ -n "${PG_BINDIR:-}" ]; then
+    [ -x "$PG_BINDIR/postgres" ] || die "PG_BINDIR=$PG_BINDIR has no postgres binary"
+    PG_BIN=$PG_BINDIR
+    return
+  fi
+  PG_BIN=
+  for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k4 -n); do
+    [ -x "$dir/postgres" ] && [ -x "$dir/initdb" ] && PG_BIN=$dir
+  done
+  if [ -z "$PG_BIN" ]; then
+    # Keep the package from creating and starting its own cluster on 5432: we run a private one.
+    if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+      as_root mkdir -p /etc/postgresql-common
+      echo 'create_main_cluster = false' | as_root tee /etc/postgresql-common/createcluster.conf >/dev/null
+    fi
+    apt_install postgresql postgresql-client
+    for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k4 -n); do
+      [ -x "$dir/postgres" ] && PG_BIN=$dir
+    done
+    [ -n "$PG_BIN" ] || die "PostgreSQL server binaries still not found after apt install"
+  fi
+  PSQL=$PG_BIN/psql
+  [ -x "$PSQL" ] || PSQL=$(command -v psql) || die "psql not found"
+}
+
+# Builds the pinned broker once into $TOOLS_DIR (outside the clone, reused by every clone).
+ensure_tansu() {
+  [ -x "$TANSU_BIN" ] && return
+  command -v cargo >/dev/null || die "cargo is needed to build the broker (tansu $TANSU_VERSION)"
+  mkdir -p "$TOOLS_DIR"
+  (
+    # One build at a time, even when dev and test start together.
+    exec 9>"$TOOLS_DIR/.tansu.lock"
+    flock 9
+    [ -x "$TANSU_BIN" ] && exit 0
+    log "building the test broker tansu $TANSU_VERSION (once; 5-16 min on 2 cores); log: $TOOLS_DIR/tansu-build.log"
+    cargo install --locked "tansu@$TANSU_VERSION" --features dynostore,libsql \
+      --root "$TOOLS_DIR/tansu-$TANSU_VERSION" >"$TOOLS_DIR/tansu-build.log" 2>&1 \
+      || { tail -n 30 "$TOOLS_DIR/tansu-build.log" >&2; die "building tansu failed"; }
+  ) || exit 1
+  [ -x "$TANSU_BIN" ] || die "tansu build finished but $TANSU_BIN is missing"
+}
+
+# --- processes ---------------------------------------------------------------------------------
+
+# pid_alive PIDFILE: true when the pid in PIDFILE runs and is still the program recorded beside it.
+pid_alive() {
+  local pidfile=$1 pid exe
+  [ -s "$pidfile" ] || return 1
+  pid=$(head -n 1 "$pidfile")
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  if [ -s "$pidfile.exe" ]; then
+    exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+    [ "${exe% (deleted)}" = "$(cat "$pidfile.exe")" ] || return 1
+  fi
+}
+
+pid_of() { [ -s "$1" ] && head -n 1 "$1"; }
+
+# start_process PIDFILE LOGFILE WORKDIR PROGRAM [ARGS...]: starts PROGRAM in its own session, in the
+# background, appending to LOGFILE; records its pid and executable.
+start_process() {
+  local pidfile=$1 logfile=$2 workdir=$3
+  shift 3
+  mkdir -p "$(dirname "$pidfile")" "$(dirname "$logfile")"
+  readlink -f "$(command -v "$1")" >"$pidfile.exe"
+  rm -f "$pidfile"
+  # The inner shell writes its own pid and then becomes the program, so the pid file names the
+  # program itself, in a session of its own (a closed terminal does not take it down).
+  (cd "$workdir" && exec setsid sh -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "$@" \
+    >>"$logfile" 2>&1 </dev/null) &
+  local i
+  for ((i = 0; i < 100; i++)); do pid_alive "$pidfile" && return; sleep 0.02; done
+  tail -n 20 "$logfile" >&2
+  die "could not start $1 (log: $logfile)"
+}
+
+# stop_process PIDFILE [SECONDS]: SIGTERM, then SIGKILL after SECONDS (default 15).
+stop_process() {
+  local pidfile=$1 grace=${2:-15} pid i
+  if ! pid_alive "$pidfile"; then
+    rm -f "$pidfile" "$pidfile.exe"
+    return 0
+  fi
+  pid=$(pid_of "$pidfile")
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < grace * 10; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "pid $pid did not stop within ${grace}s; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile" "$pidfile.exe"
+}
+
+# wait_tcp HOST PORT SECONDS: until something accepts connections there.
+wait_tcp() {
+  local host=$1 port=$2 secs=$3 i
+  for ((i = 0; i < secs * 10; i++)); do
+    (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# http_status HOST PORT PATH: prints the HTTP status code of a GET (no curl needed).
+http_status() {
+  local host=$1 port=$2 path=$3 line
+  exec 3<>"/dev/tcp/$host/$port" || return 1
+  printf 'GET %s HTTP/1.1\r\nHost: %s:%s\r\nConnection: close\r\n\r\n' "$path" "$host" "$port" >&3
+  IFS=' ' read -r -t 5 _ line _ <&3 || { exec 3>&-; return 1; }
+  exec 3>&-
+  printf '%s\n' "$line"
+}
+
+# wait_healthy NAME HOST PORT PATH SECONDS PIDFILE: until GET PATH answers 200, or the process dies.
+wait_healthy() {
+  local name=$1 host=$2 port=$3 path=$4 secs=$5 pidfile=$6 i
+  for ((i = 0; i < secs * 10; i++)); do
+    [ "$(http_status "$host" "$port" "$path" 2>/dev/null)" = 200 ] && return 0
+    pid_alive "$pidfile" || { log "$name exited during start-up"; return 1; }
+    sleep 0.1
+  done
+  log "$name not healthy within ${secs}s"
+  return 1
+}
+
+# free_port: a TCP port on 127.0.0.1 nobody listens on right now.
+free_port() {
+  local port
+  while :; do
+    port=$((20000 + RANDOM % 30000))
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
+  done
+}
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+
+# As root, PostgreSQL runs as the OS user postgres (it refuses to run as root).
+pg_as() {
+  if [ "$(id -u)" = 0 ]; then
+    id "$PG_OS_USER" >/dev/null 2>&1 \
+      || as_root useradd --system --no-create-home --shell /usr/sbin/nologin "$PG_OS_USER"
+    runuser -u "$PG_OS_USER" -- "$@"
+  else
+    "$@"
+  fi
+}
+PG_OS_USER=${PG_OS_USER:-postgres}
+
+# pg_prepare_dir DIR: makes DIR (where the cluster lives) usable by the OS user running PostgreSQL.
+# When root owns a clone the postgres user cannot reach (e.g. under /root), the cluster goes to a
+# directory under /var/tmp and DIR becomes a symlink to it.
+pg_prepare_dir() {
+  local dir=$1 alt
+  if [ -L "$dir" ] || [ -d "$dir/data" ]; then return; fi
+  mkdir -p "$dir"
+  if [ "$(id -u)" = 0 ]; then
+    chown "$PG_OS_USER" "$dir" 2>/dev/null || { id "$PG_OS_USER" >/dev/null 2>&1 || pg_as true; chown "$PG_OS_USER" "$dir"; }
+    if ! runuser -u "$PG_OS_USER" -- test -w "$dir" 2>/dev/null; then
+      alt=/var/tmp/cdc-pipeline-pg-$(printf '%s' "$(readlink -f "$dir")" | md5sum | cut -c1-12)
+      log "$PG_OS_USER cannot reach $dir; keeping the cluster in $alt (linked from $dir)"
+      rmdir "$dir"
+      mkdir -p "$alt"
+      chown "$PG_OS_USER" "$alt"
+      ln -s "$alt" "$dir"
+    fi
+  fi
+}
+
+# pg_init DIR PORT [fast]: creates the cluster in DIR/data once. "fast" turns off fsync (tests only:
+# a killed postgres process still loses nothing, only an OS crash would).
+pg_init() {
+  local dir=$1 port=$2 mode=${3:-}
+  pg_prepare_dir "$dir"
+  [ -f "$dir/data/PG_VERSION" ] && return
+  local pwfile
+  pwfile=$(mktemp)
+  printf '%s\n' "$PG_SUPERUSER_PASSWORD" >"$pwfile"
+  chmod 644 "$pwfile"
+  pg_as "$PG_BIN/initdb" -D "$dir/data" -U "$PG_SUPERUSER" --pwfile="$pwfile" \
+    --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 \
+    || { rm -f "$pwfile"; cat "$dir/initdb.log" >&2; die "initdb failed"; }
+  rm -f "$pwfile"
+  pg_as mkdir -p "$dir/run"
+  pg_as tee -a "$dir/data/postgresql.conf" >/dev/null <<EOF
+
+# --- cdc-pipeline private cluster ---
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$(readlink -f "$dir")/run'
+wal_level = logical
+max_replication_slots = 64
+max_wal_senders = 64
+max_connections = 300
+wal_sender_timeout = 60s
+log_line_prefix = '%m [%p] %q%u@%d '
+EOF
+  if [ "$mode" = fast ]; then
+    pg_as tee -a "$dir/data/postgresql.conf" >/dev/null <<EOF
+fsync = off
+full_page_writes = off
+EOF
+  fi
+  pg_as tee "$dir/data/pg_hba.conf" >/dev/null <<EOF
+# local socket: trust (the socket directory is private to this cluster); TCP: passwords.
+local   all          all                    trust
+local   replication  all                    trust
+host    all          all    127.0.0.1/32    scram-sha-256
+host    replication  all    127.0.0.1/32    scram-sha-256
+EOF
+}
+
+pg_pidfile() { echo "$1/data/postmaster.pid"; }
+
+pg_running() { pg_as "$PG_BIN/pg_ctl" -D "$1/data" status >/dev/null 2>&1; }
+
+pg_start() {
+  local dir=$1
+  pg_running "$dir" && return
+  pg_as "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 start >/dev/null \
+    || { tail -n 20 "$dir/postgres.log" >&2; die "PostgreSQL did not start (log: $dir/postgres.log)"; }
+}
+
+pg_stop() {
+  local dir=$1
+  pg_running "$dir" || return 0
+  pg_as "$PG_BIN/pg_ctl" -D "$dir/data" -m fast -w -t 60 stop >/dev/null
+}
+
+# pg_psql DIR PORT DB [psql args...]: psql as the superuser over the cluster's private socket.
+pg_psql() {
+  local dir=$1 port=$2 db=$3
+  shift 3
+  "$PSQL" -X -q -v ON_ERROR_STOP=1 -h "$(readlink -f "$dir")/run" -p "$port" -U "$PG_SUPERUSER" -d "$db" "$@"
+}
+
+# pg_bootstrap DIR PORT: the service roles and the two databases, created when missing.
+pg_bootstrap() {
+  local dir=$1 port=$2 entry role pass
+  for entry in "${PG_SERVICE_ROLES[@]}"; do
+    IFS=: read -r role pass _ <<<"$entry"
+    pg_psql "$dir" "$port" postgres <<EOF
+SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', '$role', '$pass')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$role') \gexec
+EOF
+  done
+  pg_psql "$dir" "$port" postgres <<'EOF'
+ALTER ROLE cdc_reader REPLICATION;
+SELECT 'CREATE DATABASE user_db OWNER user_service'
+ WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'user_db') \gexec
+SELECT 'CREATE DATABASE materialized_view_db OWNER view_service'
+ WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'materialized_view_db') \gexec
+EOF
+}
+
+# --- broker ------------------------------------------------------------------------------------
+
+# broker_start DIR PORT STORAGE: tansu on 127.0.0.1:PORT with STORAGE (memory or sqlite; sqlite
+# keeps its file in DIR, as tansu resolves the path against its working directory).
+broker_start() {
+  local dir=$1 port=$2 storage=$3 engine
+  mkdir -p "$dir"
+  pid_alive "$dir/broker.pid" && return
+  case $storage in
+    memory) engine=memory://tansu/ ;;
+    sqlite) engine=sqlite://tansu.db ;;
+    *) die "unknown broker storage $storage" ;;
+  esac
+  start_process "$dir/broker.pid" "$dir/broker.log" "$dir" "$TANSU_BIN" broker \
+    --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine "$engine"
+  wait_tcp 127.0.0.1 "$port" 60 || { tail -n 20 "$dir/broker.log" >&2; die "broker did not listen on $port"; }
+  pid_alive "$dir/broker.pid" || { tail -n 20 "$dir/broker.log" >&2; die "broker exited"; }
+}
+
+broker_stop() { stop_process "$1/broker.pid" 15; }

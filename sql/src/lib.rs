@@ -1,0 +1,211 @@
+//! Schema of the two databases as ordered migrations, and the one code path that applies them.
+//!
+//! ```text
+//!  sql/migrations/user_db/NNNN_*.sql              ──► user_db              (user-api, cdc-reader)
+//!  sql/migrations/materialized_view_db/NNNN_*.sql ──► materialized_view_db (projector, post-api)
+//! ```
+//!
+//! Services call [`migrate`] on start, `scripts/dev` and users call the `migrate` binary, tests call
+//! [`migrate`] on their private databases: all three run the same SQL the same way.
+//!
+//! Rules the runner enforces:
+//! - all pending migrations of a database apply in one transaction, in version order, under a
+//!   transaction-scoped advisory lock, so concurrent starters serialize and a failure leaves nothing
+//!   half-applied;
+//! - each applied migration is recorded in `schema_migrations` with the md5 of its text; re-running is a
+//!   no-op, and a recorded migration whose text changed since is an error (edit by adding a migration,
+//!   never by rewriting one).
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Which of the two databases a set of migrations belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Database {
+    /// `user_db`: the user service's source of truth.
+    UserDb,
+    /// `materialized_view_db`: the projector's views and the post service's posts.
+    ViewDb,
+}
+
+impl Database {
+    /// The conventional database name (the dev stack and compose use it).
+    pub fn default_name(self) -> &'static str {
+        match self {
+            Database::UserDb => "user_db",
+            Database::ViewDb => "materialized_view_db",
+        }
+    }
+
+    /// The migrations of this database, in the order they apply.
+    pub fn migrations(self) -> &'static [Migration] {
+        match self {
+            Database::UserDb => USER_DB,
+            Database::ViewDb => VIEW_DB,
+        }
+    }
+}
+
+impl fmt::Display for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.default_name())
+    }
+}
+
+impl FromStr for Database {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "user_db" => Ok(Database::UserDb),
+            "materialized_view_db" => Ok(Database::ViewDb),
+            other => Err(format!(
+                "unknown database {other:?}: expected user_db or materialized_view_db"
+            )),
+        }
+    }
+}
+
+/// One schema change: applied once, never edited after it shipped.
+#[derive(Debug)]
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+macro_rules! migration {
+    ($db:literal, $version:literal, $file:literal, $name:literal) => {
+        Migration {
+            version: $version,
+            name: $name,
+            sql: include_str!(concat!("../migrations/", $db, "/", $file)),
+        }
+    };
+}
+
+static USER_DB: &[Migration] = &[migration!("user_db", 1, "0001_users.sql", "users")];
+static VIEW_DB: &[Migration] = &[migration!(
+    "materialized_view_db",
+    1,
+    "0001_views.sql",
+    "views"
+)];
+
+/// Why migrating failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("migration {version} ({name}) of {database} was changed after it was applied; add a new migration instead")]
+    Changed {
+        database: Database,
+        version: i32,
+        name: &'static str,
+    },
+    #[error("{database} has migration {version} applied, which this build does not know; is this build older than the database?")]
+    Unknown { database: Database, version: i32 },
+    #[error("applying migrations to {database} failed")]
+    Postgres {
+        database: Database,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+// An arbitrary constant shared by every migrator of every database.
+const MIGRATION_LOCK_KEY: i64 = 0x6364_635f_6d69_6772; // "cdc_migr"
+
+/// Applies every pending migration of `database` through `client`; returns the versions applied now
+/// (empty when the schema was already current).
+pub async fn migrate(
+    client: &mut tokio_postgres::Client,
+    database: Database,
+) -> Result<Vec<i32>, MigrateError> {
+    let pg = |source| MigrateError::Postgres { database, source };
+    let tx = client.transaction().await.map_err(pg)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .map_err(pg)?;
+    // "already exists, skipping" notices on every start are noise.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await
+        .map_err(pg)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version    integer     PRIMARY KEY,
+             name       text        NOT NULL,
+             checksum   text        NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await
+    .map_err(pg)?;
+
+    let applied = tx
+        .query("SELECT version, checksum FROM schema_migrations", &[])
+        .await
+        .map_err(pg)?;
+    let migrations = database.migrations();
+    for row in &applied {
+        let version: i32 = row.get(0);
+        if !migrations.iter().any(|m| m.version == version) {
+            return Err(MigrateError::Unknown { database, version });
+        }
+    }
+
+    let mut done = Vec::new();
+    for m in migrations {
+        let recorded = applied.iter().find(|row| row.get::<_, i32>(0) == m.version);
+        if let Some(row) = recorded {
+            let same: bool = tx
+                .query_one("SELECT md5($1) = $2", &[&m.sql, &row.get::<_, String>(1)])
+                .await
+                .map_err(pg)?
+                .get(0);
+            if !same {
+                return Err(MigrateError::Changed {
+                    database,
+                    version: m.version,
+                    name: m.name,
+                });
+            }
+            continue;
+        }
+        tx.batch_execute(m.sql).await.map_err(pg)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, md5($3))",
+            &[&m.version, &m.name, &m.sql],
+        )
+        .await
+        .map_err(pg)?;
+        tracing::info!(%database, version = m.version, name = m.name, "applied migration");
+        done.push(m.version);
+    }
+    tx.commit().await.map_err(pg)?;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_strictly_increasing_and_files_are_not_empty() {
+        for db in [Database::UserDb, Database::ViewDb] {
+            let ms = db.migrations();
+            assert!(!ms.is_empty(), "{db} has no migrations");
+            for pair in ms.windows(2) {
+                assert!(pair[0].version < pair[1].version, "{db}: out of order");
+            }
+            for m in ms {
+                assert!(m.sql.trim().len() > 10, "{db} {} is empty", m.name);
+            }
+        }
+    }
+
+    #[test]
+    fn database_names_round_trip() {
+        for db in [Database::UserDb, Database::ViewDb] {
+            assert_eq!(db.default_name().parse::<Database>(), Ok(db));
+        }
+        assert!("users".parse::<Database>().is_err());
+    }
+}
