@@ -1,6 +1,12 @@
 //! cdc-reader: PostgreSQL WAL (logical replication, `pgoutput`) → Kafka change events.
 //!
-//! Not built yet: this crate is reserved in the workspace so that the layout names the data flow
-//! (`cdc-reader/` → `projector/` → `api/`). It has no binary, so `scripts/dev up` does not start
-//! it and `scripts/dev status` reports it as `not-built`. The reader is the subject of its own issue
-//! (decode, stream and publish, see DESIGN.md).
+//! ```text
+//!  slot (pgoutput bytes) ──► decode ──► (events) ──► Kafka
+//! ```
+//!
+//! - [`decode`]: pgoutput protocol v1 bytes → typed messages; pure, never panics.
+//!
+//! Built so far: the decoder. Streaming from the slot, the change-event envelope and publishing
+//! are not built yet, so the crate has no binary; `scripts/dev status` reports it as `not-built`.
+
+pub mod decode;
