@@ -541,26 +541,9 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testdata::captured;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
-
-    /// The messages of `testdata/pgoutput-v1.txt`, captured from a real PostgreSQL 15.
-    fn captured() -> Vec<(String, Bytes)> {
-        include_str!("../testdata/pgoutput-v1.txt")
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .map(|l| {
-                let mut parts = l.split('|');
-                let lsn = parts.next().unwrap().to_owned();
-                let hex = parts.nth(1).unwrap();
-                let bytes = (0..hex.len())
-                    .step_by(2)
-                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-                    .collect::<Vec<u8>>();
-                (lsn, Bytes::from(bytes))
-            })
-            .collect()
-    }
 
     fn decoded() -> Vec<Message> {
         captured()

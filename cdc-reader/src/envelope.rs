@@ -1,0 +1,502 @@
+//! Decoded pgoutput changes → Kafka records in the change-event format. Pure: the stream feeds it
+//! messages in order and it returns what to publish.
+//!
+//! It keeps what a change needs but does not carry: the latest Relation of each table (pgoutput
+//! sends it before a table's first change in a session and again after the table changes shape),
+//! the transaction the change belongs to (from Begin), and the change's index in it.
+
+use std::collections::HashMap;
+
+use change_event::{format_lsn, Envelope, Op, Row, Source};
+use serde_json::Value;
+
+use crate::decode::{self, Lsn, Message, OldTuple, Relation, Tuple};
+use crate::values;
+
+/// Microseconds from the Unix epoch to PostgreSQL's epoch (2000-01-01).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// One record to publish: topic, key (JSON) and value (JSON, `None` for a tombstone).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    /// True for records every partition must see in order with its rows (truncate).
+    pub all_partitions: bool,
+}
+
+/// A change that cannot be turned into an event. Each means PostgreSQL sent something this reader
+/// does not understand; the stream stops rather than skip a change.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnvelopeError {
+    #[error("change for relation {0} arrived before its Relation message")]
+    UnknownRelation(u32),
+    #[error("row change outside a transaction (no Begin)")]
+    NoTransaction,
+    #[error("relation {relation}: tuple has {got} values but the relation has {want} columns")]
+    ColumnCount {
+        relation: String,
+        got: usize,
+        want: usize,
+    },
+    #[error("relation {relation}: column {column} is not valid UTF-8 text")]
+    NotUtf8 { relation: String, column: String },
+    #[error("relation {relation}: binary values are not supported (the stream must use text)")]
+    Binary { relation: String },
+}
+
+/// Settings that shape every event.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `source.name`.
+    pub server_name: String,
+    /// `source.db`.
+    pub database: String,
+    /// `schema.table` → topic; tables not listed go to `schema.table`.
+    pub topics: HashMap<String, String>,
+}
+
+#[derive(Debug)]
+struct Table {
+    relation: Relation,
+    topic: String,
+    /// Indexes of the primary key columns (or of the replica identity when there is no key).
+    key: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Transaction {
+    xid: u32,
+    commit_lsn: Lsn,
+    commit_time_ms: i64,
+    next_index: u64,
+}
+
+/// Turns the decoded stream into records.
+#[derive(Debug)]
+pub struct Builder {
+    settings: Settings,
+    tables: HashMap<u32, Table>,
+    tx: Option<Transaction>,
+    /// End LSN of the last commit seen, for `source.sequence`.
+    last_commit: Lsn,
+}
+
+/// What a message means for the caller.
+#[derive(Debug, PartialEq)]
+pub enum Step {
+    /// Records of a row change or truncate, to publish in this order.
+    Records(Vec<Record>),
+    /// The transaction ended; once everything before is acknowledged, `end_lsn` may be confirmed.
+    Commit { end_lsn: Lsn },
+    /// Nothing to publish (Begin, Relation, Type, Origin, logical messages).
+    Nothing,
+}
+
+impl Builder {
+    pub fn new(settings: Settings) -> Self {
+        Builder {
+            settings,
+            tables: HashMap::new(),
+            tx: None,
+            last_commit: 0,
+        }
+    }
+
+    /// A fresh replication session resends Relation messages; forget the old ones.
+    pub fn reset_session(&mut self) {
+        self.tables.clear();
+        self.tx = None;
+    }
+
+    /// True while a transaction's Begin was seen but not its Commit.
+    pub fn in_transaction(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// `primary_key` gives, for a relation, the names of its primary key columns (looked up by the
+    /// caller in the catalog); `None` when the table has none.
+    pub fn apply(
+        &mut self,
+        message: Message,
+        now_ms: i64,
+        primary_key: impl FnOnce(&Relation) -> Option<Vec<String>>,
+    ) -> Result<Step, EnvelopeError> {
+        match message {
+            Message::Begin(b) => {
+                self.tx = Some(Transaction {
+                    xid: b.xid,
+                    commit_lsn: b.final_lsn,
+                    commit_time_ms: (b.commit_time + PG_EPOCH_OFFSET_MICROS).div_euclid(1000),
+                    next_index: 0,
+                });
+                Ok(Step::Nothing)
+            }
+            Message::Commit(c) => {
+                self.tx = None;
+                self.last_commit = c.end_lsn;
+                Ok(Step::Commit { end_lsn: c.end_lsn })
+            }
+            Message::Relation(relation) => {
+                let qualified = format!("{}.{}", relation.namespace, relation.name);
+                let topic = self
+                    .settings
+                    .topics
+                    .get(&qualified)
+                    .cloned()
+                    .unwrap_or(qualified);
+                let key = match primary_key(&relation) {
+                    Some(names) => names
+                        .iter()
+                        .filter_map(|n| relation.columns.iter().position(|c| &c.name == n))
+                        .collect(),
+                    None => (0..relation.columns.len())
+                        .filter(|&i| relation.columns[i].key)
+                        .collect(),
+                };
+                self.tables.insert(
+                    relation.id,
+                    Table {
+                        relation,
+                        topic,
+                        key,
+                    },
+                );
+                Ok(Step::Nothing)
+            }
+            Message::Insert(i) => self.row(i.relation_id, Op::Create, None, Some(i.new), now_ms),
+            Message::Update(u) => self.row(u.relation_id, Op::Update, u.old, Some(u.new), now_ms),
+            Message::Delete(d) => self.row(d.relation_id, Op::Delete, Some(d.old), None, now_ms),
+            Message::Truncate(t) => {
+                let mut records = Vec::with_capacity(t.relation_ids.len());
+                for id in t.relation_ids {
+                    let (source, topic) = self.source(id)?;
+                    let envelope = Envelope {
+                        before: None,
+                        after: None,
+                        source,
+                        op: Op::Truncate,
+                        ts_ms: now_ms,
+                        unchanged_toast: Vec::new(),
+                    };
+                    records.push(Record {
+                        topic,
+                        key: None,
+                        value: Some(to_json_bytes(&envelope)),
+                        all_partitions: true,
+                    });
+                }
+                Ok(Step::Records(records))
+            }
+            Message::Origin(_) | Message::Type(_) | Message::Message(_) => Ok(Step::Nothing),
+        }
+    }
+
+    /// Source block of the next event of relation `id` in the current transaction.
+    fn source(&mut self, id: u32) -> Result<(Source, String), EnvelopeError> {
+        let last_commit = self.last_commit;
+        let tx = self.tx.as_mut().ok_or(EnvelopeError::NoTransaction)?;
+        let table = self
+            .tables
+            .get(&id)
+            .ok_or(EnvelopeError::UnknownRelation(id))?;
+        let index = tx.next_index;
+        tx.next_index += 1;
+        let source = Source {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            connector: "postgresql".to_owned(),
+            name: self.settings.server_name.clone(),
+            db: self.settings.database.clone(),
+            schema: table.relation.namespace.clone(),
+            table: table.relation.name.clone(),
+            tx_id: Some(i64::from(tx.xid)),
+            lsn: Some(tx.commit_lsn),
+            sequence: Some(format!(
+                "[\"{}\",\"{}\"]",
+                format_lsn(last_commit),
+                format_lsn(tx.commit_lsn)
+            )),
+            ts_ms: tx.commit_time_ms,
+            snapshot: "false".to_owned(),
+            commit_lsn: tx.commit_lsn,
+            event_index: index,
+        };
+        Ok((source, table.topic.clone()))
+    }
+
+    fn row(
+        &mut self,
+        id: u32,
+        op: Op,
+        old: Option<OldTuple>,
+        new: Option<Tuple>,
+        now_ms: i64,
+    ) -> Result<Step, EnvelopeError> {
+        let (source, topic) = self.source(id)?;
+        let table = self
+            .tables
+            .get(&id)
+            .ok_or(EnvelopeError::UnknownRelation(id))?;
+        let old_full = matches!(old, Some(OldTuple::Full(_)));
+        let before = match &old {
+            Some(OldTuple::Full(t)) => Some(row(table, t, None)?.0),
+            // Only the key columns of a key image carry values.
+            Some(OldTuple::Key(t)) => Some(row(table, t, Some(&table.key))?.0),
+            None => None,
+        };
+        let (after, unchanged_toast) = match &new {
+            Some(t) => {
+                let (mut after, missing) = row(table, t, None)?;
+                let mut unchanged = Vec::new();
+                for name in missing {
+                    // A full old image has the value; otherwise the consumer keeps what it has.
+                    match before.as_ref().and_then(|b| b.get(&name)) {
+                        Some(v) if old_full => {
+                            after.insert(name, v.clone());
+                        }
+                        _ => unchanged.push(name),
+                    }
+                }
+                (Some(after), unchanged)
+            }
+            None => (None, Vec::new()),
+        };
+        // The key comes from the row the change leaves behind (after), or the one it removed.
+        let key_source = after.as_ref().or(before.as_ref());
+        let mut key = Row::new();
+        for &i in &table.key {
+            let name = &table.relation.columns[i].name;
+            key.insert(
+                name.clone(),
+                key_source
+                    .and_then(|r| r.get(name))
+                    .cloned()
+                    .unwrap_or(Value::Null),
+            );
+        }
+        let key = Some(to_json_bytes(&key));
+        let envelope = Envelope {
+            before,
+            after,
+            source,
+            op,
+            ts_ms: now_ms,
+            unchanged_toast,
+        };
+        let mut records = vec![Record {
+            topic: topic.clone(),
+            key: key.clone(),
+            value: Some(to_json_bytes(&envelope)),
+            all_partitions: false,
+        }];
+        if op == Op::Delete {
+            records.push(Record {
+                topic,
+                key,
+                value: None,
+                all_partitions: false,
+            });
+        }
+        Ok(Step::Records(records))
+    }
+}
+
+/// The JSON row of `tuple`, restricted to `only` columns when given, and the names of columns whose
+/// value was an unchanged TOAST marker (left out of the row).
+fn row(
+    table: &Table,
+    tuple: &Tuple,
+    only: Option<&[usize]>,
+) -> Result<(Row, Vec<String>), EnvelopeError> {
+    let columns = &table.relation.columns;
+    let relation = || format!("{}.{}", table.relation.namespace, table.relation.name);
+    if tuple.0.len() != columns.len() {
+        return Err(EnvelopeError::ColumnCount {
+            relation: relation(),
+            got: tuple.0.len(),
+            want: columns.len(),
+        });
+    }
+    let mut out = Row::new();
+    let mut unchanged = Vec::new();
+    for (i, (column, value)) in columns.iter().zip(&tuple.0).enumerate() {
+        if only.is_some_and(|keep| !keep.contains(&i)) {
+            continue;
+        }
+        let json = match value {
+            decode::Value::Null => Value::Null,
+            decode::Value::UnchangedToast => {
+                unchanged.push(column.name.clone());
+                continue;
+            }
+            decode::Value::Text(bytes) => {
+                let text = std::str::from_utf8(bytes).map_err(|_| EnvelopeError::NotUtf8 {
+                    relation: relation(),
+                    column: column.name.clone(),
+                })?;
+                values::to_json(column.type_oid, text)
+            }
+            decode::Value::Binary(_) => {
+                return Err(EnvelopeError::Binary {
+                    relation: relation(),
+                })
+            }
+        };
+        out.insert(column.name.clone(), json);
+    }
+    Ok((out, unchanged))
+}
+
+fn to_json_bytes<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Only string-keyed maps of JSON values get here, and those always serialize.
+    serde_json::to_vec(value).expect("an envelope always serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdata;
+    use serde_json::json;
+
+    fn settings() -> Settings {
+        Settings {
+            server_name: "cdc".into(),
+            database: "capture".into(),
+            topics: [("public.t".to_owned(), "t-events".to_owned())].into(),
+        }
+    }
+
+    /// Every record of the captured stream, as (topic, key, value) JSON.
+    fn records() -> Vec<(String, Value, Value, bool)> {
+        let mut b = Builder::new(settings());
+        let mut out = Vec::new();
+        for (lsn, bytes) in testdata::captured() {
+            let msg = decode::decode(&bytes).unwrap();
+            let step = b
+                .apply(msg, 1, |r| (r.name == "f").then(|| vec!["id".to_owned()]))
+                .unwrap_or_else(|e| panic!("{lsn}: {e}"));
+            if let Step::Records(rs) = step {
+                for r in rs {
+                    let parse = |b: &Option<Vec<u8>>| {
+                        b.as_ref()
+                            .map_or(Value::Null, |b| serde_json::from_slice(b).unwrap())
+                    };
+                    out.push((
+                        r.topic.clone(),
+                        parse(&r.key),
+                        parse(&r.value),
+                        r.all_partitions,
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn inserts_updates_deletes_and_tombstones() {
+        let rs = records();
+        let (topic, key, v, _) = &rs[0];
+        assert_eq!((topic.as_str(), key), ("t-events", &json!({"id": 1})));
+        assert_eq!(v["op"], "c");
+        assert_eq!(v["before"], Value::Null);
+        assert_eq!(
+            v["after"],
+            json!({"id": 1, "name": "Ann", "n": "12.50", "flag": true,
+                   "at": "2026-01-02T03:04:05.123456Z", "big": "x".repeat(5000),
+                   "tags": ["a", "b c", null], "doc": {"k": [1, 2]}})
+        );
+        assert_eq!(v["source"]["table"], "t");
+        assert_eq!(v["source"]["txId"], 756);
+        assert_eq!(v["source"]["snapshot"], "false");
+        assert_eq!(v["source"]["event_index"], 0);
+
+        // Unchanged TOAST under default identity: left out and listed, never a placeholder.
+        let (_, _, v, _) = &rs[2];
+        assert_eq!(v["op"], "u");
+        assert_eq!(v["after"]["name"], "Ann B");
+        assert!(v["after"].get("big").is_none(), "{v}");
+        assert_eq!(v["unchanged_toast"], json!(["big"]));
+
+        // A key change: before holds the old key only, the record is keyed by the new key.
+        let (_, key, v, _) = &rs[3];
+        assert_eq!(key, &json!({"id": 3}));
+        assert_eq!(v["before"], json!({"id": 2}));
+        assert_eq!(v["after"]["id"], 3);
+
+        // Delete, then its tombstone with the same key.
+        let (_, key, v, _) = &rs[4];
+        assert_eq!((key, &v["op"]), (&json!({"id": 3}), &json!("d")));
+        assert_eq!(v["before"], json!({"id": 3}));
+        assert_eq!(v["after"], Value::Null);
+        let (_, tkey, tomb, _) = &rs[5];
+        assert_eq!((tkey, tomb), (&json!({"id": 3}), &Value::Null));
+    }
+
+    #[test]
+    fn full_identity_keys_by_primary_key_and_carries_old_rows() {
+        let rs = records();
+        let f: Vec<_> = rs.iter().filter(|r| r.0 == "public.f").collect();
+        let (_, key, v, _) = f[1];
+        assert_eq!(
+            key,
+            &json!({"id": 1}),
+            "keyed by the primary key, not every column"
+        );
+        assert_eq!(v["before"], json!({"id": 1, "v": "one"}));
+        assert_eq!(v["after"], json!({"id": 1, "v": "uno"}));
+        let (_, _, v, _) = f[2];
+        assert_eq!(v["before"], json!({"id": 1, "v": "uno"}));
+    }
+
+    #[test]
+    fn truncate_goes_to_every_partition_of_each_table() {
+        let rs = records();
+        let t: Vec<_> = rs.iter().filter(|r| r.2["op"] == "t").collect();
+        assert_eq!(t.len(), 2);
+        assert!(t.iter().all(|r| r.3 && r.1 == Value::Null));
+        assert_eq!((t[0].0.as_str(), t[1].0.as_str()), ("t-events", "public.f"));
+        assert_eq!(t[0].2["source"]["event_index"], 0);
+        assert_eq!(t[1].2["source"]["event_index"], 1);
+    }
+
+    #[test]
+    fn positions_increase_in_stream_order() {
+        let positions: Vec<(u64, u64)> = records()
+            .iter()
+            .filter(|r| !r.2.is_null())
+            .map(|r| {
+                let s = &r.2["source"];
+                (
+                    s["commit_lsn"].as_u64().unwrap(),
+                    s["event_index"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    }
+
+    #[test]
+    fn changes_need_a_relation_and_a_transaction() {
+        let mut b = Builder::new(settings());
+        let insert = Message::Insert(decode::Insert {
+            relation_id: 9,
+            new: Tuple(vec![]),
+        });
+        assert_eq!(
+            b.apply(insert.clone(), 0, |_| None),
+            Err(EnvelopeError::NoTransaction)
+        );
+        let begin = Message::Begin(decode::Begin {
+            final_lsn: 1,
+            commit_time: 0,
+            xid: 1,
+        });
+        b.apply(begin, 0, |_| None).unwrap();
+        assert_eq!(
+            b.apply(insert, 0, |_| None),
+            Err(EnvelopeError::UnknownRelation(9))
+        );
+    }
+}
