@@ -63,7 +63,7 @@ pub async fn migrate_when_reachable(
     database: schema::Database,
     shutdown: &CancellationToken,
 ) -> Result<Vec<i32>, DbError> {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = service::Backoff::default();
     loop {
         let attempt = async {
             let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
@@ -90,25 +90,9 @@ pub async fn migrate_when_reachable(
         if !transient {
             return Err(err);
         }
-        tracing::warn!(%database, error = %error_chain(&err), retry_in_ms = delay.as_millis() as u64,
-            "database not reachable; retrying");
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return Err(DbError::Cancelled),
-            () = tokio::time::sleep(delay) => {}
+        tracing::warn!(%database, error = %service::error_chain(&err), "database not reachable; retrying");
+        if !backoff.wait(shutdown).await {
+            return Err(DbError::Cancelled);
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
-}
-
-/// An error and its sources on one line, for logs.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

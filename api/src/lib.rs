@@ -8,9 +8,7 @@
 //! - [`user_api`]: routes, validation ([`user_api::model`]) and SQL of the user service.
 //! - [`http`]: the error format clients see, bounded JSON bodies, rejection mapping.
 //! - [`db`]: connection pool, transient-error classification, start-up migration with backoff.
-//! - [`service`]: what every binary does around `run`: tracing and the shutdown signal.
 
 pub mod db;
 pub mod http;
-pub mod service;
 pub mod user_api;

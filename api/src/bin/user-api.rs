@@ -13,12 +13,12 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    api::service::init_tracing();
+    service::init_tracing();
     tokio::runtime::Runtime::new()
         .context("starting the tokio runtime")?
         .block_on(async {
             let shutdown = CancellationToken::new();
-            let signals = api::service::cancel_on_signal(shutdown.clone())
+            let signals = service::cancel_on_signal(shutdown.clone())
                 .context("installing signal handlers")?;
             let listener = tokio::net::TcpListener::bind(args.config.listen)
                 .await
