@@ -9,10 +9,10 @@ TANSU_VERSION=0.6.0
 TOOLS_DIR=${CDC_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-pipeline}
 TANSU_BIN=$TOOLS_DIR/tansu-$TANSU_VERSION/bin/tansu
 
-# Dev-only credentials of the private cluster (it listens on 127.0.0.1 only).
+# The private cluster's superuser (its password is random per cluster: pg_superuser_password).
 PG_SUPERUSER=postgres
-PG_SUPERUSER_PASSWORD=postgres
-# role:password:what — the least-privilege roles the services use.
+# role:password:what — the least-privilege roles the services use (dev-only passwords; the cluster
+# listens on 127.0.0.1 only).
 PG_SERVICE_ROLES=(
   "user_service:user_service:owns user_db (user-api)"
   "view_service:view_service:owns materialized_view_db (projector, post-api)"
@@ -43,20 +43,21 @@ ensure_postgres() {
   if [ -n "${PG_BINDIR:-}" ]; then
     [ -x "$PG_BINDIR/postgres" ] || die "PG_BINDIR=$PG_BINDIR has no postgres binary"
     PG_BIN=$PG_BINDIR
+    PSQL=$PG_BIN/psql
+    [ -x "$PSQL" ] || PSQL=$(command -v psql) || die "psql not found"
     return
   fi
   PG_BIN=
-  for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k4 -n); do
+  for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5,5V); do
     [ -x "$dir/postgres" ] && [ -x "$dir/initdb" ] && PG_BIN=$dir
   done
   if [ -z "$PG_BIN" ]; then
     # Keep the package from creating and starting its own cluster on 5432: we run a private one.
-    if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
-      as_root mkdir -p /etc/postgresql-common
-      echo 'create_main_cluster = false' | as_root tee /etc/postgresql-common/createcluster.conf >/dev/null
-    fi
+    as_root mkdir -p /etc/postgresql-common/createcluster.d
+    echo 'create_main_cluster = false' \
+      | as_root tee /etc/postgresql-common/createcluster.d/cdc-pipeline.conf >/dev/null
     apt_install postgresql postgresql-client
-    for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k4 -n); do
+    for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5,5V); do
       [ -x "$dir/postgres" ] && PG_BIN=$dir
     done
     [ -n "$PG_BIN" ] || die "PostgreSQL server binaries still not found after apt install"
@@ -65,10 +66,17 @@ ensure_postgres() {
   [ -x "$PSQL" ] || PSQL=$(command -v psql) || die "psql not found"
 }
 
+# A C toolchain: the broker and librdkafka (bundled by rdkafka) are built from source.
+ensure_build_tools() {
+  command -v cc >/dev/null && command -v make >/dev/null && return
+  apt_install build-essential
+}
+
 # Builds the pinned broker once into $TOOLS_DIR (outside the clone, reused by every clone).
 ensure_tansu() {
   [ -x "$TANSU_BIN" ] && return
   command -v cargo >/dev/null || die "cargo is needed to build the broker (tansu $TANSU_VERSION)"
+  ensure_build_tools
   mkdir -p "$TOOLS_DIR"
   (
     # One build at a time, even when dev and test start together.
@@ -161,20 +169,24 @@ http_status() {
 wait_healthy() {
   local name=$1 host=$2 port=$3 path=$4 secs=$5 pidfile=$6 i
   for ((i = 0; i < secs * 10; i++)); do
-    [ "$(http_status "$host" "$port" "$path" 2>/dev/null)" = 200 ] && return 0
     pid_alive "$pidfile" || { log "$name exited during start-up"; return 1; }
+    # Checked again after the answer: a 200 from a dead process's port came from someone else.
+    [ "$(http_status "$host" "$port" "$path" 2>/dev/null)" = 200 ] && pid_alive "$pidfile" && return 0
     sleep 0.1
   done
   log "$name not healthy within ${secs}s"
   return 1
 }
 
+# port_free PORT: nobody accepts connections on 127.0.0.1:PORT.
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 # free_port: a TCP port on 127.0.0.1 nobody listens on right now.
 free_port() {
   local port
   while :; do
     port=$((20000 + RANDOM % 30000))
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
+    port_free "$port" && { echo "$port"; return; }
   done
 }
 
@@ -212,27 +224,46 @@ pg_prepare_dir() {
   fi
 }
 
+# pg_dir DIR: the real directory of a cluster (DIR may be a symlink made by pg_prepare_dir). The
+# postgres OS user may not be able to pass through the clone, so PostgreSQL only ever sees this path.
+pg_dir() { readlink -f "$1"; }
+
+# pg_socket_dir DIR: where the cluster's Unix socket lives. Socket paths are limited to ~107 bytes,
+# so a deep clone gets a short directory under /tmp instead of DIR/run.
+pg_socket_dir() {
+  local real
+  real=$(pg_dir "$1")
+  if [ ${#real} -le 70 ]; then
+    echo "$real/run"
+  else
+    echo "/tmp/cdc-pg-$(printf '%s' "$real" | md5sum | cut -c1-12)"
+  fi
+}
+
+# pg_superuser_password DIR: random per cluster, kept beside it (mode 600), never a known default.
+pg_superuser_password() { cat "$(pg_dir "$1")/superuser-password"; }
+
 # pg_init DIR PORT [fast]: creates the cluster in DIR/data once. "fast" turns off fsync (tests only:
 # a killed postgres process still loses nothing, only an OS crash would).
 pg_init() {
-  local dir=$1 port=$2 mode=${3:-}
+  local dir=$1 port=$2 mode=${3:-} real sock pwfile
   pg_prepare_dir "$dir"
-  [ -f "$dir/data/PG_VERSION" ] && return
-  local pwfile
-  pwfile=$(mktemp)
-  printf '%s\n' "$PG_SUPERUSER_PASSWORD" >"$pwfile"
-  chmod 644 "$pwfile"
-  pg_as "$PG_BIN/initdb" -D "$dir/data" -U "$PG_SUPERUSER" --pwfile="$pwfile" \
-    --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 \
-    || { rm -f "$pwfile"; cat "$dir/initdb.log" >&2; die "initdb failed"; }
-  rm -f "$pwfile"
-  pg_as mkdir -p "$dir/run"
-  pg_as tee -a "$dir/data/postgresql.conf" >/dev/null <<EOF
+  real=$(pg_dir "$dir")
+  sock=$(pg_socket_dir "$dir")
+  if [ ! -f "$real/data/PG_VERSION" ]; then
+    pwfile=$real/superuser-password
+    (umask 077 && head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$pwfile")
+    if [ "$(id -u)" = 0 ]; then chown "$PG_OS_USER" "$pwfile"; fi
+    pg_as "$PG_BIN/initdb" -D "$real/data" -U "$PG_SUPERUSER" --pwfile="$pwfile" \
+      --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >"$real/initdb.log" 2>&1 \
+      || { cat "$real/initdb.log" >&2; die "initdb failed"; }
+    pg_as tee -a "$real/data/postgresql.conf" >/dev/null <<EOF
 
 # --- cdc-pipeline private cluster ---
 listen_addresses = '127.0.0.1'
-port = $port
-unix_socket_directories = '$(readlink -f "$dir")/run'
+unix_socket_directories = '$sock'
+# Only the OS user running the cluster (and root) may use the socket, where auth is trust.
+unix_socket_permissions = 0700
 wal_level = logical
 max_replication_slots = 64
 max_wal_senders = 64
@@ -240,43 +271,53 @@ max_connections = 300
 wal_sender_timeout = 60s
 log_line_prefix = '%m [%p] %q%u@%d '
 EOF
-  if [ "$mode" = fast ]; then
-    pg_as tee -a "$dir/data/postgresql.conf" >/dev/null <<EOF
+    if [ "$mode" = fast ]; then
+      pg_as tee -a "$real/data/postgresql.conf" >/dev/null <<EOF
 fsync = off
 full_page_writes = off
 EOF
-  fi
-  pg_as tee "$dir/data/pg_hba.conf" >/dev/null <<EOF
-# local socket: trust (the socket directory is private to this cluster); TCP: passwords.
+    fi
+    pg_as tee "$real/data/pg_hba.conf" >/dev/null <<EOF
+# local socket: trust (the socket is private to the cluster's OS user); TCP: passwords.
 local   all          all                    trust
 local   replication  all                    trust
 host    all          all    127.0.0.1/32    scram-sha-256
 host    replication  all    127.0.0.1/32    scram-sha-256
 EOF
+  fi
+  pg_as mkdir -p "$sock"
+  # The port is given at each start, so a changed port setting takes effect on the next start.
+  echo "$port" >"$real/port"
 }
 
-pg_pidfile() { echo "$1/data/postmaster.pid"; }
-
-pg_running() { pg_as "$PG_BIN/pg_ctl" -D "$1/data" status >/dev/null 2>&1; }
+pg_running() { pg_as "$PG_BIN/pg_ctl" -D "$(pg_dir "$1")/data" status >/dev/null 2>&1; }
 
 pg_start() {
-  local dir=$1
-  pg_running "$dir" && return
-  pg_as "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 start >/dev/null \
-    || { tail -n 20 "$dir/postgres.log" >&2; die "PostgreSQL did not start (log: $dir/postgres.log)"; }
+  local real
+  real=$(pg_dir "$1")
+  pg_running "$1" && return
+  pg_as mkdir -p "$(pg_socket_dir "$1")"
+  pg_as "$PG_BIN/pg_ctl" -D "$real/data" -l "$real/postgres.log" -o "-p $(cat "$real/port")" -w -t 60 start >/dev/null \
+    || { tail -n 20 "$real/postgres.log" >&2; die "PostgreSQL did not start (log: $real/postgres.log)"; }
 }
 
 pg_stop() {
-  local dir=$1
-  pg_running "$dir" || return 0
-  pg_as "$PG_BIN/pg_ctl" -D "$dir/data" -m fast -w -t 60 stop >/dev/null
+  pg_running "$1" || return 0
+  pg_as "$PG_BIN/pg_ctl" -D "$(pg_dir "$1")/data" -m fast -w -t 60 stop >/dev/null
+}
+
+# pg_pid DIR: the postmaster's pid, when running.
+pg_pid() {
+  local f
+  f=$(pg_dir "$1")/data/postmaster.pid
+  [ -f "$f" ] && kill -0 "$(head -n 1 "$f")" 2>/dev/null && head -n 1 "$f"
 }
 
 # pg_psql DIR PORT DB [psql args...]: psql as the superuser over the cluster's private socket.
 pg_psql() {
   local dir=$1 port=$2 db=$3
   shift 3
-  "$PSQL" -X -q -v ON_ERROR_STOP=1 -h "$(readlink -f "$dir")/run" -p "$port" -U "$PG_SUPERUSER" -d "$db" "$@"
+  "$PSQL" -X -q -v ON_ERROR_STOP=1 -h "$(pg_socket_dir "$dir")" -p "$port" -U "$PG_SUPERUSER" -d "$db" "$@"
 }
 
 # pg_bootstrap DIR PORT: the service roles and the two databases, created when missing.

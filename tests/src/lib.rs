@@ -167,6 +167,11 @@ impl UserApi {
         format!("{}{path}", self.base_url)
     }
 
+    /// Signals shutdown without waiting for it.
+    pub fn begin_stop(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Signals shutdown and waits for the server to drain; fails if it did not stop cleanly.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();

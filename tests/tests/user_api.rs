@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use e2e::{Stack, TestDb, UserApi};
 use futures_util::future::join_all;
@@ -188,7 +189,14 @@ async fn validation_rules_answer_422_with_the_field_and_write_nothing() {
     let before = f.rows().await;
 
     let long = "x".repeat(101);
-    let long_email = format!("{}@example.org", "a".repeat(243)); // 255 characters
+    // 255 characters, every part within its own limit: only the total is too long.
+    let long_email = format!(
+        "{}@{}.{}.{}",
+        "a".repeat(64),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(62)
+    );
     let cases = [
         (
             json!({"name": "", "email": "b@example.org", "department": "D"}),
@@ -722,4 +730,68 @@ async fn concurrent_migrators_serialize() {
         1,
         "{applied:?}"
     );
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_request_finish() {
+    let Fixture { db, api, http } = fixture("drain").await;
+    let resp = http
+        .post(api.url("/api/users"))
+        .json(&ann())
+        .send()
+        .await
+        .unwrap();
+    let id = resp.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+
+    // Hold the row's lock so that a PATCH waits inside the database.
+    let mut locker = db.client().await.unwrap();
+    let lock = locker.transaction().await.unwrap();
+    lock.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", &[&id])
+        .await
+        .unwrap();
+    let patch = tokio::spawn({
+        let req = http
+            .patch(api.url(&format!("/api/users/{id}")))
+            .json(&json!({"status": "INACTIVE"}));
+        async move { req.send().await }
+    });
+    let observer = db.client().await.unwrap();
+    e2e::wait_for("the PATCH to wait on the row lock", Duration::from_secs(10), || async {
+        let n: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+                &[&db.name],
+            )
+            .await?
+            .get(0);
+        Ok((n > 0).then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // Shut down while the request is in flight; the listener closes first.
+    api.begin_stop();
+    let health = api.url("/health");
+    e2e::wait_for("the listener to close", Duration::from_secs(10), || {
+        let probe = reqwest::Client::new().get(&health).send();
+        async move { Ok(probe.await.is_err().then_some(())) }
+    })
+    .await
+    .unwrap();
+
+    // The request in flight still completes, and its write is there.
+    lock.commit().await.unwrap();
+    let resp = patch
+        .await
+        .unwrap()
+        .expect("the in-flight request was cut off");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.json::<Value>().await.unwrap()["status"], "INACTIVE");
+    api.stop().await.unwrap();
+    let status: String = observer
+        .query_one("SELECT status FROM users WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "INACTIVE");
 }

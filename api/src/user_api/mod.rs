@@ -76,9 +76,15 @@ pub async fn run(
 ) -> Result<(), Error> {
     let pool = db::pool(&config.database_url, usize::from(config.db_pool_size))?;
     if !config.skip_migrations {
-        let applied =
+        let migrated =
             db::migrate_when_reachable(&config.database_url, schema::Database::UserDb, &shutdown)
-                .await?;
+                .await;
+        let applied = match migrated {
+            Ok(applied) => applied,
+            // Asked to stop while waiting for the database: a clean exit.
+            Err(DbError::Cancelled) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
         tracing::info!(?applied, "user_db schema is current");
     }
     let addr = listener.local_addr().ok();

@@ -114,41 +114,49 @@ pub fn parse_patch(body: &Map<String, Value>) -> Result<UserPatch, ApiError> {
         };
         return Err(ApiError::bad_request("unknown_field", message).with_field(key.as_str()));
     }
+    // Every type first, then every rule: a body with a wrong type anywhere is a 400 whatever the
+    // order of its fields.
+    let name = string_field(body, "name")?;
+    let email = string_field(body, "email")?;
+    let department = string_field(body, "department")?;
+    let status = string_field(body, "status")?;
     Ok(UserPatch {
-        name: string_field(body, "name")?
-            .map(|v| validate_text("name", v, NAME_MAX))
+        name: name
+            .map(|v| validate_text("name", non_null("name", v)?, NAME_MAX))
             .transpose()?,
-        email: string_field(body, "email")?
-            .map(validate_email)
+        email: email
+            .map(|v| validate_email(non_null("email", v)?))
             .transpose()?,
-        department: string_field(body, "department")?
-            .map(|v| validate_text("department", v, DEPARTMENT_MAX))
+        department: department
+            .map(|v| validate_text("department", non_null("department", v)?, DEPARTMENT_MAX))
             .transpose()?,
-        status: string_field(body, "status")?
+        status: status
             .map(|v| {
-                Status::parse(v)
+                Status::parse(non_null("status", v)?)
                     .ok_or_else(|| ApiError::invalid("status", "status must be ACTIVE or INACTIVE"))
             })
             .transpose()?,
     })
 }
 
+fn non_null<'a>(field: &str, value: Option<&'a str>) -> Result<&'a str, ApiError> {
+    value.ok_or_else(|| ApiError::invalid(field, format!("{field} must not be null")))
+}
+
 fn required(field: &str) -> ApiError {
     ApiError::invalid(field, format!("{field} is required"))
 }
 
-/// The string value of `field`: `None` when absent, 422 when null, 400 when another JSON type.
+/// The value of `field`: `None` when absent, `Some(None)` when null, 400 when neither a string nor
+/// null. (Null is a broken rule, a 422, reported when the values are validated.)
 fn string_field<'a>(
     body: &'a Map<String, Value>,
     field: &str,
-) -> Result<Option<&'a str>, ApiError> {
+) -> Result<Option<Option<&'a str>>, ApiError> {
     match body.get(field) {
         None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(Value::Null) => Err(ApiError::invalid(
-            field,
-            format!("{field} must not be null"),
-        )),
+        Some(Value::String(s)) => Ok(Some(Some(s))),
+        Some(Value::Null) => Ok(Some(None)),
         Some(other) => Err(ApiError::bad_request(
             "invalid_type",
             format!("{field} must be a string, got {}", json_type(other)),
@@ -190,8 +198,10 @@ fn validate_email(value: &str) -> Result<String, ApiError> {
     if local.is_empty() || local.len() > 64 {
         return Err(invalid("the part before @ must be 1 to 64 bytes"));
     }
-    let atext =
-        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+/=?^_`{|}~-".contains(c) || !c.is_ascii();
+    // Non-ASCII letters and digits are allowed (internationalized addresses); invisible and
+    // look-alike characters (spaces, format and control characters) are not.
+    let intl = |c: char| !c.is_ascii() && c.is_alphanumeric();
+    let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+/=?^_`{|}~-".contains(c) || intl(c);
     if local
         .split('.')
         .any(|atom| atom.is_empty() || !atom.chars().all(atext))
@@ -210,7 +220,7 @@ fn validate_email(value: &str) -> Result<String, ApiError> {
             && !l.starts_with('-')
             && !l.ends_with('-')
             && l.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || intl(c))
     };
     if !labels.iter().all(label_ok) {
         return Err(invalid("the domain is not a valid host name"));
@@ -303,6 +313,17 @@ mod tests {
             assert!(validate_email(good).is_ok(), "{good}");
         }
         let long_local = format!("{}@example.org", "a".repeat(65));
+        // Every part within its own limit, 255 characters in all.
+        let just_too_long = format!(
+            "{}@{}.{}.{}",
+            "a".repeat(64),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(62)
+        );
+        assert_eq!(just_too_long.len(), 255);
+        let longest = &just_too_long[1..];
+        assert!(validate_email(longest).is_ok(), "254 characters must pass");
         let long_total = format!("a@{}.org", "b".repeat(250));
         for bad in [
             "",
@@ -319,6 +340,10 @@ mod tests {
             "a@b@example.org",
             long_local.as_str(),
             long_total.as_str(),
+            just_too_long.as_str(),
+            "ann\u{200B}@example.org",
+            "ann@exa\u{00A0}mple.org",
+            "ann\u{202E}@example.org",
         ] {
             assert!(validate_email(bad).is_err(), "{bad:?} accepted");
         }
@@ -341,6 +366,14 @@ mod tests {
         assert_eq!(
             err(parse_patch(&obj(json!({"name": null})))),
             (UNPROCESSABLE, Some("name".into()))
+        );
+    }
+
+    #[test]
+    fn a_wrong_type_is_400_even_after_a_broken_rule() {
+        assert_eq!(
+            err(parse_patch(&obj(json!({"name": "", "email": 5})))),
+            (StatusCode::BAD_REQUEST, Some("email".into()))
         );
     }
 
