@@ -117,10 +117,22 @@ pub fn respond<R: Reply>(result: Result<R, ApiError>) -> Response {
 /// The body is read up to [`MAX_BODY_BYTES`] (chunked bodies included) and never further.
 pub fn json_object(
 ) -> impl Filter<Extract = (Result<Map<String, Value>, ApiError>,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("content-type")
+    // The raw header: a value that is not valid text must be this request's 415, not a rejection
+    // that warp could report as some other route's error.
+    warp::header::headers_cloned()
         .and(warp::body::stream())
-        .then(|content_type: Option<String>, body| async move {
-            check_content_type(content_type.as_deref())?;
+        .then(|headers: warp::http::HeaderMap, body| async move {
+            let content_type = match headers.get(warp::http::header::CONTENT_TYPE) {
+                None => None,
+                Some(v) => Some(v.to_str().map_err(|_| {
+                    ApiError::new(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "unsupported_media_type",
+                        "Content-Type is not valid text; expected application/json",
+                    )
+                })?),
+            };
+            check_content_type(content_type)?;
             let bytes = read_limited(body, MAX_BODY_BYTES).await?;
             parse_object(&bytes)
         })
@@ -203,7 +215,13 @@ pub fn json_type(value: &Value) -> &'static str {
 
 /// Maps warp's rejections (no route matched, wrong method, bad query string) to the error format.
 pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
-    let err = if rejection.is_not_found() {
+    // Specific causes first: warp reports the rejection of every route tried, and a path that
+    // matched with a bad query or header must not come back as "wrong method" from another route.
+    let err = if let Some(e) = rejection.find::<warp::reject::InvalidQuery>() {
+        ApiError::bad_request("invalid_query", e.to_string())
+    } else if let Some(e) = rejection.find::<warp::reject::InvalidHeader>() {
+        ApiError::bad_request("invalid_header", e.to_string())
+    } else if rejection.is_not_found() {
         ApiError::not_found("no such resource")
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         ApiError::new(
@@ -211,8 +229,6 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
             "method_not_allowed",
             "method not allowed on this resource",
         )
-    } else if let Some(e) = rejection.find::<warp::reject::InvalidQuery>() {
-        ApiError::bad_request("invalid_query", e.to_string())
     } else {
         ApiError::internal(&format_args!("unhandled rejection: {rejection:?}"))
     };

@@ -384,6 +384,19 @@ async fn malformed_bodies_answer_4xx_and_write_nothing() {
         )
         .await;
     assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{err}");
+    // A Content-Type that is not even text is this request's 415, not another route's 405.
+    let resp = f
+        .http
+        .post(f.api.url("/api/users"))
+        .header(
+            "content-type",
+            reqwest::header::HeaderValue::from_bytes(b"application/\xffjson").unwrap(),
+        )
+        .body(serde_json::to_vec(&ann()).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
     assert_eq!(
         f.rows().await,
