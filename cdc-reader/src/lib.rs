@@ -1,19 +1,144 @@
 //! cdc-reader: PostgreSQL WAL (logical replication, `pgoutput`) → Kafka change events.
 //!
 //! ```text
-//!  slot (pgoutput bytes) ──► decode ──► (events) ──► Kafka
+//!  slot ──XLogData──► decode ──► envelope ──records──► publish ──► Kafka
+//!    ▲                                                    │
+//!    └──────── confirmed LSN (only what Kafka acked) ◄────┘
 //! ```
 //!
 //! - [`decode`]: pgoutput protocol v1 bytes → typed messages; pure, never panics.
 //! - [`values`]: column values in text form → natural JSON; pure.
 //! - [`envelope`]: decoded changes → Kafka records in the change-event format; pure.
-//!
-//! Built so far: the pure parts (decode, values, envelope). Streaming from the slot, the change-event envelope and publishing
-//! are not built yet, so the crate has no binary; `scripts/dev status` reports it as `not-built`.
+//! - [`publish`]: idempotent producer; releases transaction ends in order once acknowledged.
+//! - [`stream`]: the replication session and the progress rule (what may be confirmed, when).
+//! - [`setup`]: publication, slot and catalog lookups over plain SQL.
+//! - [`config`], [`telemetry`]: flags, `/health` and `/metrics`.
 
+pub mod config;
 pub mod decode;
 pub mod envelope;
+pub mod publish;
+pub mod setup;
+pub mod stream;
+pub mod telemetry;
 pub mod values;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use telemetry::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("the reader stopped on an error it cannot retry")]
+    Halted(#[source] stream::SessionError),
+}
+
+/// Streams until `shutdown`, retrying transient failures with capped exponential backoff.
+/// `listener` serves `/health` and `/metrics`.
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    config.validate()?;
+    let metrics = Metrics::new();
+    let http = tokio::spawn(telemetry::serve(
+        listener,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let lag = tokio::spawn(watch_slot_lag(
+        config.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+
+    let mut backoff = service::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut resume = stream::Resume::default();
+    let result = loop {
+        if shutdown.is_cancelled() {
+            break Ok(());
+        }
+        let before = resume.acknowledged;
+        match stream::session(&config, &metrics, &mut resume, &shutdown).await {
+            Ok(()) => break Ok(()),
+            Err(e) if e.is_transient() => {
+                let error = service::error_chain(&e);
+                tracing::warn!(%error, acknowledged = %setup::lsn_text(resume.acknowledged),
+                    "replication session ended; resuming from the last acknowledged position");
+                metrics.record_error(error);
+                metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+                metrics.set_state(telemetry::State::Retrying);
+                if resume.acknowledged > before {
+                    backoff.reset();
+                }
+                if !backoff.wait(&shutdown).await {
+                    break Ok(());
+                }
+            }
+            Err(e) => {
+                let error = service::error_chain(&e);
+                tracing::error!(%error, "halting");
+                metrics.record_error(error);
+                break Err(Error::Halted(e));
+            }
+        }
+    };
+    shutdown.cancel();
+    for (name, task) in [("telemetry", http), ("slot lag", lag)] {
+        if let Err(e) = task.await {
+            tracing::error!(task = name, error = %e, "task panicked");
+        }
+    }
+    result
+}
+
+/// Measures the slot's lag every few seconds on its own connection, for `/metrics`.
+async fn watch_slot_lag(config: Config, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    loop {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client =
+                match tokio_postgres::connect(&config.database_url, tokio_postgres::NoTls).await {
+                    Ok((c, conn)) => {
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(error = %e, "slot lag connection ended");
+                            }
+                        });
+                        Some(c)
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "slot lag: cannot connect");
+                        None
+                    }
+                };
+        }
+        if let Some(c) = &client {
+            match setup::slot_lag(c, &config.slot).await {
+                Ok(Some((lag, retained))) => {
+                    metrics.slot_lag_bytes.store(lag, Ordering::Relaxed);
+                    metrics
+                        .slot_retained_bytes
+                        .store(retained, Ordering::Relaxed);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "slot lag query failed"),
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
 
 /// Messages captured from a real PostgreSQL, shared by the unit tests.
 #[cfg(test)]

@@ -332,6 +332,9 @@ EOF
   done
   pg_psql "$dir" "$port" postgres <<'EOF'
 ALTER ROLE cdc_reader REPLICATION;
+-- The reader creates its publication on user_db.users, which PostgreSQL allows the table's owner
+-- only; membership in the owning role grants that (and reading the table).
+GRANT user_service TO cdc_reader;
 SELECT 'CREATE DATABASE user_db OWNER user_service'
  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'user_db') \gexec
 SELECT 'CREATE DATABASE materialized_view_db OWNER view_service'

@@ -1,0 +1,221 @@
+//! Settings of cdc-reader. Every flag can also be set through the environment variable shown in
+//! `--help`; they share the `CDC_READER_` prefix, except `KAFKA_BROKERS`, which means the same
+//! thing for every service.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::publish::KafkaSettings;
+
+#[derive(clap::Args, Clone)]
+pub struct Config {
+    /// PostgreSQL database to capture, as a role with REPLICATION that may read the captured
+    /// tables (and own them, if the reader is to create the publication).
+    #[arg(long, env = "CDC_READER_DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Logical replication slot the reader owns (created on first start).
+    #[arg(long, env = "CDC_READER_SLOT", default_value = "cdc_reader")]
+    pub slot: String,
+
+    /// Publication naming the captured tables (created, or extended, on start).
+    #[arg(long, env = "CDC_READER_PUBLICATION", default_value = "cdc_reader")]
+    pub publication: String,
+
+    /// Captured tables, comma-separated, as schema.table.
+    #[arg(
+        long,
+        env = "CDC_READER_TABLES",
+        value_delimiter = ',',
+        default_value = "public.users"
+    )]
+    pub tables: Vec<String>,
+
+    /// Topic of each table, comma-separated schema.table=topic; a table not listed goes to the
+    /// topic named schema.table.
+    #[arg(
+        long,
+        env = "CDC_READER_TOPICS",
+        value_delimiter = ',',
+        default_value = "public.users=user-events"
+    )]
+    pub topics: Vec<String>,
+
+    /// `source.name` of every event (Debezium's logical server name).
+    #[arg(long, env = "CDC_READER_SERVER_NAME", default_value = "cdc")]
+    pub server_name: String,
+
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: String,
+
+    /// Extra librdkafka producer properties, comma-separated key=value (e.g. linger.ms=20).
+    #[arg(long, env = "CDC_READER_PRODUCER_CONFIG", value_delimiter = ',')]
+    pub producer_config: Vec<String>,
+
+    /// Partitions of topics the reader creates.
+    #[arg(long, env = "CDC_READER_TOPIC_PARTITIONS", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
+    pub topic_partitions: i32,
+
+    /// Most records sent to Kafka and not yet acknowledged; reading the WAL pauses above it.
+    #[arg(long, env = "CDC_READER_MAX_IN_FLIGHT", default_value_t = 50_000)]
+    pub max_in_flight: usize,
+
+    /// How often progress (the confirmed LSN) is reported to PostgreSQL, in milliseconds.
+    #[arg(long, env = "CDC_READER_STATUS_INTERVAL_MS", default_value_t = 1000)]
+    pub status_interval_ms: u64,
+
+    /// Address of the /health and /metrics endpoint.
+    #[arg(long, env = "CDC_READER_HTTP_LISTEN", default_value = "127.0.0.1:9101")]
+    pub http_listen: SocketAddr,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The database URL may carry a password.
+        f.debug_struct("Config")
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("tables", &self.tables)
+            .field("topics", &self.topics)
+            .field("kafka_brokers", &self.kafka_brokers)
+            .field("http_listen", &self.http_listen)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--topics entry {0:?} is not schema.table=topic")]
+    Topic(String),
+    #[error("--producer-config entry {0:?} is not key=value")]
+    Producer(String),
+    #[error("--tables is empty")]
+    NoTables,
+    #[error("{0:?} is not a valid identifier for a slot (lowercase letters, digits, underscores)")]
+    Slot(String),
+}
+
+impl Config {
+    /// Checks everything that can be checked before connecting anywhere.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tables.is_empty() {
+            return Err(ConfigError::NoTables);
+        }
+        let slot_ok = !self.slot.is_empty()
+            && self.slot.len() <= 63
+            && self
+                .slot
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !slot_ok {
+            return Err(ConfigError::Slot(self.slot.clone()));
+        }
+        self.topic_map()?;
+        self.kafka()?;
+        Ok(())
+    }
+
+    pub fn topic_map(&self) -> Result<HashMap<String, String>, ConfigError> {
+        self.topics
+            .iter()
+            .filter(|e| !e.trim().is_empty())
+            .map(|e| match e.split_once('=') {
+                Some((t, topic)) if t.contains('.') && !topic.trim().is_empty() => {
+                    Ok((t.trim().to_owned(), topic.trim().to_owned()))
+                }
+                _ => Err(ConfigError::Topic(e.clone())),
+            })
+            .collect()
+    }
+
+    /// The topic of every captured table.
+    pub fn captured_topics(&self) -> Result<Vec<String>, ConfigError> {
+        let map = self.topic_map()?;
+        let mut topics: Vec<String> = self
+            .tables
+            .iter()
+            .map(|t| map.get(t).cloned().unwrap_or_else(|| t.clone()))
+            .collect();
+        topics.sort();
+        topics.dedup();
+        Ok(topics)
+    }
+
+    pub fn kafka(&self) -> Result<KafkaSettings, ConfigError> {
+        let overrides = self
+            .producer_config
+            .iter()
+            .filter(|e| !e.trim().is_empty())
+            .map(|e| match e.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => {
+                    Ok((k.trim().to_owned(), v.trim().to_owned()))
+                }
+                _ => Err(ConfigError::Producer(e.clone())),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(KafkaSettings {
+            brokers: self.kafka_brokers.clone(),
+            overrides,
+            topic_partitions: self.topic_partitions,
+        })
+    }
+
+    pub fn status_interval(&self) -> Duration {
+        Duration::from_millis(self.status_interval_ms.max(100))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &[&str]) -> Config {
+        let mut all = vec![
+            "cdc-reader",
+            "--database-url",
+            "postgres://x@h/db",
+            "--kafka-brokers",
+            "k:1",
+        ];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).unwrap().config
+    }
+
+    #[test]
+    fn defaults_capture_users_into_user_events() {
+        let c = parse(&[]);
+        c.validate().unwrap();
+        assert_eq!(c.tables, ["public.users"]);
+        assert_eq!(c.captured_topics().unwrap(), ["user-events"]);
+    }
+
+    #[test]
+    fn topic_map_and_producer_overrides() {
+        let c = parse(&[
+            "--tables",
+            "public.users,public.orders",
+            "--topics",
+            "public.users=u",
+            "--producer-config",
+            "linger.ms=20,compression.type=zstd",
+        ]);
+        assert_eq!(c.captured_topics().unwrap(), ["public.orders", "u"]);
+        assert_eq!(
+            c.kafka().unwrap().overrides[1],
+            ("compression.type".into(), "zstd".into())
+        );
+        let bad = parse(&["--topics", "users"]);
+        assert_eq!(bad.validate(), Err(ConfigError::Topic("users".into())));
+        let bad = parse(&["--slot", "Bad-Slot"]);
+        assert!(matches!(bad.validate(), Err(ConfigError::Slot(_))));
+    }
+}

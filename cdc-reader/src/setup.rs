@@ -1,0 +1,215 @@
+//! The reader's objects in PostgreSQL: its publication and its logical replication slot, managed
+//! over an ordinary SQL connection, plus the catalog lookups the stream needs.
+//!
+//! Rules: a missing publication is created for the configured tables, an existing one only gains
+//! missing tables (dropping and recreating a publication under a slot breaks the slot); the slot is
+//! created with `pgoutput` on first start; a slot held by another process is an error the caller
+//! retries, never something to take over.
+
+use change_event::{format_lsn, parse_lsn};
+use tokio_postgres::Client;
+
+use crate::decode::Lsn;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("PostgreSQL query failed ({what})")]
+    Postgres {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("table name {0:?} is not of the form schema.table")]
+    TableName(String),
+    #[error("replication slot {slot} is in use by another process (pid {pid}); only one reader may stream from a slot")]
+    SlotActive { slot: String, pid: i32 },
+    #[error("replication slot {slot} uses output plugin {plugin}, not pgoutput")]
+    WrongPlugin { slot: String, plugin: String },
+}
+
+impl SetupError {
+    /// Worth retrying: the database was unreachable, or another reader still holds the slot.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SetupError::Postgres { source, .. } => {
+                source.is_closed()
+                    || source.as_db_error().is_none()
+                    || source.as_db_error().is_some_and(|e| {
+                        e.code().code().starts_with("08") || e.code().code().starts_with("57P")
+                    })
+            }
+            SetupError::SlotActive { .. } => true,
+            SetupError::TableName(_) | SetupError::WrongPlugin { .. } => false,
+        }
+    }
+}
+
+fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
+    move |source| SetupError::Postgres { what, source }
+}
+
+/// `schema.table` → (schema, table).
+pub fn split_table(name: &str) -> Result<(&str, &str), SetupError> {
+    match name.split_once('.') {
+        Some((s, t)) if !s.is_empty() && !t.is_empty() && !t.contains('.') => Ok((s, t)),
+        _ => Err(SetupError::TableName(name.to_owned())),
+    }
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn quoted_table(name: &str) -> Result<String, SetupError> {
+    let (schema, table) = split_table(name)?;
+    Ok(format!("{}.{}", quote_ident(schema), quote_ident(table)))
+}
+
+/// Creates the publication for `tables`, or adds the tables it lacks.
+pub async fn ensure_publication(
+    db: &Client,
+    publication: &str,
+    tables: &[String],
+) -> Result<(), SetupError> {
+    let quoted = tables
+        .iter()
+        .map(|t| quoted_table(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let exists = db
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(pg("looking up the publication"))?
+        .is_some();
+    if !exists {
+        db.batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            quote_ident(publication),
+            quoted.join(", ")
+        ))
+        .await
+        .map_err(pg("creating the publication"))?;
+        tracing::info!(publication, ?tables, "created publication");
+        return Ok(());
+    }
+    let present: Vec<String> = db
+        .query(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(pg("listing the publication's tables"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (table, quoted) in tables.iter().zip(&quoted) {
+        if !present.contains(table) {
+            db.batch_execute(&format!(
+                "ALTER PUBLICATION {} ADD TABLE {quoted}",
+                quote_ident(publication)
+            ))
+            .await
+            .map_err(pg("adding a table to the publication"))?;
+            tracing::info!(publication, table, "added table to publication");
+        }
+    }
+    Ok(())
+}
+
+/// Creates the slot when missing; returns its confirmed position (where streaming resumes).
+pub async fn ensure_slot(db: &Client, slot: &str) -> Result<Lsn, SetupError> {
+    let row = db
+        .query_opt(
+            "SELECT active_pid, plugin, confirmed_flush_lsn::text FROM pg_replication_slots \
+             WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(pg("looking up the replication slot"))?;
+    if let Some(row) = row {
+        if let Some(pid) = row.get::<_, Option<i32>>(0) {
+            return Err(SetupError::SlotActive {
+                slot: slot.to_owned(),
+                pid,
+            });
+        }
+        let plugin: Option<String> = row.get(1);
+        if plugin.as_deref() != Some("pgoutput") {
+            return Err(SetupError::WrongPlugin {
+                slot: slot.to_owned(),
+                plugin: plugin.unwrap_or_default(),
+            });
+        }
+        let confirmed: Option<String> = row.get(2);
+        return Ok(confirmed.as_deref().and_then(parse_lsn).unwrap_or(0));
+    }
+    let lsn: String = db
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .map_err(pg("creating the replication slot"))?
+        .get(0);
+    tracing::info!(slot, consistent_point = %lsn, "created replication slot");
+    Ok(parse_lsn(&lsn).unwrap_or(0))
+}
+
+/// Names of the primary key columns of relation `oid`, in key order; `None` without a primary key.
+pub async fn primary_key(db: &Client, oid: u32) -> Result<Option<Vec<String>>, SetupError> {
+    let rows = db
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.ord",
+            &[&oid],
+        )
+        .await
+        .map_err(pg("reading a primary key"))?;
+    let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    Ok((!names.is_empty()).then_some(names))
+}
+
+/// How far the slot is behind the current WAL: (confirmed flush lag, retained WAL) in bytes.
+pub async fn slot_lag(db: &Client, slot: &str) -> Result<Option<(i64, i64)>, SetupError> {
+    let row = db
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, \
+                    (pg_current_wal_lsn() - restart_lsn)::bigint \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(pg("reading slot lag"))?;
+    Ok(row.map(|r| {
+        (
+            r.get::<_, Option<i64>>(0).unwrap_or(0),
+            r.get::<_, Option<i64>>(1).unwrap_or(0),
+        )
+    }))
+}
+
+/// For log lines.
+pub fn lsn_text(lsn: Lsn) -> String {
+    format_lsn(lsn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names() {
+        assert_eq!(split_table("public.users").unwrap(), ("public", "users"));
+        for bad in ["users", ".users", "public.", "a.b.c"] {
+            assert!(split_table(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            quoted_table("public.we\"ird").unwrap(),
+            "\"public\".\"we\"\"ird\""
+        );
+    }
+}

@@ -1,0 +1,281 @@
+//! The replication session: slot → decode → envelope → publish, and the progress rule.
+//!
+//! **Progress rule.** The LSN reported to PostgreSQL as flushed is only ever
+//! - the end LSN of a transaction once Kafka acknowledged every record of it and of every earlier
+//!   transaction (the publisher releases transaction ends in stream order), or
+//! - the WAL end of a keepalive received while no transaction is open and nothing is in flight, so
+//!   an idle slot advances (writes to tables outside the publication do not pin WAL) and a fast
+//!   shutdown of PostgreSQL is not held up.
+//!
+//! Any failure ends the session; [`run`] starts a new one after a backoff, from the last
+//! acknowledged position. Nothing is confirmed that Kafka does not have, so nothing is lost; what
+//! was sent but not confirmed is sent again.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pgwire_replication::{Lsn as PgLsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::decode::{self, Lsn, Message};
+use crate::envelope::{self, Builder, EnvelopeError, Step};
+use crate::publish::{self, PublishError, Publisher};
+use crate::setup::{self, SetupError};
+use crate::telemetry::{Metrics, State};
+use crate::values::SESSION_OPTIONS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error("connecting to PostgreSQL failed")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("invalid database URL")]
+    Url(#[source] tokio_postgres::Error),
+    #[error("replication stream failed")]
+    Replication(#[source] pgwire_replication::PgWireError),
+    #[error("the replication stream ended")]
+    Ended,
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error("a pgoutput message could not be decoded")]
+    Decode(#[from] decode::DecodeError),
+    #[error("a change could not be turned into an event")]
+    Envelope(#[from] EnvelopeError),
+}
+
+impl SessionError {
+    /// Worth a new session after a backoff. Decoding and envelope errors are not: the same bytes
+    /// would come again, so the reader halts with the message instead of looping.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SessionError::Setup(e) => e.is_transient(),
+            SessionError::Connect(_) | SessionError::Ended => true,
+            // pg_terminate_backend surfaces as a server error that the library calls
+            // non-transient; for a long-running reader every server-side end of the stream is
+            // worth a retry. Only credentials and TLS set-up are definite.
+            SessionError::Replication(e) => !matches!(
+                e,
+                pgwire_replication::PgWireError::Auth(_) | pgwire_replication::PgWireError::Tls(_)
+            ),
+            SessionError::Publish(e) => publish::is_transient(e),
+            SessionError::Config(_)
+            | SessionError::Url(_)
+            | SessionError::Decode(_)
+            | SessionError::Envelope(_) => false,
+        }
+    }
+}
+
+/// Position the next session resumes from: the last LSN confirmed in this process (0: the slot's).
+#[derive(Debug, Default)]
+pub struct Resume {
+    pub acknowledged: Lsn,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// One replication session, until shutdown (Ok) or a failure (Err).
+pub async fn session(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    resume: &mut Resume,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    let pg_config: tokio_postgres::Config =
+        config.database_url.parse().map_err(SessionError::Url)?;
+    let (db, conn) = pg_config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(SessionError::Connect)?;
+    let conn = tokio::spawn(conn);
+    let result = stream(config, &pg_config, &db, metrics, resume, shutdown).await;
+    drop(db);
+    if let Ok(Err(e)) = conn.await {
+        tracing::debug!(error = %e, "catalog connection ended with an error");
+    }
+    result
+}
+
+async fn stream(
+    config: &Config,
+    pg_config: &tokio_postgres::Config,
+    db: &tokio_postgres::Client,
+    metrics: &Arc<Metrics>,
+    resume: &mut Resume,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    setup::ensure_publication(db, &config.publication, &config.tables).await?;
+    let confirmed = setup::ensure_slot(db, &config.slot).await?;
+    let kafka = config.kafka()?;
+    let topics = config.captured_topics()?;
+    publish::ensure_topics(&kafka, &topics).await?;
+    let mut publisher = Publisher::new(&kafka)?;
+
+    let start = resume.acknowledged.max(confirmed);
+    let repl_config = replication_config(config, pg_config, start);
+    let mut repl = ReplicationClient::connect(repl_config)
+        .await
+        .map_err(SessionError::Replication)?;
+    tracing::info!(slot = %config.slot, start = %setup::lsn_text(start), "streaming");
+    metrics.set_state(State::Streaming);
+
+    let mut builder = Builder::new(envelope::Settings {
+        server_name: config.server_name.clone(),
+        database: pg_config.get_dbname().unwrap_or_default().to_owned(),
+        topics: config.topic_map()?,
+    });
+    let mut acknowledge = |lsn: Lsn, repl: &ReplicationClient, resume: &mut Resume| {
+        if lsn > resume.acknowledged {
+            repl.update_applied_lsn(PgLsn(lsn));
+            resume.acknowledged = lsn;
+            metrics.acknowledged_lsn.store(lsn, Ordering::Relaxed);
+        }
+    };
+
+    loop {
+        metrics
+            .in_flight
+            .store(publisher.records_in_flight() as u64, Ordering::Relaxed);
+        let can_read = publisher.records_in_flight() < config.max_in_flight;
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                metrics.set_state(State::Stopping);
+                drain(&mut publisher, &repl, resume, &mut acknowledge).await;
+                repl.stop();
+                // Let the worker send its last status update and close the stream.
+                let closed = tokio::time::timeout(Duration::from_secs(5), async {
+                    while let Ok(Some(_)) = repl.recv().await {}
+                })
+                .await;
+                if closed.is_err() {
+                    tracing::warn!("the replication stream did not close within 5 s");
+                }
+                return Ok(());
+            }
+            ack = publisher.next_ack(), if !publisher.is_idle() => match ack? {
+                Some(end_lsn) => {
+                    metrics.transactions.fetch_add(1, Ordering::Relaxed);
+                    acknowledge(end_lsn, &repl, resume);
+                }
+                None => {
+                    metrics.events_published.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            event = repl.recv(), if can_read => {
+                let Some(event) = event.map_err(SessionError::Replication)? else {
+                    return Err(SessionError::Ended);
+                };
+                match event {
+                    ReplicationEvent::KeepAlive { wal_end, .. } => {
+                        if !builder.in_transaction() && publisher.is_idle() {
+                            acknowledge(wal_end.0, &repl, resume);
+                        }
+                    }
+                    ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                        builder.apply(
+                            Message::Begin(decode::Begin { final_lsn: final_lsn.0, commit_time: commit_time_micros, xid }),
+                            now_ms(),
+                            |_| None,
+                        )?;
+                    }
+                    ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
+                        let step = builder.apply(
+                            Message::Commit(decode::Commit { flags: 0, commit_lsn: lsn.0, end_lsn: end_lsn.0, commit_time: commit_time_micros }),
+                            now_ms(),
+                            |_| None,
+                        )?;
+                        if let Step::Commit { end_lsn } = step {
+                            metrics.received_lsn.store(end_lsn, Ordering::Relaxed);
+                            publisher.commit(end_lsn);
+                        }
+                    }
+                    ReplicationEvent::XLogData { data, .. } => {
+                        let message = decode::decode(&data)?;
+                        let primary_key = match &message {
+                            Message::Relation(r) => setup::primary_key(db, r.id).await?,
+                            _ => None,
+                        };
+                        if let Step::Records(records) = builder.apply(message, now_ms(), |_| primary_key)? {
+                            for record in records {
+                                publisher.send(record).await?;
+                            }
+                        }
+                    }
+                    ReplicationEvent::Message { .. } => {}
+                    ReplicationEvent::StoppedAt { .. } => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// On shutdown: wait (bounded) for what Kafka still owes, confirming what it acknowledges.
+async fn drain(
+    publisher: &mut Publisher,
+    repl: &ReplicationClient,
+    resume: &mut Resume,
+    acknowledge: &mut impl FnMut(Lsn, &ReplicationClient, &mut Resume),
+) {
+    let limit = Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + limit;
+    while !publisher.is_idle() {
+        match tokio::time::timeout_at(deadline, publisher.next_ack()).await {
+            Ok(Ok(Some(lsn))) => acknowledge(lsn, repl, resume),
+            Ok(Ok(None)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(error = %service::error_chain(&error), "a record failed while draining; it will be re-read from the slot");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(in_flight = publisher.records_in_flight(), "Kafka did not acknowledge everything within {limit:?}; the rest will be re-read from the slot");
+                return;
+            }
+        }
+    }
+}
+
+fn replication_config(
+    config: &Config,
+    pg: &tokio_postgres::Config,
+    start: Lsn,
+) -> ReplicationConfig {
+    let host = pg
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".to_owned());
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    ReplicationConfig::new(
+        host,
+        pg.get_user().unwrap_or("postgres"),
+        password,
+        pg.get_dbname().unwrap_or("postgres"),
+        config.slot.clone(),
+        config.publication.clone(),
+    )
+    .with_port(port)
+    .with_start_lsn(PgLsn(start))
+    .with_ack_lsn(PgLsn(start))
+    .with_status_interval(config.status_interval())
+    .with_wakeup_interval(Duration::from_secs(1))
+    .with_options(SESSION_OPTIONS)
+    .with_application_name("cdc-reader")
+}
