@@ -117,6 +117,35 @@ impl Drop for TestDb {
                 .build()?;
             rt.block_on(async {
                 let admin = connect(&admin_url).await?;
+                // Replication slots keep a database from being dropped; their walsenders are
+                // ended first (a reader under test may have been abandoned mid-stream).
+                for _ in 0..50 {
+                    admin
+                        .execute(
+                            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                             WHERE database = $1 AND active_pid IS NOT NULL",
+                            &[&name],
+                        )
+                        .await?;
+                    let dropped = admin
+                        .execute(
+                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                             WHERE database = $1 AND active_pid IS NULL",
+                            &[&name],
+                        )
+                        .await;
+                    let left: i64 = admin
+                        .query_one(
+                            "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
+                            &[&name],
+                        )
+                        .await?
+                        .get(0);
+                    if dropped.is_ok() && left == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 admin
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .await?;
@@ -181,6 +210,170 @@ impl UserApi {
             .context("user-api task panicked")?
             .context("user-api returned an error")
     }
+}
+
+/// cdc-reader running in this process against a test database, with its own slot, publication
+/// and topics, and its telemetry on an ephemeral port.
+#[derive(Debug)]
+pub struct Reader {
+    pub http_url: String,
+    pub config: cdc_reader::Config,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), cdc_reader::Error>>,
+}
+
+impl Reader {
+    /// A configuration capturing `tables` of `db` into `topic_map` (`schema.table=topic` entries),
+    /// with a slot and publication named after the database.
+    pub fn config(
+        stack: &Stack,
+        db: &TestDb,
+        tables: &[&str],
+        topic_map: &[String],
+    ) -> cdc_reader::Config {
+        cdc_reader::Config {
+            database_url: db.url.clone(),
+            slot: db.name.clone(),
+            publication: db.name.clone(),
+            tables: tables.iter().map(|t| (*t).to_owned()).collect(),
+            topics: topic_map.to_vec(),
+            server_name: "cdc".to_owned(),
+            kafka_brokers: stack.kafka_brokers.clone(),
+            producer_config: Vec::new(),
+            topic_partitions: 1,
+            max_in_flight: 50_000,
+            status_interval_ms: 100,
+            http_listen: "127.0.0.1:0".parse().expect("a valid address"),
+        }
+    }
+
+    pub async fn start(config: cdc_reader::Config) -> anyhow::Result<Reader> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let http_url = format!("http://{}", listener.local_addr()?);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(cdc_reader::run(config.clone(), listener, shutdown.clone()));
+        Ok(Reader {
+            http_url,
+            config,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Waits until /health says the reader is streaming.
+    pub async fn wait_streaming(&self) -> anyhow::Result<()> {
+        let url = format!("{}/health", self.http_url);
+        wait_for("the reader to stream", Duration::from_secs(30), || {
+            let probe = reqwest::get(url.clone());
+            async move {
+                Ok(probe
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ()))
+            }
+        })
+        .await
+    }
+
+    /// The value of one Prometheus metric.
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.http_url))
+            .await?
+            .text()
+            .await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .with_context(|| format!("metric {name} not found"))
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .context("the reader did not stop within 30 s")?
+            .context("the reader task panicked")?
+            .context("the reader returned an error")
+    }
+}
+
+/// One record read back from Kafka: key and value parsed as JSON (`None` when absent).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    pub key: Option<serde_json::Value>,
+    pub value: Option<serde_json::Value>,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Reads `topic` from the beginning until it has at least `n` records and everything the topic
+/// held at that point (so extra records show up too); fails after `timeout`.
+pub async fn read_topic(
+    stack: &Stack,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Received>> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::Message;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka_brokers)
+        .set("group.id", format!("t-read-{}", unique_suffix()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut out = Vec::with_capacity(n);
+    let mut target = n;
+    loop {
+        while out.len() < target {
+            let m = tokio::time::timeout_at(deadline, consumer.recv())
+                .await
+                .with_context(|| {
+                    format!(
+                        "{topic}: {} of {target} records within {timeout:?}",
+                        out.len()
+                    )
+                })??;
+            let json = |b: Option<&[u8]>| b.map(serde_json::from_slice).transpose();
+            out.push(Received {
+                key: json(m.key())?,
+                value: json(m.payload())?,
+                partition: m.partition(),
+                offset: m.offset(),
+            });
+        }
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let mut total = 0;
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                let (low, high) =
+                    consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+                total += usize::try_from(high - low)?;
+            }
+        }
+        if total <= out.len() {
+            return Ok(out);
+        }
+        target = total;
+    }
+}
+
+/// Like [`read_topic`], and the topic must hold exactly `n` records: none missing, none extra.
+pub async fn read_exactly(
+    stack: &Stack,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Received>> {
+    let records = read_topic(stack, topic, n, timeout).await?;
+    anyhow::ensure!(
+        records.len() == n,
+        "{topic} holds {} records, expected exactly {n}",
+        records.len()
+    );
+    Ok(records)
 }
 
 /// Polls `check` until it returns `Some`, or fails after `timeout`.
