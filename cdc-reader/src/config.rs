@@ -66,6 +66,11 @@ pub struct Config {
     #[arg(long, env = "CDC_READER_STATUS_INTERVAL_MS", default_value_t = 1000)]
     pub status_interval_ms: u64,
 
+    /// Rows that exist when the slot is created: `initial` publishes them as `op: "r"` events
+    /// first, `never` streams only later changes.
+    #[arg(long, env = "CDC_READER_SNAPSHOT", value_enum, default_value_t = SnapshotMode::Initial)]
+    pub snapshot: SnapshotMode,
+
     /// Address of the /health and /metrics endpoint.
     #[arg(long, env = "CDC_READER_HTTP_LISTEN", default_value = "127.0.0.1:9101")]
     pub http_listen: SocketAddr,
@@ -83,6 +88,12 @@ impl std::fmt::Debug for Config {
             .field("http_listen", &self.http_listen)
             .finish_non_exhaustive()
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SnapshotMode {
+    Initial,
+    Never,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

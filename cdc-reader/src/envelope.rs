@@ -348,7 +348,7 @@ fn row(
     Ok((out, unchanged))
 }
 
-fn to_json_bytes<T: serde::Serialize>(value: &T) -> Vec<u8> {
+pub(crate) fn to_json_bytes<T: serde::Serialize>(value: &T) -> Vec<u8> {
     // Only string-keyed maps of JSON values get here, and those always serialize.
     serde_json::to_vec(value).expect("an envelope always serializes")
 }

@@ -11,6 +11,7 @@
 //! - [`envelope`]: decoded changes → Kafka records in the change-event format; pure.
 //! - [`publish`]: idempotent producer; releases transaction ends in order once acknowledged.
 //! - [`stream`]: the replication session and the progress rule (what may be confirmed, when).
+//! - [`snapshot`]: the initial snapshot under the slot's exported snapshot, as `op: "r"` events.
 //! - [`setup`]: publication, slot and catalog lookups over plain SQL.
 //! - [`config`], [`telemetry`]: flags, `/health` and `/metrics`.
 
@@ -19,6 +20,7 @@ pub mod decode;
 pub mod envelope;
 pub mod publish;
 pub mod setup;
+pub mod snapshot;
 pub mod stream;
 pub mod telemetry;
 pub mod values;

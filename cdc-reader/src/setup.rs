@@ -118,8 +118,9 @@ pub async fn ensure_publication(
     Ok(())
 }
 
-/// Creates the slot when missing; returns its confirmed position (where streaming resumes).
-pub async fn ensure_slot(db: &Client, slot: &str) -> Result<Lsn, SetupError> {
+/// The slot's confirmed position, or `None` when it does not exist. A slot held by another process
+/// or made for another plugin is an error.
+pub async fn slot_status(db: &Client, slot: &str) -> Result<Option<Lsn>, SetupError> {
     let row = db
         .query_opt(
             "SELECT active_pid, plugin, confirmed_flush_lsn::text FROM pg_replication_slots \
@@ -128,23 +129,28 @@ pub async fn ensure_slot(db: &Client, slot: &str) -> Result<Lsn, SetupError> {
         )
         .await
         .map_err(pg("looking up the replication slot"))?;
-    if let Some(row) = row {
-        if let Some(pid) = row.get::<_, Option<i32>>(0) {
-            return Err(SetupError::SlotActive {
-                slot: slot.to_owned(),
-                pid,
-            });
-        }
-        let plugin: Option<String> = row.get(1);
-        if plugin.as_deref() != Some("pgoutput") {
-            return Err(SetupError::WrongPlugin {
-                slot: slot.to_owned(),
-                plugin: plugin.unwrap_or_default(),
-            });
-        }
-        let confirmed: Option<String> = row.get(2);
-        return Ok(confirmed.as_deref().and_then(parse_lsn).unwrap_or(0));
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    if let Some(pid) = row.get::<_, Option<i32>>(0) {
+        return Err(SetupError::SlotActive {
+            slot: slot.to_owned(),
+            pid,
+        });
     }
+    let plugin: Option<String> = row.get(1);
+    if plugin.as_deref() != Some("pgoutput") {
+        return Err(SetupError::WrongPlugin {
+            slot: slot.to_owned(),
+            plugin: plugin.unwrap_or_default(),
+        });
+    }
+    let confirmed: Option<String> = row.get(2);
+    Ok(Some(confirmed.as_deref().and_then(parse_lsn).unwrap_or(0)))
+}
+
+/// Creates the slot without a snapshot; returns its consistent point.
+pub async fn create_slot(db: &Client, slot: &str) -> Result<Lsn, SetupError> {
     let lsn: String = db
         .query_one(
             "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -153,12 +159,15 @@ pub async fn ensure_slot(db: &Client, slot: &str) -> Result<Lsn, SetupError> {
         .await
         .map_err(pg("creating the replication slot"))?
         .get(0);
-    tracing::info!(slot, consistent_point = %lsn, "created replication slot");
+    tracing::info!(slot, consistent_point = %lsn, "created replication slot (no snapshot)");
     Ok(parse_lsn(&lsn).unwrap_or(0))
 }
 
 /// Names of the primary key columns of relation `oid`, in key order; `None` without a primary key.
-pub async fn primary_key(db: &Client, oid: u32) -> Result<Option<Vec<String>>, SetupError> {
+pub async fn primary_key(
+    db: &impl tokio_postgres::GenericClient,
+    oid: u32,
+) -> Result<Option<Vec<String>>, SetupError> {
     let rows = db
         .query(
             "SELECT a.attname::text FROM pg_index i \

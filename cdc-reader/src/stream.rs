@@ -23,6 +23,7 @@ use crate::decode::{self, Lsn, Message};
 use crate::envelope::{self, Builder, EnvelopeError, Step};
 use crate::publish::{self, PublishError, Publisher};
 use crate::setup::{self, SetupError};
+use crate::snapshot;
 use crate::telemetry::{Metrics, State};
 use crate::values::SESSION_OPTIONS;
 
@@ -46,6 +47,8 @@ pub enum SessionError {
     Decode(#[from] decode::DecodeError),
     #[error("a change could not be turned into an event")]
     Envelope(#[from] EnvelopeError),
+    #[error("the initial snapshot failed")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 impl SessionError {
@@ -63,6 +66,7 @@ impl SessionError {
                 pgwire_replication::PgWireError::Auth(_) | pgwire_replication::PgWireError::Tls(_)
             ),
             SessionError::Publish(e) => publish::is_transient(e),
+            SessionError::Snapshot(e) => e.is_transient(),
             SessionError::Config(_)
             | SessionError::Url(_)
             | SessionError::Decode(_)
@@ -77,7 +81,7 @@ pub struct Resume {
     pub acknowledged: Lsn,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -93,12 +97,12 @@ pub async fn session(
 ) -> Result<(), SessionError> {
     let pg_config: tokio_postgres::Config =
         config.database_url.parse().map_err(SessionError::Url)?;
-    let (db, conn) = pg_config
+    let (mut db, conn) = pg_config
         .connect(tokio_postgres::NoTls)
         .await
         .map_err(SessionError::Connect)?;
     let conn = tokio::spawn(conn);
-    let result = stream(config, &pg_config, &db, metrics, resume, shutdown).await;
+    let result = stream(config, &pg_config, &mut db, metrics, resume, shutdown).await;
     drop(db);
     if let Ok(Err(e)) = conn.await {
         tracing::debug!(error = %e, "catalog connection ended with an error");
@@ -109,31 +113,69 @@ pub async fn session(
 async fn stream(
     config: &Config,
     pg_config: &tokio_postgres::Config,
-    db: &tokio_postgres::Client,
+    db: &mut tokio_postgres::Client,
     metrics: &Arc<Metrics>,
     resume: &mut Resume,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     setup::ensure_publication(db, &config.publication, &config.tables).await?;
-    let confirmed = setup::ensure_slot(db, &config.slot).await?;
     let kafka = config.kafka()?;
     let topics = config.captured_topics()?;
     publish::ensure_topics(&kafka, &topics).await?;
     let mut publisher = Publisher::new(&kafka)?;
-
-    let start = resume.acknowledged.max(confirmed);
-    let repl_config = replication_config(config, pg_config, start);
-    let mut repl = ReplicationClient::connect(repl_config)
-        .await
-        .map_err(SessionError::Replication)?;
-    tracing::info!(slot = %config.slot, start = %setup::lsn_text(start), "streaming");
-    metrics.set_state(State::Streaming);
-
-    let mut builder = Builder::new(envelope::Settings {
+    let settings = envelope::Settings {
         server_name: config.server_name.clone(),
         database: pg_config.get_dbname().unwrap_or_default().to_owned(),
         topics: config.topic_map()?,
-    });
+    };
+
+    let mut slot = setup::slot_status(db, &config.slot).await?;
+    let snapshots = config.snapshot == crate::config::SnapshotMode::Initial;
+    if snapshots && slot.is_some() && !snapshot::completed(db, &config.slot).await? {
+        snapshot::drop_unfinished(db, &config.slot).await?;
+        slot = None;
+    }
+    let mut repl = match slot {
+        Some(confirmed) => {
+            let start = resume.acknowledged.max(confirmed);
+            let repl = ReplicationClient::connect(replication_config(config, pg_config, start))
+                .await
+                .map_err(SessionError::Replication)?;
+            tracing::info!(slot = %config.slot, start = %setup::lsn_text(start), "streaming");
+            repl
+        }
+        None if snapshots => {
+            // The slot is created on the replication connection itself, so that its exported
+            // snapshot lives until the rows are read; streaming then starts at its consistent point.
+            let mut repl =
+                ReplicationClient::connect_gated(replication_config(config, pg_config, 0))
+                    .await
+                    .map_err(SessionError::Replication)?;
+            let point = snapshot::take(
+                &mut repl,
+                db,
+                &config.slot,
+                &config.tables,
+                &settings,
+                &mut publisher,
+                config.max_in_flight,
+            )
+            .await?;
+            repl.start().await.map_err(SessionError::Replication)?;
+            resume.acknowledged = resume.acknowledged.max(point);
+            tracing::info!(slot = %config.slot, start = %setup::lsn_text(point), "streaming");
+            repl
+        }
+        None => {
+            let point = setup::create_slot(db, &config.slot).await?;
+            ReplicationClient::connect(replication_config(config, pg_config, point))
+                .await
+                .map_err(SessionError::Replication)?
+        }
+    };
+    metrics.set_state(State::Streaming);
+
+    let mut builder = Builder::new(settings);
     let mut acknowledge = |lsn: Lsn, repl: &ReplicationClient, resume: &mut Resume| {
         if lsn > resume.acknowledged {
             repl.update_applied_lsn(PgLsn(lsn));

@@ -83,7 +83,15 @@ macro_rules! migration {
     };
 }
 
-static USER_DB: &[Migration] = &[migration!("user_db", 1, "0001_users.sql", "users")];
+static USER_DB: &[Migration] = &[
+    migration!("user_db", 1, "0001_users.sql", "users"),
+    migration!(
+        "user_db",
+        2,
+        "0002_cdc_reader_snapshots.sql",
+        "cdc_reader_snapshots"
+    ),
+];
 static VIEW_DB: &[Migration] = &[migration!(
     "materialized_view_db",
     1,

@@ -243,6 +243,7 @@ impl Reader {
             topic_partitions: 1,
             max_in_flight: 50_000,
             status_interval_ms: 100,
+            snapshot: cdc_reader::config::SnapshotMode::Initial,
             http_listen: "127.0.0.1:0".parse().expect("a valid address"),
         }
     }

@@ -279,3 +279,191 @@ async fn a_terminated_walsender_loses_nothing() {
     assert!(reader.metric("cdc_reader_reconnects_total").await.unwrap() >= 1.0);
     reader.stop().await.unwrap();
 }
+
+/// A user_db of its own with `n` users already in it, not yet captured.
+async fn populated(prefix: &str, n: i64) -> (Stack, TestDb, String) {
+    let stack = Stack::from_env();
+    let db = TestDb::create(&stack, prefix, Some(schema::Database::UserDb))
+        .await
+        .unwrap();
+    db.client()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO users (name, email, department, status)
+             SELECT 'S' || i, 's' || i || '@example.org', 'D' || (i % 5),
+                    CASE WHEN i % 3 = 0 THEN 'INACTIVE' ELSE 'ACTIVE' END
+             FROM generate_series(1, $1::bigint) i",
+            &[&n],
+        )
+        .await
+        .unwrap();
+    let topic = format!("t-users-{}", unique_suffix());
+    (stack, db, topic)
+}
+
+/// Every user id in the records, with how often it appears as a row image (after).
+fn ids(records: &[Received]) -> std::collections::BTreeMap<i64, usize> {
+    let mut seen = std::collections::BTreeMap::new();
+    for v in values(records) {
+        if let Some(id) = v["after"]["id"].as_i64() {
+            *seen.entry(id).or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn rows_before_the_first_start_arrive_as_snapshot_reads_and_writes_during_it_once() {
+    let before = 20_000;
+    let (stack, db, topic) = populated("reader_snapshot", before).await;
+    let config = Reader::config(
+        &stack,
+        &db,
+        &["public.users"],
+        &[format!("public.users={topic}")],
+    );
+    let reader = Reader::start(config).await.unwrap();
+
+    // Keep writing while the snapshot runs, until the reader streams.
+    let writer = db.client().await.unwrap();
+    let mut during = 0_i64;
+    let health = format!("{}/health", reader.http_url);
+    loop {
+        writer
+            .execute(
+                "INSERT INTO users (name, email, department) VALUES ('W', 'w' || $1 || '@example.org', 'W')",
+                &[&during.to_string()],
+            )
+            .await
+            .unwrap();
+        during += 1;
+        let streaming = reqwest::get(&health)
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if streaming {
+            break;
+        }
+        assert!(during < 1_000_000, "the reader never started streaming");
+    }
+    writer
+        .execute("UPDATE users SET department = 'Moved' WHERE id = 1", &[])
+        .await
+        .unwrap();
+
+    let total = usize::try_from(before + during + 1).unwrap();
+    let records = read_exactly(&stack, &topic, total, WAIT).await.unwrap();
+    let reads: Vec<&Value> = values(&records)
+        .into_iter()
+        .filter(|v| v["op"] == "r")
+        .collect();
+    // Writes that committed before the slot existed are in the snapshot, later ones stream.
+    let creates = values(&records)
+        .into_iter()
+        .filter(|v| v["op"] == "c")
+        .count();
+    assert!(
+        reads.len() >= usize::try_from(before).unwrap(),
+        "snapshot rows: {}",
+        reads.len()
+    );
+    assert_eq!(
+        reads.len() + creates,
+        usize::try_from(before + during).unwrap()
+    );
+    assert!(reads
+        .iter()
+        .all(|v| v["before"].is_null() && v["source"]["snapshot"] != "false"));
+    assert_eq!(
+        reads
+            .iter()
+            .filter(|v| v["source"]["snapshot"] == "last")
+            .count(),
+        1
+    );
+    assert_eq!(reads.last().unwrap()["source"]["snapshot"], "last");
+    let first = reads[0];
+    assert_eq!(first["after"]["name"], "S1");
+    assert_eq!(first["after"]["status"], "ACTIVE");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(first["after"]["created_at"].as_str().unwrap())
+            .is_ok()
+    );
+    assert_eq!(records[0].key, Some(json!({"id": 1})));
+
+    // Every row exactly once as a create or snapshot read; the update after both orders last.
+    let seen = ids(&records);
+    assert_eq!(seen.len(), usize::try_from(before + during).unwrap());
+    assert_eq!(
+        seen.iter().filter(|(id, n)| **n != 1 && **id != 1).count(),
+        0,
+        "a row arrived twice"
+    );
+    let update = values(&records)
+        .into_iter()
+        .rfind(|v| v["op"] == "u")
+        .unwrap();
+    let position = |v: &Value| {
+        (
+            v["source"]["commit_lsn"].as_u64().unwrap(),
+            v["source"]["event_index"].as_u64().unwrap(),
+        )
+    };
+    assert!(
+        position(update) > position(first),
+        "the update must order after the snapshot row"
+    );
+    reader.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_interrupted_snapshot_is_taken_again_from_scratch() {
+    let (stack, db, topic) = populated("reader_resnap", 500).await;
+    let admin = db.client().await.unwrap();
+    // What an interrupted first start leaves: the slot, but no record of a finished snapshot.
+    admin
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    let config = Reader::config(
+        &stack,
+        &db,
+        &["public.users"],
+        &[format!("public.users={topic}")],
+    );
+    let reader = Reader::start(config).await.unwrap();
+    reader.wait_streaming().await.unwrap();
+    let records = read_exactly(&stack, &topic, 500, WAIT).await.unwrap();
+    assert!(values(&records).iter().all(|v| v["op"] == "r"));
+    assert_eq!(ids(&records).len(), 500);
+    let recorded: i64 = admin
+        .query_one(
+            "SELECT rows FROM cdc_reader_snapshots WHERE slot = $1",
+            &[&db.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 500);
+
+    // A restart streams on; it does not snapshot again.
+    reader.stop().await.unwrap();
+    let config = Reader::config(
+        &stack,
+        &db,
+        &["public.users"],
+        &[format!("public.users={topic}")],
+    );
+    let reader = Reader::start(config).await.unwrap();
+    reader.wait_streaming().await.unwrap();
+    admin
+        .execute("DELETE FROM users WHERE id = 7", &[])
+        .await
+        .unwrap();
+    let records = read_exactly(&stack, &topic, 502, WAIT).await.unwrap();
+    assert_eq!(records[500].value.as_ref().unwrap()["op"], "d");
+    reader.stop().await.unwrap();
+}
