@@ -1,0 +1,199 @@
+//! Benchmark of cdc-reader against the decode limit, run by `scripts/bench` on its own stack.
+//!
+//! 1. A fresh database with the users table, a publication and two slots created before any
+//!    write, so both consumers face the same WAL.
+//! 2. N inserts in transactions of 1,000 rows.
+//! 3. `pg_recvlogical` (pgoutput, same publication) drains slot 1 to the workload's end LSN: the
+//!    rate PostgreSQL can decode and ship this WAL at.
+//! 4. The cdc-reader binary streams slot 2 into a fresh topic; its rate is N over the time between
+//!    the first and the last record's Kafka timestamp, and its peak RSS is read from /proc.
+//!
+//! Prints a report and, last, `BENCH {json}`.
+
+// A report printer: stdout is its output.
+#![allow(clippy::print_stdout)]
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use e2e::{connect, unique_suffix, Stack, TestDb};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::Message;
+
+const TX_ROWS: i64 = 1000;
+
+fn arg(name: &str, default: i64) -> anyhow::Result<i64> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .with_context(|| format!("{name} needs a value"))?
+            .parse()
+            .with_context(|| format!("{name} must be a number")),
+        None => Ok(default),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let changes = arg("--changes", 100_000)?;
+    let stack = Stack::from_env();
+    let pg_bin = std::env::var("CDC_BENCH_PG_BIN").context("CDC_BENCH_PG_BIN")?;
+    let reader_bin = std::env::var("CDC_BENCH_READER_BIN").context("CDC_BENCH_READER_BIN")?;
+
+    let db = TestDb::create(&stack, "bench", Some(schema::Database::UserDb)).await?;
+    let client = connect(&db.url).await?;
+    let publication = "bench";
+    // One statement each: a slot cannot be created in a transaction that wrote.
+    for sql in [
+        format!("CREATE PUBLICATION {publication} FOR TABLE users"),
+        "SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput')".to_owned(),
+        "SELECT pg_create_logical_replication_slot('bench_reader', 'pgoutput')".to_owned(),
+    ] {
+        client.execute(sql.as_str(), &[]).await?;
+    }
+
+    // The workload.
+    let started = Instant::now();
+    let mut done = 0;
+    while done < changes {
+        let n = TX_ROWS.min(changes - done);
+        client
+            .execute(
+                "INSERT INTO users (name, email, department, status)
+                 SELECT 'Bench user ' || i, 'bench' || i || '@example.org', 'Dept ' || (i % 20),
+                        CASE WHEN i % 4 = 0 THEN 'INACTIVE' ELSE 'ACTIVE' END
+                 FROM generate_series($1::bigint, $2::bigint) i",
+                &[&(done + 1), &(done + n)],
+            )
+            .await?;
+        done += n;
+    }
+    let write_s = started.elapsed().as_secs_f64();
+    let end_lsn: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+
+    // Decode limit: pg_recvlogical draining the same WAL to the end position.
+    let started = Instant::now();
+    let status = tokio::process::Command::new(format!("{pg_bin}/pg_recvlogical"))
+        .arg("--dbname")
+        .arg(&db.url)
+        .args(["--slot", "bench_recvlogical", "--start", "--no-loop"])
+        .args(["-o", "proto_version=1", "-o"])
+        .arg(format!("publication_names={publication}"))
+        .args(["--endpos", &end_lsn, "-f", "/dev/null"])
+        .status()
+        .await
+        .context("running pg_recvlogical")?;
+    if !status.success() {
+        bail!("pg_recvlogical failed: {status}");
+    }
+    let recvlogical_s = started.elapsed().as_secs_f64();
+
+    // The reader, as its own process.
+    let topic = format!("bench-{}", unique_suffix());
+    let http_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let mut reader = tokio::process::Command::new(&reader_bin)
+        .env("CDC_READER_DATABASE_URL", &db.url)
+        .env("CDC_READER_SLOT", "bench_reader")
+        .env("CDC_READER_PUBLICATION", publication)
+        .env("CDC_READER_TOPICS", format!("public.users={topic}"))
+        .env("CDC_READER_SNAPSHOT", "never")
+        .env("KAFKA_BROKERS", &stack.kafka_brokers)
+        .env("CDC_READER_HTTP_LISTEN", format!("127.0.0.1:{http_port}"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting cdc-reader")?;
+    let pid = reader.id().context("reader pid")?;
+    let started = Instant::now();
+
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka_brokers)
+        .set("group.id", format!("bench-{}", unique_suffix()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    let mut subscribed = false;
+    let (mut first_ts, mut last_ts, mut count) = (i64::MAX, 0_i64, 0_i64);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while count < changes {
+        if Instant::now() > deadline {
+            bail!("only {count} of {changes} records within 600 s");
+        }
+        if !subscribed {
+            // The reader creates the topic; subscribe once it exists.
+            let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
+            if md
+                .topics()
+                .iter()
+                .any(|t| t.name() == topic && !t.partitions().is_empty())
+            {
+                consumer.subscribe(&[&topic])?;
+                subscribed = true;
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        }
+        let m = match tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
+            Ok(m) => m?,
+            Err(_) => continue,
+        };
+        let ts = m.timestamp().to_millis().unwrap_or(0);
+        first_ts = first_ts.min(ts);
+        last_ts = last_ts.max(ts);
+        count += 1;
+    }
+    let reader_wall_s = started.elapsed().as_secs_f64();
+    let rss_kb: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    // A graceful stop (so a profiler wrapping the reader can write its data).
+    let stopped = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await;
+    if !stopped.is_ok_and(|s| s.success())
+        || tokio::time::timeout(Duration::from_secs(20), reader.wait())
+            .await
+            .is_err()
+    {
+        eprintln!("the reader did not stop on SIGTERM; killing it");
+        reader.kill().await?;
+    }
+
+    let span_s = ((last_ts - first_ts).max(1)) as f64 / 1000.0;
+    let reader_rate = changes as f64 / span_s;
+    let recv_rate = changes as f64 / recvlogical_s;
+    println!("cdc-reader benchmark: {changes} inserts in transactions of {TX_ROWS}");
+    println!("  workload written in            {write_s:8.2} s");
+    println!("  pg_recvlogical (decode limit)  {recvlogical_s:8.2} s  {recv_rate:10.0} changes/s");
+    println!("  cdc-reader first→last in Kafka {span_s:8.2} s  {reader_rate:10.0} changes/s  ({:.2}× pg_recvlogical)", reader_rate / recv_rate);
+    println!("  cdc-reader start→all consumed  {reader_wall_s:8.2} s");
+    println!(
+        "  cdc-reader peak RSS            {:8.1} MB",
+        rss_kb as f64 / 1024.0
+    );
+    println!(
+        "BENCH {}",
+        serde_json::json!({
+            "changes": changes,
+            "reader_changes_per_s": reader_rate.round(),
+            "pg_recvlogical_changes_per_s": recv_rate.round(),
+            "reader_vs_recvlogical": (reader_rate / recv_rate * 100.0).round() / 100.0,
+            "reader_wall_s": (reader_wall_s * 100.0).round() / 100.0,
+            "reader_peak_rss_mb": (rss_kb as f64 / 1024.0 * 10.0).round() / 10.0,
+        })
+    );
+    Ok(())
+}
