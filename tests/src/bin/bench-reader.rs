@@ -153,6 +153,16 @@ async fn main() -> anyhow::Result<()> {
         count += 1;
     }
     let reader_wall_s = started.elapsed().as_secs_f64();
+    // CPU seconds the reader used (utime + stime, in clock ticks of 1/100 s on Linux).
+    let cpu_s: f64 = std::fs::read_to_string(format!("/proc/{pid}/stat"))?
+        .rsplit(')')
+        .next()
+        .map(|rest| {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            (tick(11) + tick(12)) / 100.0
+        })
+        .unwrap_or(0.0);
     let rss_kb: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))?
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -180,6 +190,7 @@ async fn main() -> anyhow::Result<()> {
     println!("  pg_recvlogical (decode limit)  {recvlogical_s:8.2} s  {recv_rate:10.0} changes/s");
     println!("  cdc-reader first→last in Kafka {span_s:8.2} s  {reader_rate:10.0} changes/s  ({:.2}× pg_recvlogical)", reader_rate / recv_rate);
     println!("  cdc-reader start→all consumed  {reader_wall_s:8.2} s");
+    println!("  cdc-reader CPU time            {cpu_s:8.2} s");
     println!(
         "  cdc-reader peak RSS            {:8.1} MB",
         rss_kb as f64 / 1024.0
@@ -192,6 +203,7 @@ async fn main() -> anyhow::Result<()> {
             "pg_recvlogical_changes_per_s": recv_rate.round(),
             "reader_vs_recvlogical": (reader_rate / recv_rate * 100.0).round() / 100.0,
             "reader_wall_s": (reader_wall_s * 100.0).round() / 100.0,
+            "reader_cpu_s": cpu_s,
             "reader_peak_rss_mb": (rss_kb as f64 / 1024.0 * 10.0).round() / 10.0,
         })
     );
