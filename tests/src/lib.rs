@@ -34,6 +34,41 @@ impl Stack {
     }
 }
 
+/// The durable broker and the control script of the disruptive tests (see scripts/test).
+#[derive(Debug, Clone)]
+pub struct Disruptive {
+    pub durable_brokers: String,
+    control: String,
+}
+
+impl Disruptive {
+    pub fn from_env() -> Disruptive {
+        let var = |name: &str| {
+            std::env::var(name)
+                .unwrap_or_else(|_| panic!("{name} is not set: run the suite through scripts/test"))
+        };
+        Disruptive {
+            durable_brokers: var("CDC_TEST_DURABLE_KAFKA_BROKERS"),
+            control: var("CDC_TEST_CONTROL"),
+        }
+    }
+
+    /// Runs `test-control.sh ARGS` (restart PostgreSQL, stop or start the durable broker).
+    pub async fn control(&self, args: &[&str]) -> anyhow::Result<()> {
+        let status = tokio::process::Command::new(&self.control)
+            .args(args)
+            .status()
+            .await
+            .with_context(|| format!("running {} {args:?}", self.control))?;
+        anyhow::ensure!(
+            status.success(),
+            "{} {args:?} failed: {status}",
+            self.control
+        );
+        Ok(())
+    }
+}
+
 /// A lowercase random suffix for names of databases, slots, topics.
 pub fn unique_suffix() -> String {
     Alphanumeric
