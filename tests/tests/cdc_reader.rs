@@ -467,3 +467,78 @@ async fn an_interrupted_snapshot_is_taken_again_from_scratch() {
     assert_eq!(records[500].value.as_ref().unwrap()["op"], "d");
     reader.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn columns_added_and_dropped_mid_stream_change_the_shape_of_later_events() {
+    let (f, reader) = fixture("reader_ddl").await;
+    let docs_topic = format!("{}-docs", f.topic);
+    let db = f.db.client().await.unwrap();
+    db.batch_execute(
+        "INSERT INTO docs (id, title, n) VALUES (1, 'one', 1);
+         ALTER TABLE docs ADD COLUMN tags text[] DEFAULT '{a}';
+         INSERT INTO docs (id, title, n, tags) VALUES (2, 'two', 2, '{x,y}');
+         ALTER TABLE docs DROP COLUMN n;
+         INSERT INTO docs (id, title) VALUES (3, 'three');",
+    )
+    .await
+    .unwrap();
+    let records = read_exactly(&f.stack, &docs_topic, 3, WAIT).await.unwrap();
+    let after: Vec<&Value> = values(&records).iter().map(|v| &v["after"]).collect();
+    assert_eq!(
+        after[0],
+        &json!({"id": 1, "title": "one", "body": null, "n": 1})
+    );
+    assert_eq!(
+        after[1],
+        &json!({"id": 2, "title": "two", "body": null, "n": 2, "tags": ["x", "y"]})
+    );
+    assert_eq!(
+        after[2],
+        &json!({"id": 3, "title": "three", "body": null, "tags": ["a"]})
+    );
+    reader.wait_streaming().await.unwrap();
+    reader.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_second_reader_on_the_same_slot_waits_and_says_why() {
+    let (f, first) = fixture("reader_twice").await;
+    let second = Reader::start(first.config.clone()).await.unwrap();
+    let health = format!("{}/health", second.http_url);
+    let body: Value = e2e::wait_for("the second reader to report the busy slot", WAIT, || {
+        let probe = reqwest::get(health.clone());
+        async move {
+            let r = probe.await?;
+            let body: Value = r.json().await?;
+            Ok(body["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("in use"))
+                .then_some(body))
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(body["status"], "DOWN");
+    assert_eq!(body["state"], "retrying");
+
+    // The first keeps streaming meanwhile; once it stops, the second takes over the slot.
+    let db = f.db.client().await.unwrap();
+    db.execute(
+        "INSERT INTO users (name, email, department) VALUES ('A', 'a@example.org', 'D')",
+        &[],
+    )
+    .await
+    .unwrap();
+    read_exactly(&f.stack, &f.topic, 1, WAIT).await.unwrap();
+    first.stop().await.unwrap();
+    second.wait_streaming().await.unwrap();
+    db.execute(
+        "INSERT INTO users (name, email, department) VALUES ('B', 'b@example.org', 'D')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let records = read_exactly(&f.stack, &f.topic, 2, WAIT).await.unwrap();
+    assert_eq!(records[1].value.as_ref().unwrap()["after"]["name"], "B");
+    second.stop().await.unwrap();
+}
