@@ -106,7 +106,20 @@ pub enum ConfigError {
     NoTables,
     #[error("{0:?} is not a valid identifier for a slot (lowercase letters, digits, underscores)")]
     Slot(String),
+    #[error("--max-in-flight must be at least 1")]
+    MaxInFlight,
+    #[error("--producer-config may not set {0}: the delivery guarantees depend on it")]
+    Guarantee(String),
 }
+
+/// Producer settings the no-loss, in-order delivery depends on; not overridable.
+const PROTECTED: [&str; 5] = [
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "max.in.flight.requests.per.connection",
+    "bootstrap.servers",
+];
 
 impl Config {
     /// Checks everything that can be checked before connecting anywhere.
@@ -122,6 +135,9 @@ impl Config {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
         if !slot_ok {
             return Err(ConfigError::Slot(self.slot.clone()));
+        }
+        if self.max_in_flight == 0 {
+            return Err(ConfigError::MaxInFlight);
         }
         self.topic_map()?;
         self.kafka()?;
@@ -160,6 +176,9 @@ impl Config {
             .iter()
             .filter(|e| !e.trim().is_empty())
             .map(|e| match e.split_once('=') {
+                Some((k, _)) if PROTECTED.contains(&k.trim()) => {
+                    Err(ConfigError::Guarantee(k.trim().to_owned()))
+                }
                 Some((k, v)) if !k.trim().is_empty() => {
                     Ok((k.trim().to_owned(), v.trim().to_owned()))
                 }
@@ -226,6 +245,10 @@ mod tests {
         );
         let bad = parse(&["--topics", "users"]);
         assert_eq!(bad.validate(), Err(ConfigError::Topic("users".into())));
+        let bad = parse(&["--producer-config", "acks=1"]);
+        assert_eq!(bad.validate(), Err(ConfigError::Guarantee("acks".into())));
+        let bad = parse(&["--max-in-flight", "0"]);
+        assert_eq!(bad.validate(), Err(ConfigError::MaxInFlight));
         let bad = parse(&["--slot", "Bad-Slot"]);
         assert!(matches!(bad.validate(), Err(ConfigError::Slot(_))));
     }

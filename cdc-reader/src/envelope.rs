@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use change_event::{format_lsn, Envelope, Op, Row, Source};
+use change_event::{Envelope, Op, Row, Source};
 use serde_json::Value;
 
 use crate::decode::{self, Lsn, Message, OldTuple, Relation, Tuple};
@@ -212,11 +212,8 @@ impl Builder {
             table: table.relation.name.clone(),
             tx_id: Some(i64::from(tx.xid)),
             lsn: Some(tx.commit_lsn),
-            sequence: Some(format!(
-                "[\"{}\",\"{}\"]",
-                format_lsn(last_commit),
-                format_lsn(tx.commit_lsn)
-            )),
+            // Debezium writes LSNs here as decimal strings.
+            sequence: Some(format!("[\"{last_commit}\",\"{}\"]", tx.commit_lsn)),
             ts_ms: tx.commit_time_ms,
             snapshot: "false".to_owned(),
             commit_lsn: tx.commit_lsn,
@@ -233,7 +230,9 @@ impl Builder {
         new: Option<Tuple>,
         now_ms: i64,
     ) -> Result<Step, EnvelopeError> {
-        let (source, topic) = self.source(id)?;
+        if self.tx.is_none() {
+            return Err(EnvelopeError::NoTransaction);
+        }
         let table = self
             .tables
             .get(&id)
@@ -262,41 +261,63 @@ impl Builder {
             }
             None => (None, Vec::new()),
         };
-        // The key comes from the row the change leaves behind (after), or the one it removed.
-        let key_source = after.as_ref().or(before.as_ref());
-        let mut key = Row::new();
-        for &i in &table.key {
-            let name = &table.relation.columns[i].name;
-            key.insert(
-                name.clone(),
-                key_source
-                    .and_then(|r| r.get(name))
-                    .cloned()
-                    .unwrap_or(Value::Null),
-            );
-        }
-        let key = Some(to_json_bytes(&key));
-        let envelope = Envelope {
-            before,
-            after,
-            source,
-            op,
-            ts_ms: now_ms,
-            unchanged_toast,
+        let key_of = |r: &Row| {
+            let mut key = Row::new();
+            for &i in &table.key {
+                let name = &table.relation.columns[i].name;
+                key.insert(name.clone(), r.get(name).cloned().unwrap_or(Value::Null));
+            }
+            key
         };
-        let mut records = vec![Record {
-            topic: topic.clone(),
-            key: key.clone(),
-            value: Some(to_json_bytes(&envelope)),
-            all_partitions: false,
-        }];
-        if op == Op::Delete {
+        let old_key = before.as_ref().map(key_of);
+        let new_key = after.as_ref().map(key_of);
+
+        let mut records = Vec::with_capacity(3);
+        let mut emit = |this: &mut Self,
+                        op: Op,
+                        key: &Row,
+                        before: Option<Row>,
+                        after: Option<Row>,
+                        unchanged_toast: Vec<String>|
+         -> Result<(), EnvelopeError> {
+            let (source, topic) = this.source(id)?;
+            let key = Some(to_json_bytes(key));
+            let envelope = Envelope {
+                before,
+                after,
+                source,
+                op,
+                ts_ms: now_ms,
+                unchanged_toast,
+            };
             records.push(Record {
-                topic,
-                key,
-                value: None,
+                topic: topic.clone(),
+                key: key.clone(),
+                value: Some(to_json_bytes(&envelope)),
                 all_partitions: false,
             });
+            if op == Op::Delete {
+                // The tombstone lets compaction forget the key.
+                records.push(Record {
+                    topic,
+                    key,
+                    value: None,
+                    all_partitions: false,
+                });
+            }
+            Ok(())
+        };
+        match (op, old_key, new_key) {
+            // A key change is, as Debezium has it, the old key deleted (with its tombstone) and the
+            // new key created: consumers keyed by the primary key then forget the old key.
+            (Op::Update, Some(old_key), Some(new_key)) if old_key != new_key => {
+                emit(self, Op::Delete, &old_key, before, None, Vec::new())?;
+                emit(self, Op::Create, &new_key, None, after, unchanged_toast)?;
+            }
+            (_, old_key, new_key) => {
+                let key = new_key.or(old_key).unwrap_or_default();
+                emit(self, op, &key, before, after, unchanged_toast)?;
+            }
         }
         Ok(Step::Records(records))
     }
@@ -419,18 +440,24 @@ mod tests {
         assert!(v["after"].get("big").is_none(), "{v}");
         assert_eq!(v["unchanged_toast"], json!(["big"]));
 
-        // A key change: before holds the old key only, the record is keyed by the new key.
+        // A key change: the old key deleted and tombstoned, the new key created.
         let (_, key, v, _) = &rs[3];
-        assert_eq!(key, &json!({"id": 3}));
-        assert_eq!(v["before"], json!({"id": 2}));
-        assert_eq!(v["after"]["id"], 3);
+        assert_eq!((key, &v["op"]), (&json!({"id": 2}), &json!("d")));
+        assert_eq!(
+            (&v["before"], &v["after"]),
+            (&json!({"id": 2}), &Value::Null)
+        );
+        assert_eq!((&rs[4].1, &rs[4].2), (&json!({"id": 2}), &Value::Null));
+        let (_, key, v, _) = &rs[5];
+        assert_eq!((key, &v["op"]), (&json!({"id": 3}), &json!("c")));
+        assert_eq!((&v["before"], &v["after"]["id"]), (&Value::Null, &json!(3)));
 
         // Delete, then its tombstone with the same key.
-        let (_, key, v, _) = &rs[4];
+        let (_, key, v, _) = &rs[6];
         assert_eq!((key, &v["op"]), (&json!({"id": 3}), &json!("d")));
         assert_eq!(v["before"], json!({"id": 3}));
         assert_eq!(v["after"], Value::Null);
-        let (_, tkey, tomb, _) = &rs[5];
+        let (_, tkey, tomb, _) = &rs[7];
         assert_eq!((tkey, tomb), (&json!({"id": 3}), &Value::Null));
     }
 

@@ -83,6 +83,8 @@ pub struct Publisher {
     pending: FuturesOrdered<Pending>,
     records_in_flight: usize,
     partitions: HashMap<String, i32>,
+    /// Highest transaction end released while `send` waited for room in librdkafka's queue.
+    released: Option<Lsn>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -119,6 +121,7 @@ impl Publisher {
             pending: FuturesOrdered::new(),
             records_in_flight: 0,
             partitions: HashMap::new(),
+            released: None,
         })
     }
 
@@ -137,15 +140,19 @@ impl Publisher {
         if record.all_partitions {
             let n = self.partition_count(&record.topic).await?;
             for p in 0..n {
-                self.send_one(&record, Some(p))?;
+                self.send_one(&record, Some(p)).await?;
             }
             Ok(())
         } else {
-            self.send_one(&record, None)
+            self.send_one(&record, None).await
         }
     }
 
-    fn send_one(&mut self, record: &Record, partition: Option<i32>) -> Result<(), PublishError> {
+    async fn send_one(
+        &mut self,
+        record: &Record,
+        partition: Option<i32>,
+    ) -> Result<(), PublishError> {
         let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&record.topic);
         if let Some(key) = &record.key {
             r = r.key(key);
@@ -156,13 +163,22 @@ impl Publisher {
         if let Some(p) = partition {
             r = r.partition(p);
         }
-        // With a full local queue, librdkafka answers QueueFull at once; the caller bounds what is
-        // in flight well below that queue's size, so this is a configuration error, not back
-        // pressure to wait out.
-        let delivery = self
-            .producer
-            .send_result(r)
-            .map_err(|(e, _)| PublishError::Delivery(e))?;
+        // A full local queue (too many records or bytes waiting) is back-pressure: wait for the
+        // oldest delivery, keep any transaction end it releases, and try again.
+        let delivery = loop {
+            match self.producer.send_result(r) {
+                Ok(delivery) => break delivery,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if !self.pending.is_empty() =>
+                {
+                    r = back;
+                    if let Some(lsn) = self.next_ack().await? {
+                        self.released = Some(self.released.map_or(lsn, |l| l.max(lsn)));
+                    }
+                }
+                Err((e, _)) => return Err(PublishError::Delivery(e)),
+            }
+        };
         self.records_in_flight += 1;
         self.pending.push_back(
             delivery
@@ -174,6 +190,11 @@ impl Publisher {
                 .boxed(),
         );
         Ok(())
+    }
+
+    /// The highest transaction end released while `send` waited for room, once.
+    pub fn take_released(&mut self) -> Option<Lsn> {
+        self.released.take()
     }
 
     /// Marks the end of a transaction whose records were all sent.

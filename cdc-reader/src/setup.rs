@@ -23,6 +23,10 @@ pub enum SetupError {
     TableName(String),
     #[error("replication slot {slot} is in use by another process (pid {pid}); only one reader may stream from a slot")]
     SlotActive { slot: String, pid: i32 },
+    #[error("replication slot {slot} is in use by another cdc-reader (it holds the slot's session lock); only one reader may own a slot")]
+    SlotLocked { slot: String },
+    #[error("replication slot {slot} lost WAL it needed (wal_status = lost) and cannot stream again; drop it to start over with a new snapshot, and replay older changes from Kafka")]
+    SlotLost { slot: String },
     #[error("replication slot {slot} uses output plugin {plugin}, not pgoutput")]
     WrongPlugin { slot: String, plugin: String },
 }
@@ -31,16 +35,27 @@ impl SetupError {
     /// Worth retrying: the database was unreachable, or another reader still holds the slot.
     pub fn is_transient(&self) -> bool {
         match self {
-            SetupError::Postgres { source, .. } => {
-                source.is_closed()
-                    || source.as_db_error().is_none()
-                    || source.as_db_error().is_some_and(|e| {
-                        e.code().code().starts_with("08") || e.code().code().starts_with("57P")
-                    })
-            }
-            SetupError::SlotActive { .. } => true,
-            SetupError::TableName(_) | SetupError::WrongPlugin { .. } => false,
+            SetupError::Postgres { source, .. } => is_transient_pg(source),
+            SetupError::SlotActive { .. } | SetupError::SlotLocked { .. } => true,
+            SetupError::TableName(_)
+            | SetupError::WrongPlugin { .. }
+            | SetupError::SlotLost { .. } => false,
         }
+    }
+}
+
+/// A lost connection, or the server shutting down, starting or out of connections: worth retrying.
+/// Anything else the server says (permissions, timeouts, missing objects) will be said again.
+pub fn is_transient_pg(err: &tokio_postgres::Error) -> bool {
+    if err.is_closed() {
+        return true;
+    }
+    match err.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+        }
+        None => std::error::Error::source(err).is_some_and(|s| s.is::<std::io::Error>()),
     }
 }
 
@@ -63,6 +78,26 @@ fn quote_ident(s: &str) -> String {
 fn quoted_table(name: &str) -> Result<String, SetupError> {
     let (schema, table) = split_table(name)?;
     Ok(format!("{}.{}", quote_ident(schema), quote_ident(table)))
+}
+
+/// Takes a session-level advisory lock named after the slot on `db`, held until that connection
+/// closes: the one reader owning the slot.
+pub async fn lock_slot(db: &Client, slot: &str) -> Result<(), SetupError> {
+    let locked: bool = db
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext('cdc_reader slot ' || $1))",
+            &[&slot],
+        )
+        .await
+        .map_err(pg("locking the slot"))?
+        .get(0);
+    if locked {
+        Ok(())
+    } else {
+        Err(SetupError::SlotLocked {
+            slot: slot.to_owned(),
+        })
+    }
 }
 
 /// Creates the publication for `tables`, or adds the tables it lacks.
@@ -123,7 +158,7 @@ pub async fn ensure_publication(
 pub async fn slot_status(db: &Client, slot: &str) -> Result<Option<Lsn>, SetupError> {
     let row = db
         .query_opt(
-            "SELECT active_pid, plugin, confirmed_flush_lsn::text FROM pg_replication_slots \
+            "SELECT active_pid, plugin, confirmed_flush_lsn::text, wal_status FROM pg_replication_slots \
              WHERE slot_name = $1",
             &[&slot],
         )
@@ -136,6 +171,11 @@ pub async fn slot_status(db: &Client, slot: &str) -> Result<Option<Lsn>, SetupEr
         return Err(SetupError::SlotActive {
             slot: slot.to_owned(),
             pid,
+        });
+    }
+    if row.get::<_, Option<String>>(3).as_deref() == Some("lost") {
+        return Err(SetupError::SlotLost {
+            slot: slot.to_owned(),
         });
     }
     let plugin: Option<String> = row.get(1);

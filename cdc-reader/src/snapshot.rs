@@ -56,7 +56,8 @@ impl SnapshotError {
             SnapshotError::Reply(_) => false,
             SnapshotError::Setup(e) => e.is_transient(),
             SnapshotError::Publish(e) => crate::publish::is_transient(e),
-            SnapshotError::CreateSlot(_) | SnapshotError::Postgres { .. } => true,
+            SnapshotError::CreateSlot(_) => true,
+            SnapshotError::Postgres { source, .. } => setup::is_transient_pg(source),
         }
     }
 }
@@ -261,7 +262,8 @@ pub async fn take(
         .map_err(pg("ending the snapshot transaction"))?;
     db.execute(
         "INSERT INTO cdc_reader_snapshots (slot, consistent_point, rows) \
-         VALUES ($1, $2::text::pg_lsn, $3)",
+         VALUES ($1, $2::text::pg_lsn, $3) ON CONFLICT (slot) DO UPDATE \
+         SET consistent_point = excluded.consistent_point, rows = excluded.rows, completed_at = now()",
         &[&slot, &point, &i64::try_from(index).unwrap_or(i64::MAX)],
     )
     .await

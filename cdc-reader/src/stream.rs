@@ -57,7 +57,11 @@ impl SessionError {
     pub fn is_transient(&self) -> bool {
         match self {
             SessionError::Setup(e) => e.is_transient(),
-            SessionError::Connect(_) | SessionError::Ended => true,
+            // A wrong password (28P01, 28000) or a missing database (3D000) will not fix itself.
+            SessionError::Connect(e) => !e
+                .as_db_error()
+                .is_some_and(|d| matches!(d.code().code(), "28P01" | "28000" | "3D000")),
+            SessionError::Ended => true,
             // pg_terminate_backend surfaces as a server error that the library calls
             // non-transient; for a long-running reader every server-side end of the stream is
             // worth a retry. Only credentials and TLS set-up are definite.
@@ -118,6 +122,9 @@ async fn stream(
     resume: &mut Resume,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
+    // One reader per slot, for the whole session: the slot alone does not tell (it is not active
+    // while a snapshot is read), and a second reader must neither drop nor share it.
+    setup::lock_slot(db, &config.slot).await?;
     setup::ensure_publication(db, &config.publication, &config.tables).await?;
     let kafka = config.kafka()?;
     let topics = config.captured_topics()?;
@@ -194,6 +201,18 @@ async fn stream(
             () = shutdown.cancelled() => {
                 metrics.set_state(State::Stopping);
                 drain(&mut publisher, &repl, resume, &mut acknowledge).await;
+                // Stopping sends no status update of its own: wait (bounded) until the worker has
+                // reported the last confirmed position, or a restart re-sends what Kafka has.
+                let reported = tokio::time::timeout(config.status_interval() * 3, async {
+                    while repl.metrics().last_applied_lsn().0 < resume.acknowledged {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+                .await;
+                if reported.is_err() {
+                    tracing::warn!(acknowledged = %setup::lsn_text(resume.acknowledged),
+                        "the last confirmed position may not have reached PostgreSQL; a restart re-sends from the previous one");
+                }
                 repl.stop();
                 // Let the worker send its last status update and close the stream.
                 let closed = tokio::time::timeout(Duration::from_secs(5), async {
@@ -251,6 +270,10 @@ async fn stream(
                         if let Step::Records(records) = builder.apply(message, now_ms(), |_| primary_key)? {
                             for record in records {
                                 publisher.send(record).await?;
+                            }
+                            // Transaction ends the publisher released while it waited for room.
+                            if let Some(lsn) = publisher.take_released() {
+                                acknowledge(lsn, &repl, resume);
                             }
                         }
                     }

@@ -67,8 +67,8 @@ async fn every_kind_of_change_arrives_as_a_debezium_envelope() {
     .await
     .unwrap();
 
-    // c, u, u (key change), d + tombstone, c, t
-    let records = read_exactly(&f.stack, &f.topic, 7, WAIT).await.unwrap();
+    // c, u, the key change (d + tombstone of the old key, c of the new), d + tombstone, c, t
+    let records = read_exactly(&f.stack, &f.topic, 9, WAIT).await.unwrap();
     let ops: Vec<&str> = records
         .iter()
         .map(|r| {
@@ -77,7 +77,10 @@ async fn every_kind_of_change_arrives_as_a_debezium_envelope() {
                 .map_or("tombstone", |v| v["op"].as_str().unwrap())
         })
         .collect();
-    assert_eq!(ops, ["c", "u", "u", "d", "tombstone", "c", "t"]);
+    assert_eq!(
+        ops,
+        ["c", "u", "d", "tombstone", "c", "d", "tombstone", "c", "t"]
+    );
 
     let created = records[0].value.as_ref().unwrap();
     let id = created["after"]["id"].as_i64().unwrap();
@@ -119,21 +122,33 @@ async fn every_kind_of_change_arrives_as_a_debezium_envelope() {
         records[1].value.as_ref().unwrap()["after"]["status"],
         "INACTIVE"
     );
-    // The key change: keyed by the new key, the old key in before.
-    let moved = records[2].value.as_ref().unwrap();
-    assert_eq!(records[2].key, Some(json!({"id": 100})));
-    assert_eq!(moved["before"], json!({ "id": id }));
-    // Delete and its tombstone share the key.
-    assert_eq!(records[3].key, Some(json!({"id": 100})));
-    assert_eq!(records[3].value.as_ref().unwrap()["before"]["id"], 100);
+    // The key change: the old key deleted and tombstoned, the new one created.
+    assert_eq!(records[2].key, Some(json!({ "id": id })));
     assert_eq!(
-        (&records[4].key, &records[4].value),
+        records[2].value.as_ref().unwrap()["before"],
+        json!({ "id": id })
+    );
+    assert_eq!(
+        (&records[3].key, &records[3].value),
+        (&Some(json!({ "id": id })), &None)
+    );
+    let moved = records[4].value.as_ref().unwrap();
+    assert_eq!(records[4].key, Some(json!({"id": 100})));
+    assert_eq!(
+        (&moved["before"], &moved["after"]["email"]),
+        (&Value::Null, &json!("ann@example.org"))
+    );
+    // Delete and its tombstone share the key.
+    assert_eq!(records[5].key, Some(json!({"id": 100})));
+    assert_eq!(records[5].value.as_ref().unwrap()["before"]["id"], 100);
+    assert_eq!(
+        (&records[6].key, &records[6].value),
         (&Some(json!({"id": 100})), &None)
     );
     // Truncate: no key, no row images.
-    let truncate = records[6].value.as_ref().unwrap();
+    let truncate = records[8].value.as_ref().unwrap();
     assert_eq!(
-        (&records[6].key, &truncate["before"], &truncate["after"]),
+        (&records[8].key, &truncate["before"], &truncate["after"]),
         (&None, &Value::Null, &Value::Null)
     );
 

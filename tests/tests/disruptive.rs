@@ -91,13 +91,23 @@ async fn the_broker_away_for_10_s_loses_nothing_and_the_slot_holds_the_wal() {
     assert_eq!(emails(&stack, &topic, 100).await.len(), 100);
 
     control.control(&["broker-stop"]).await.unwrap();
-    insert(&db, "b", 100).await;
-    let client = db.client().await.unwrap();
-    let written: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+    // b's rows, and a WAL position inside their transaction: the commit comes after it, so a
+    // reader that confirmed b would have moved the slot past it.
+    let mut client = db.client().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO users (name, email, department) \
+         SELECT 'R', 'b-' || i || '@example.org', 'D' FROM generate_series(1, 100) i",
+        &[],
+    )
+    .await
+    .unwrap();
+    let written: String = tx
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);
+    tx.commit().await.unwrap();
     // The outage itself: ten seconds without a broker.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let held: bool = client
