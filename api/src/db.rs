@@ -40,21 +40,6 @@ pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
         .map_err(DbError::Pool)
 }
 
-/// True for errors that may go away by themselves (connection lost, server shutting down or
-/// starting, too many connections); false for errors that repeating the same statement repeats.
-pub fn is_transient(err: &tokio_postgres::Error) -> bool {
-    if err.is_closed() {
-        return true;
-    }
-    if let Some(db) = err.as_db_error() {
-        let code = db.code().code();
-        // 08: connection exception; 57P01-03: admin shutdown, crash shutdown, cannot connect now;
-        // 53300: too many connections.
-        return code.starts_with("08") || code.starts_with("57P") || code == "53300";
-    }
-    std::error::Error::source(err).is_some_and(|s| s.is::<std::io::Error>())
-}
-
 /// Connects to `url` and applies the migrations of `database`, retrying with capped exponential
 /// backoff while the database is unreachable. Definite errors (a changed migration, bad SQL,
 /// authentication) end the wait at once.
@@ -83,8 +68,10 @@ pub async fn migrate_when_reachable(
             Err(err) => err,
         };
         let transient = match &err {
-            DbError::Connect(e) => is_transient(e),
-            DbError::Migrate(schema::MigrateError::Postgres { source, .. }) => is_transient(source),
+            DbError::Connect(e) => service::is_transient_pg(e),
+            DbError::Migrate(schema::MigrateError::Postgres { source, .. }) => {
+                service::is_transient_pg(source)
+            }
             _ => false,
         };
         if !transient {

@@ -7,7 +7,7 @@
 //!
 //! - [`user_api`]: routes, validation ([`user_api::model`]) and SQL of the user service.
 //! - [`http`]: the error format clients see, bounded JSON bodies, rejection mapping.
-//! - [`db`]: connection pool, transient-error classification, start-up migration with backoff.
+//! - [`db`]: connection pool, start-up migration with backoff.
 
 pub mod db;
 pub mod http;

@@ -35,27 +35,12 @@ impl SetupError {
     /// Worth retrying: the database was unreachable, or another reader still holds the slot.
     pub fn is_transient(&self) -> bool {
         match self {
-            SetupError::Postgres { source, .. } => is_transient_pg(source),
+            SetupError::Postgres { source, .. } => service::is_transient_pg(source),
             SetupError::SlotActive { .. } | SetupError::SlotLocked { .. } => true,
             SetupError::TableName(_)
             | SetupError::WrongPlugin { .. }
             | SetupError::SlotLost { .. } => false,
         }
-    }
-}
-
-/// A lost connection, or the server shutting down, starting or out of connections: worth retrying.
-/// Anything else the server says (permissions, timeouts, missing objects) will be said again.
-pub fn is_transient_pg(err: &tokio_postgres::Error) -> bool {
-    if err.is_closed() {
-        return true;
-    }
-    match err.as_db_error() {
-        Some(db) => {
-            let code = db.code().code();
-            code.starts_with("08") || code.starts_with("57P") || code == "53300"
-        }
-        None => std::error::Error::source(err).is_some_and(|s| s.is::<std::io::Error>()),
     }
 }
 

@@ -57,7 +57,7 @@ impl SnapshotError {
             SnapshotError::Setup(e) => e.is_transient(),
             SnapshotError::Publish(e) => crate::publish::is_transient(e),
             SnapshotError::CreateSlot(_) => true,
-            SnapshotError::Postgres { source, .. } => setup::is_transient_pg(source),
+            SnapshotError::Postgres { source, .. } => service::is_transient_pg(source),
         }
     }
 }

@@ -34,6 +34,22 @@ pub fn cancel_on_signal(token: CancellationToken) -> std::io::Result<tokio::task
     }))
 }
 
+/// True for PostgreSQL errors that may go away by themselves: the connection was lost, or the server
+/// is shutting down, starting or out of connections (SQLSTATE 08xxx, 57Pxx, 53300). Anything else
+/// the server says (permissions, timeouts, missing objects, bad SQL) will be said again.
+pub fn is_transient_pg(err: &tokio_postgres::Error) -> bool {
+    if err.is_closed() {
+        return true;
+    }
+    match err.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+        }
+        None => std::error::Error::source(err).is_some_and(|s| s.is::<std::io::Error>()),
+    }
+}
+
 /// An error and its sources on one line, for logs.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();

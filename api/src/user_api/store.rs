@@ -132,7 +132,7 @@ fn write_error(err: tokio_postgres::Error) -> ApiError {
 }
 
 fn read_error(err: tokio_postgres::Error) -> ApiError {
-    if crate::db::is_transient(&err) {
+    if service::is_transient_pg(&err) {
         // The connection broke (server restarted, network): the next request gets a fresh one.
         ApiError::unavailable(&err)
     } else {
