@@ -51,11 +51,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     config.validate()?;
     let metrics = Metrics::new();
-    let http = tokio::spawn(telemetry::serve(
-        listener,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    let http = service::telemetry::spawn(listener, metrics.clone(), shutdown.clone());
     let lag = tokio::spawn(watch_slot_lag(
         config.clone(),
         metrics.clone(),

@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             let signals = service::cancel_on_signal(shutdown.clone())
                 .context("installing signal handlers")?;
-            let listener = cdc_reader::telemetry::bind(args.config.http_listen)
+            let listener = service::telemetry::bind(args.config.http_listen)
                 .await
                 .with_context(|| format!("binding {}", args.config.http_listen))?;
             let result = cdc_reader::run(args.config, listener, shutdown.clone()).await;

@@ -13,37 +13,14 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
+use service::kafka::TracingContext;
+
 use crate::decode::Lsn;
 use crate::envelope::Record;
-
-/// Routes librdkafka's logs and errors into `tracing`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TracingContext;
-
-impl ClientContext for TracingContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, message),
-            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, message),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(target: "librdkafka", fac, message)
-            }
-            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, message),
-        }
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", %error, reason, "client error");
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {

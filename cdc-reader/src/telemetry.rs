@@ -1,13 +1,10 @@
 //! Counters of the reader and the small HTTP endpoint that exposes them: `/health` (200 while
 //! streaming, 503 otherwise, with the state as JSON) and `/metrics` (Prometheus text format).
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio_util::sync::CancellationToken;
-use warp::http::StatusCode;
-use warp::{Filter, Reply};
+use service::telemetry::{Exposition, Telemetry};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -85,111 +82,84 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            ));
-        };
-        metric(
+        let mut out = Exposition::default();
+        out.metric(
             "cdc_reader_events_published_total",
             "counter",
             "Records Kafka acknowledged.",
-            g(&self.events_published).to_string(),
+            g(&self.events_published),
         );
-        metric(
+        out.metric(
             "cdc_reader_transactions_total",
             "counter",
             "Source transactions fully acknowledged.",
-            g(&self.transactions).to_string(),
+            g(&self.transactions),
         );
-        metric(
+        out.metric(
             "cdc_reader_acknowledged_lsn",
             "gauge",
             "Highest LSN confirmed to PostgreSQL (as a number).",
-            g(&self.acknowledged_lsn).to_string(),
+            g(&self.acknowledged_lsn),
         );
-        metric(
+        out.metric(
             "cdc_reader_received_lsn",
             "gauge",
             "Highest commit LSN received from the slot.",
-            g(&self.received_lsn).to_string(),
+            g(&self.received_lsn),
         );
-        metric(
+        out.metric(
             "cdc_reader_in_flight_records",
             "gauge",
             "Records sent and not yet acknowledged.",
-            g(&self.in_flight).to_string(),
+            g(&self.in_flight),
         );
-        metric(
+        out.metric(
             "cdc_reader_errors_total",
             "counter",
             "Errors that ended a replication session.",
-            g(&self.errors).to_string(),
+            g(&self.errors),
         );
-        metric(
+        out.metric(
             "cdc_reader_reconnects_total",
             "counter",
             "Replication sessions started after an error.",
-            g(&self.reconnects).to_string(),
+            g(&self.reconnects),
         );
-        metric(
+        out.metric(
             "cdc_reader_slot_lag_bytes",
             "gauge",
             "Current WAL minus the slot's confirmed flush LSN (-1: unknown).",
-            self.slot_lag_bytes.load(Ordering::Relaxed).to_string(),
+            self.slot_lag_bytes.load(Ordering::Relaxed),
         );
-        metric(
+        out.metric(
             "cdc_reader_slot_retained_wal_bytes",
             "gauge",
             "Current WAL minus the slot's restart LSN (-1: unknown).",
-            self.slot_retained_bytes.load(Ordering::Relaxed).to_string(),
+            self.slot_retained_bytes.load(Ordering::Relaxed),
         );
-        metric(
+        out.metric(
             "cdc_reader_streaming",
             "gauge",
             "1 while the replication stream is up.",
-            u8::from(self.state() == State::Streaming).to_string(),
+            u8::from(self.state() == State::Streaming),
         );
-        out
+        out.finish()
     }
 }
 
-/// Serves /health and /metrics on `addr` until `shutdown`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let m = metrics.clone();
-    let health = warp::path!("health").and(warp::get()).map(move || {
-        let state = m.state();
-        let body = warp::reply::json(&serde_json::json!({
+impl Telemetry for Metrics {
+    fn health(&self) -> (bool, serde_json::Value) {
+        let state = self.state();
+        let body = serde_json::json!({
             "status": if state == State::Streaming { "UP" } else { "DOWN" },
             "state": state.name(),
-            "acknowledged_lsn": change_event::format_lsn(m.acknowledged_lsn.load(Ordering::Relaxed)),
-            "last_error": m.last_error(),
-        }));
-        let code = if state == State::Streaming {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
-        warp::reply::with_status(body, code).into_response()
-    });
-    let m = metrics;
-    let prometheus = warp::path!("metrics").and(warp::get()).map(move || {
-        warp::reply::with_header(m.render(), "content-type", "text/plain; version=0.0.4")
-            .into_response()
-    });
-    warp::serve(health.or(prometheus))
-        .incoming(listener)
-        .graceful(async move { shutdown.cancelled().await })
-        .run()
-        .await;
-}
+            "acknowledged_lsn": change_event::format_lsn(self.acknowledged_lsn.load(Ordering::Relaxed)),
+            "last_error": self.last_error(),
+        });
+        (state == State::Streaming, body)
+    }
 
-/// Binds the telemetry address (so a taken port fails start-up, not later).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
+    fn render(&self) -> String {
+        Metrics::render(self)
+    }
 }

@@ -1,6 +1,646 @@
-//! projector: Kafka change events → materialized view tables in `materialized_view_db`.
+//! projector: Kafka change events → the materialized views of materialized_view_db.
 //!
-//! Not built yet: this crate is reserved in the workspace so that the layout names the data flow
-//! (`cdc-reader/` → `projector/` → `api/`). It has no binary, so `scripts/dev up` does not start
-//! it and `scripts/dev status` reports it as `not-built`. The tables it will maintain are already
-//! in `sql/migrations/materialized_view_db`.
+//! ```text
+//!  user-events ──records──► decode ──► batch ──► apply: one Postgres transaction ──► user_view
+//!       ▲                     │ bad                 │  view rows + department_stats   department_stats
+//!       │                     ▼                     │  + projector_offsets            projector_offsets
+//!   seek to the         user-events.dlq ◄───────────┘  (dead letters acknowledged before the commit)
+//!   stored offsets
+//! ```
+//!
+//! - [`encode`]: record → [`encode::Change`]; a run of changes → final rows and stats deltas. Pure.
+//! - [`apply`]: the transaction that writes a batch and its offsets together.
+//! - [`dead_letter`]: the dead-letter topic.
+//! - [`config`], [`telemetry`]: flags, `/health` and `/metrics`.
+//!
+//! Exactly-once effect: the offsets that count are the ones in `projector_offsets`, committed in the
+//! same transaction as the rows. Whenever the consumer group hands this process a partition, the
+//! first record seen from it is checked against the stored offset and the partition is re-positioned
+//! there if they differ; records below the stored offset are never applied again. Each view row also
+//! remembers the source position it reflects, so even a record delivered twice in the topic (or a
+//! replay) changes nothing. Kafka's own committed offsets are updated after each transaction, for
+//! lag tools only.
+
+pub mod apply;
+pub mod config;
+pub mod dead_letter;
+pub mod encode;
+pub mod telemetry;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::statistics::Statistics;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::{ApplyError, Item, Store};
+use crate::dead_letter::{DeadLetters, Letter};
+use crate::encode::{BadEvent, Change};
+
+pub use config::Config;
+pub use telemetry::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Migrate(#[from] schema::WaitError),
+    #[error("creating a Kafka client failed")]
+    Kafka(#[source] KafkaError),
+    #[error("the projector stopped on an error it cannot retry")]
+    Halted(#[source] ApplyError),
+}
+
+/// Why applying a batch failed.
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("dead-lettering failed")]
+    DeadLetter(#[source] KafkaError),
+}
+
+/// How to handle a failed batch.
+#[derive(Debug, PartialEq, Eq)]
+enum Remedy {
+    /// Try the same batch again later (connection lost, broker away, serialization failure).
+    Retry,
+    /// The data of some event is refused by the database: isolate it and dead-letter it.
+    Isolate,
+    /// The schema or the permissions are wrong: nothing will work until an operator acts.
+    Halt,
+}
+
+impl BatchError {
+    fn remedy(&self) -> Remedy {
+        match self {
+            BatchError::DeadLetter(_) => Remedy::Retry,
+            BatchError::Apply(e) if e.is_transient() => Remedy::Retry,
+            BatchError::Apply(ApplyError::Sql { source, .. }) => {
+                match source.as_db_error().map(|d| d.code().code()) {
+                    // Transaction rollbacks (serialization, deadlock), lock timeouts, cancels.
+                    Some(c) if c.starts_with("40") || c == "55P03" || c == "57014" => Remedy::Retry,
+                    // Data exceptions and integrity violations: something in this batch.
+                    Some(c) if c.starts_with("22") || c.starts_with("23") => Remedy::Isolate,
+                    _ => Remedy::Halt,
+                }
+            }
+            BatchError::Apply(_) => Remedy::Halt,
+        }
+    }
+}
+
+/// The consumer's context: librdkafka logs into `tracing`, statistics into the metrics, and a
+/// generation number bumped on every rebalance so the loop knows to re-position.
+struct Context {
+    generation: AtomicU64,
+    metrics: Arc<Metrics>,
+    topic: String,
+}
+
+impl ClientContext for Context {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        service::kafka::log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        service::kafka::client_error(&error, reason);
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        if let Some(t) = statistics.topics.get(&self.topic) {
+            for (p, s) in &t.partitions {
+                if *p >= 0 && s.hi_offset >= 0 {
+                    self.metrics.set_high_watermark(*p, s.hi_offset);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Context {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let partitions = |tpl: &TopicPartitionList| {
+            tpl.elements()
+                .iter()
+                .map(|e| e.partition())
+                .collect::<Vec<_>>()
+        };
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = ?partitions(tpl), "partitions assigned")
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = ?partitions(tpl), "partitions revoked")
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// One consumed record.
+#[derive(Debug)]
+struct Record {
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    decoded: Result<Change, BadEvent>,
+}
+
+/// Consumes and applies until `shutdown`. `listener` serves `/health` and `/metrics`.
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    config.validate()?;
+    let metrics = Metrics::new();
+    let http = service::telemetry::spawn(listener, metrics.clone(), shutdown.clone());
+    let result = consume(&config, &metrics, &shutdown).await;
+    metrics.set_state(telemetry::State::Stopping);
+    shutdown.cancel();
+    if let Err(e) = http.await {
+        tracing::error!(task = "telemetry", error = %e, "task panicked");
+    }
+    result
+}
+
+async fn consume(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    if !config.skip_migrations {
+        match schema::migrate_when_reachable(
+            &config.database_url,
+            schema::Database::ViewDb,
+            shutdown,
+        )
+        .await
+        {
+            Ok(applied) => tracing::info!(?applied, "materialized_view_db schema is current"),
+            Err(schema::WaitError::Cancelled(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let dead_letters = DeadLetters::new(
+        &config.kafka_brokers,
+        &config.dead_letter_topic(),
+        &config.topic,
+    )
+    .map_err(Error::Kafka)?;
+    let mut kafka = ClientConfig::new();
+    kafka
+        .set("bootstrap.servers", &config.kafka_brokers)
+        .set("group.id", &config.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "5000");
+    for (k, v) in config.consumer_overrides()? {
+        kafka.set(k, v);
+    }
+    let context = Context {
+        generation: AtomicU64::new(0),
+        metrics: metrics.clone(),
+        topic: config.topic.clone(),
+    };
+    let consumer: StreamConsumer<Context> =
+        kafka.create_with_context(context).map_err(Error::Kafka)?;
+    consumer.subscribe(&[&config.topic]).map_err(Error::Kafka)?;
+    let (schema_name, table) = config.source_table()?;
+    let mut p = Projector {
+        config,
+        metrics,
+        shutdown,
+        consumer,
+        dead_letters,
+        store: None,
+        table: (schema_name, table),
+        positions: HashMap::new(),
+        backoff: service::Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+        dead_letter_topic_ready: false,
+    };
+    tracing::info!(topic = %config.topic, group = %config.group,
+        dead_letter_topic = %config.dead_letter_topic(), "projector consuming");
+    p.run().await
+}
+
+struct Projector<'a> {
+    config: &'a Config,
+    metrics: &'a Arc<Metrics>,
+    shutdown: &'a CancellationToken,
+    consumer: StreamConsumer<Context>,
+    dead_letters: DeadLetters,
+    store: Option<Store>,
+    table: (String, String),
+    /// Per partition: the rebalance generation it was positioned in, and the next offset to take.
+    positions: HashMap<i32, (u64, i64)>,
+    backoff: service::Backoff,
+    dead_letter_topic_ready: bool,
+}
+
+/// How long a batch in hand may take to apply once shutdown was asked for.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+impl Projector<'_> {
+    async fn run(&mut self) -> Result<(), Error> {
+        let max = self.config.batch_max_events as usize;
+        let mut batch: Vec<Record> = Vec::with_capacity(max);
+        self.metrics.set_state(telemetry::State::Running);
+        'consume: loop {
+            let first = tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => break 'consume,
+                m = self.consumer.recv() => m.map(|m| m.detach()),
+            };
+            self.take(first, &mut batch).await?;
+            let deadline = tokio::time::Instant::now() + self.config.batch_max_wait();
+            while !batch.is_empty() && batch.len() < max {
+                let next = tokio::select! {
+                    biased;
+                    () = self.shutdown.cancelled() => break 'consume,
+                    () = tokio::time::sleep_until(deadline) => break,
+                    m = self.consumer.recv() => m.map(|m| m.detach()),
+                };
+                self.take(next, &mut batch).await?;
+            }
+            if !self.flush(&mut batch).await? {
+                return Ok(());
+            }
+        }
+        // Apply what is in hand, within a limit; whatever is not committed is read again next time.
+        if !batch.is_empty() {
+            match tokio::time::timeout(DRAIN_LIMIT, self.try_flush(&batch)).await {
+                Ok(Ok(())) => tracing::info!(events = batch.len(), "applied the last batch"),
+                Ok(Err(e)) => tracing::warn!(error = %service::error_chain(&e),
+                    "the last batch was not applied; it will be read again"),
+                Err(_) => tracing::warn!(
+                    "the last batch did not apply within {DRAIN_LIMIT:?}; it will be read again"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a consumed record to the batch, after positioning its partition when the assignment
+    /// changed since the partition was last positioned.
+    async fn take(
+        &mut self,
+        message: Result<rdkafka::message::OwnedMessage, KafkaError>,
+        batch: &mut Vec<Record>,
+    ) -> Result<(), Error> {
+        let message = match message {
+            Ok(m) => m,
+            Err(e) => {
+                // librdkafka retries by itself; this is for the operator (and a short pause).
+                tracing::warn!(error = %e, "consuming failed");
+                self.metrics.record_error(e.to_string());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return Ok(());
+            }
+        };
+        let partition = message.partition();
+        let offset = message.offset();
+        let generation = self.consumer.context().generation.load(Ordering::SeqCst);
+        let positioned = self.positions.get(&partition).copied();
+        if positioned.map(|(g, _)| g) != Some(generation) {
+            // What is in hand belongs to the old assignment: apply it before positioning.
+            if !self.flush(batch).await? {
+                return Ok(());
+            }
+            let Some(stored) = self.stored_offset(partition).await? else {
+                return Ok(());
+            };
+            let target = stored.unwrap_or(0);
+            self.positions.insert(partition, (generation, target));
+            if offset != target {
+                let to = match stored {
+                    Some(n) => Offset::Offset(n),
+                    None => Offset::Beginning,
+                };
+                tracing::info!(partition, stored = ?stored, consumed = offset,
+                    "positioning the partition at the offset stored with the views");
+                if let Err(e) =
+                    self.consumer
+                        .seek(&self.config.topic, partition, to, Duration::from_secs(10))
+                {
+                    // Positioning is retried with the next record of this partition.
+                    tracing::warn!(partition, error = %e, "seeking failed");
+                    self.positions.remove(&partition);
+                }
+                return Ok(());
+            }
+        }
+        let next = self
+            .positions
+            .get(&partition)
+            .map_or(offset, |&(_, next)| next);
+        if offset < next {
+            tracing::debug!(partition, offset, next, "skipping a record already applied");
+            return Ok(());
+        }
+        if offset > next && next > 0 {
+            tracing::warn!(
+                partition,
+                expected = next,
+                got = offset,
+                "records missing from the topic (deleted by retention before they were applied?)"
+            );
+        }
+        self.positions.insert(partition, (generation, offset + 1));
+        let key = message.key().map(<[u8]>::to_vec);
+        let value = message.payload().map(<[u8]>::to_vec);
+        let decoded = encode::decode(
+            key.as_deref(),
+            value.as_deref(),
+            (&self.table.0, &self.table.1),
+        );
+        batch.push(Record {
+            partition,
+            offset,
+            key,
+            value,
+            decoded,
+        });
+        Ok(())
+    }
+
+    /// The offset stored with the views for `partition`, retrying while the database is away.
+    /// `None` when asked to shut down first.
+    async fn stored_offset(&mut self, partition: i32) -> Result<Option<Option<i64>>, Error> {
+        loop {
+            let result = match self.connected().await {
+                Ok(store) => store.next_offset(partition).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(stored) => return Ok(Some(stored)),
+                Err(e) => {
+                    if !self.failed(BatchError::Apply(e)).await? {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn connected(&mut self) -> Result<&mut Store, ApplyError> {
+        connected(&mut self.store, self.config, &self.table).await
+    }
+
+    /// Logs a failure and waits before the retry. Ok(false) when shutdown came first; an error
+    /// when the failure cannot be retried.
+    async fn failed(&mut self, error: BatchError) -> Result<bool, Error> {
+        let text = service::error_chain(&error);
+        self.metrics.record_error(text.clone());
+        if error.remedy() == Remedy::Halt {
+            tracing::error!(error = %text, "halting: the view database refuses the projector's statements");
+            return match error {
+                BatchError::Apply(e) => Err(Error::Halted(e)),
+                BatchError::DeadLetter(e) => Err(Error::Kafka(e)),
+            };
+        }
+        tracing::warn!(error = %text, "applying failed; retrying without moving the offsets");
+        self.metrics.set_state(telemetry::State::Retrying);
+        if self.store.as_ref().is_some_and(Store::is_closed) {
+            self.store = None;
+        }
+        Ok(self.backoff.wait(self.shutdown).await)
+    }
+
+    /// Applies `batch` (retrying as needed) and empties it. Ok(false) when shutdown came first.
+    async fn flush(&mut self, batch: &mut Vec<Record>) -> Result<bool, Error> {
+        if batch.is_empty() {
+            return Ok(true);
+        }
+        // Ranges still to apply; a range refused for its data is split until the culprit is alone.
+        let mut todo = Vec::new();
+        todo.push(0..batch.len());
+        while let Some(range) = todo.pop() {
+            loop {
+                let error = match self.try_flush(&batch[range.clone()]).await {
+                    Ok(()) => break,
+                    Err(e) => e,
+                };
+                if error.remedy() == Remedy::Isolate {
+                    if range.len() > 1 {
+                        let mid = range.start + range.len() / 2;
+                        // Stack: the first half is applied first, keeping the order.
+                        todo.push(mid..range.end);
+                        todo.push(range.start..mid);
+                        tracing::warn!(error = %service::error_chain(&error), events = range.len(),
+                            "the database refused a batch; applying it in halves to find the event");
+                        break;
+                    }
+                    let reason = service::error_chain(&error);
+                    if !self
+                        .dead_letter_refused(&batch[range.clone()], reason)
+                        .await?
+                    {
+                        return Ok(false);
+                    }
+                    break;
+                }
+                if !self.failed(error).await? {
+                    return Ok(false);
+                }
+            }
+        }
+        batch.clear();
+        Ok(true)
+    }
+
+    /// One attempt to apply `records` in one transaction, dead letters first.
+    async fn try_flush(&mut self, records: &[Record]) -> Result<(), BatchError> {
+        let started = Instant::now();
+        let items: Vec<Item> = records
+            .iter()
+            .map(|r| Item {
+                partition: r.partition,
+                offset: r.offset,
+                change: r.decoded.as_ref().ok().cloned(),
+            })
+            .collect();
+        self.ensure_dead_letter_topic().await?;
+        let store = connected(&mut self.store, self.config, &self.table).await?;
+        let pending = store.apply(&items).await?;
+        let mut letters: Vec<Letter<'_>> = records
+            .iter()
+            .filter_map(|r| {
+                let e = r.decoded.as_ref().err()?;
+                Some(letter(r, e.kind(), e.to_string()))
+            })
+            .collect();
+        letters.extend(
+            pending
+                .bad
+                .iter()
+                .map(|(i, e)| letter(&records[*i], e.kind(), e.to_string())),
+        );
+        if !letters.is_empty() {
+            self.dead_letters
+                .send_all(&letters)
+                .await
+                .map_err(BatchError::DeadLetter)?;
+        }
+        let dead = letters.len();
+        let outcome = pending.commit().await?;
+
+        let m = self.metrics;
+        m.events.fetch_add(records.len() as u64, Ordering::Relaxed);
+        m.upserted
+            .fetch_add(outcome.upserted as u64, Ordering::Relaxed);
+        m.deleted
+            .fetch_add(outcome.deleted as u64, Ordering::Relaxed);
+        m.truncates
+            .fetch_add(outcome.truncates as u64, Ordering::Relaxed);
+        m.ignored
+            .fetch_add(outcome.ignored as u64, Ordering::Relaxed);
+        m.dead_lettered.fetch_add(dead as u64, Ordering::Relaxed);
+        if let Some(lsn) = outcome.last_lsn {
+            m.last_applied_lsn.fetch_max(lsn, Ordering::Relaxed);
+        }
+        m.record_batch(started.elapsed());
+        m.set_state(telemetry::State::Running);
+        self.backoff.reset();
+        self.commit_to_kafka(records);
+        Ok(())
+    }
+
+    async fn ensure_dead_letter_topic(&mut self) -> Result<(), BatchError> {
+        if !self.dead_letter_topic_ready {
+            self.dead_letters
+                .ensure_topic(&self.config.kafka_brokers)
+                .await
+                .map_err(BatchError::DeadLetter)?;
+            self.dead_letter_topic_ready = true;
+        }
+        Ok(())
+    }
+
+    /// Dead-letters one record the database refused, and moves the offset past it.
+    async fn dead_letter_refused(
+        &mut self,
+        records: &[Record],
+        reason: String,
+    ) -> Result<bool, Error> {
+        loop {
+            let attempt = async {
+                let letters: Vec<Letter<'_>> = records
+                    .iter()
+                    .map(|r| letter(r, "database_refused", reason.clone()))
+                    .collect();
+                self.dead_letters
+                    .send_all(&letters)
+                    .await
+                    .map_err(BatchError::DeadLetter)?;
+                let items: Vec<Item> = records
+                    .iter()
+                    .map(|r| Item {
+                        partition: r.partition,
+                        offset: r.offset,
+                        change: None,
+                    })
+                    .collect();
+                let store = connected(&mut self.store, self.config, &self.table).await?;
+                store.apply(&items).await?.commit().await?;
+                Ok::<_, BatchError>(())
+            };
+            match attempt.await {
+                Ok(()) => {
+                    self.metrics
+                        .dead_lettered
+                        .fetch_add(records.len() as u64, Ordering::Relaxed);
+                    self.metrics
+                        .events
+                        .fetch_add(records.len() as u64, Ordering::Relaxed);
+                    self.commit_to_kafka(records);
+                    return Ok(true);
+                }
+                Err(e) => {
+                    if !self.failed(e).await? {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Mirrors the committed offsets to Kafka, for lag tools; the views' copy is the one used.
+    fn commit_to_kafka(&self, records: &[Record]) {
+        let mut next: HashMap<i32, i64> = HashMap::new();
+        for r in records {
+            let e = next.entry(r.partition).or_insert(0);
+            *e = (*e).max(r.offset + 1);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &next {
+            self.metrics.set_applied(*p, *o);
+            if let Err(e) = tpl.add_partition_offset(&self.config.topic, *p, Offset::Offset(*o)) {
+                tracing::debug!(error = %e, "building the offset list failed");
+            }
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "committing offsets to Kafka failed (lag tools only)");
+        }
+    }
+}
+
+/// The store in `slot`, connecting (and preparing statements) first when there is none or its
+/// connection was lost.
+async fn connected<'s>(
+    slot: &'s mut Option<Store>,
+    config: &Config,
+    (schema_name, table): &(String, String),
+) -> Result<&'s mut Store, ApplyError> {
+    if slot.as_ref().is_none_or(Store::is_closed) {
+        *slot = None;
+        let store = Store::connect(
+            &config.database_url,
+            &config.group,
+            &config.topic,
+            &format!("{schema_name}.{table}"),
+        )
+        .await?;
+        *slot = Some(store);
+    }
+    Ok(slot.as_mut().expect("connected just above"))
+}
+
+fn letter<'a>(r: &'a Record, kind: &'static str, error: String) -> Letter<'a> {
+    Letter {
+        partition: r.partition,
+        offset: r.offset,
+        key: r.key.as_deref(),
+        value: r.value.as_deref(),
+        kind,
+        error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_failures_are_retried() {
+        let e = BatchError::DeadLetter(KafkaError::Canceled);
+        assert_eq!(e.remedy(), Remedy::Retry);
+        let e = BatchError::Apply(ApplyError::BadLsn("x".into()));
+        assert_eq!(e.remedy(), Remedy::Halt);
+    }
+}

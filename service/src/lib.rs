@@ -1,6 +1,12 @@
 //! What every binary of the pipeline does around its `run` function: logging to stderr through
 //! `tracing`, one root shutdown token cancelled by SIGINT/SIGTERM, capped exponential backoff for
-//! retries, and one-line error chains for logs.
+//! retries, and one-line error chains for logs. With the `kafka` feature, [`kafka`] holds the
+//! rdkafka client context that routes librdkafka's logs into `tracing`; [`telemetry`] serves
+//! `/health` and `/metrics`.
+
+#[cfg(feature = "kafka")]
+pub mod kafka;
+pub mod telemetry;
 
 use std::time::Duration;
 

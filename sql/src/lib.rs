@@ -92,12 +92,10 @@ static USER_DB: &[Migration] = &[
         "cdc_reader_snapshots"
     ),
 ];
-static VIEW_DB: &[Migration] = &[migration!(
-    "materialized_view_db",
-    1,
-    "0001_views.sql",
-    "views"
-)];
+static VIEW_DB: &[Migration] = &[
+    migration!("materialized_view_db", 1, "0001_views.sql", "views"),
+    migration!("materialized_view_db", 2, "0002_projector.sql", "projector"),
+];
 
 /// Why migrating failed.
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +187,65 @@ pub async fn migrate(
     }
     tx.commit().await.map_err(pg)?;
     Ok(done)
+}
+
+/// Why [`migrate_when_reachable`] gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    #[error("connecting to {database} failed")]
+    Connect {
+        database: Database,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+    #[error("shut down while waiting for {0}")]
+    Cancelled(Database),
+}
+
+/// Connects to `url` and applies the migrations of `database`, retrying with capped exponential
+/// backoff while the database is unreachable. Definite errors (a changed migration, bad SQL,
+/// authentication) end the wait at once.
+pub async fn migrate_when_reachable(
+    url: &str,
+    database: Database,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<Vec<i32>, WaitError> {
+    let mut backoff = service::Backoff::default();
+    loop {
+        let attempt = async {
+            let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .map_err(|source| WaitError::Connect { database, source })?;
+            let conn = tokio::spawn(conn);
+            let result = migrate(&mut client, database).await;
+            drop(client);
+            // The connection task ends once the client is gone; its own error is not news.
+            if let Ok(Err(err)) = conn.await {
+                tracing::debug!(error = %err, "migration connection closed with an error");
+            }
+            result.map_err(WaitError::from)
+        };
+        let err = match attempt.await {
+            Ok(applied) => return Ok(applied),
+            Err(err) => err,
+        };
+        let transient = match &err {
+            WaitError::Connect { source, .. }
+            | WaitError::Migrate(MigrateError::Postgres { source, .. }) => {
+                service::is_transient_pg(source)
+            }
+            _ => false,
+        };
+        if !transient {
+            return Err(err);
+        }
+        tracing::warn!(%database, error = %service::error_chain(&err), "database not reachable; retrying");
+        if !backoff.wait(shutdown).await {
+            return Err(WaitError::Cancelled(database));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -314,13 +314,7 @@ impl Reader {
 
     /// The value of one Prometheus metric.
     pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
-        let text = reqwest::get(format!("{}/metrics", self.http_url))
-            .await?
-            .text()
-            .await?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .with_context(|| format!("metric {name} not found"))
+        metric(&self.http_url, name).await
     }
 
     pub async fn stop(self) -> anyhow::Result<()> {
@@ -330,6 +324,72 @@ impl Reader {
             .context("the reader did not stop within 30 s")?
             .context("the reader task panicked")?
             .context("the reader returned an error")
+    }
+}
+
+/// The value of one Prometheus metric served at `{http_url}/metrics`.
+pub async fn metric(http_url: &str, name: &str) -> anyhow::Result<f64> {
+    let text = reqwest::get(format!("{http_url}/metrics"))
+        .await?
+        .text()
+        .await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .with_context(|| format!("metric {name} not found"))
+}
+
+/// The projector running in this process against a test view database, with its telemetry on an
+/// ephemeral port.
+#[derive(Debug)]
+pub struct Projector {
+    pub http_url: String,
+    pub config: projector::Config,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), projector::Error>>,
+}
+
+impl Projector {
+    /// A configuration consuming `topic` into `view_db` as a consumer group of its own.
+    pub fn config(stack: &Stack, view_db: &TestDb, topic: &str) -> projector::Config {
+        projector::Config {
+            database_url: view_db.url.clone(),
+            kafka_brokers: stack.kafka_brokers.clone(),
+            topic: topic.to_owned(),
+            group: format!("{}-projector", view_db.name),
+            dead_letter_topic: None,
+            source_table: "public.users".to_owned(),
+            batch_max_events: 5000,
+            batch_max_wait_ms: 20,
+            consumer_config: Vec::new(),
+            http_listen: "127.0.0.1:0".parse().expect("a valid address"),
+            skip_migrations: false,
+        }
+    }
+
+    pub async fn start(config: projector::Config) -> anyhow::Result<Projector> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let http_url = format!("http://{}", listener.local_addr()?);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(projector::run(config.clone(), listener, shutdown.clone()));
+        Ok(Projector {
+            http_url,
+            config,
+            shutdown,
+            task,
+        })
+    }
+
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        metric(&self.http_url, name).await
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .context("the projector did not stop within 30 s")?
+            .context("the projector task panicked")?
+            .context("the projector returned an error")
     }
 }
 

@@ -76,14 +76,17 @@ pub async fn run(
 ) -> Result<(), Error> {
     let pool = db::pool(&config.database_url, usize::from(config.db_pool_size))?;
     if !config.skip_migrations {
-        let migrated =
-            db::migrate_when_reachable(&config.database_url, schema::Database::UserDb, &shutdown)
-                .await;
+        let migrated = schema::migrate_when_reachable(
+            &config.database_url,
+            schema::Database::UserDb,
+            &shutdown,
+        )
+        .await;
         let applied = match migrated {
             Ok(applied) => applied,
             // Asked to stop while waiting for the database: a clean exit.
-            Err(DbError::Cancelled) => return Ok(()),
-            Err(e) => return Err(e.into()),
+            Err(schema::WaitError::Cancelled(_)) => return Ok(()),
+            Err(e) => return Err(DbError::from(e).into()),
         };
         tracing::info!(?applied, "user_db schema is current");
     }

@@ -1,0 +1,575 @@
+//! The Postgres side: one transaction per batch that writes the view rows, the department counts
+//! and the Kafka offsets together, so the views and "how far we read" never disagree.
+//!
+//! Per batch, whatever its size, the transaction runs a fixed handful of statements (all prepared
+//! once per connection and pipelined): lock the batch's partitions, read the current state of the
+//! users it touches, then write the outcome of [`encode::fold`] with `unnest` arrays. A truncate
+//! splits the batch: what came before it is written, the truncate is applied, and the rest is
+//! folded against the state after it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use change_event::{format_lsn, parse_lsn, Position};
+use chrono::{DateTime, Utc};
+use tokio_postgres::{Client, Statement, Transaction};
+
+use crate::encode::{self, BadEvent, Change, Current, Final, Status, UserRow};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("connecting to materialized_view_db failed")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("{what} failed")]
+    Sql {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("materialized_view_db holds a position that is not an LSN: {0:?}")]
+    BadLsn(String),
+}
+
+impl ApplyError {
+    /// True when retrying the same batch later may succeed (connection lost, server restarting).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::Connect(e) | ApplyError::Sql { source: e, .. } => {
+                service::is_transient_pg(e)
+            }
+            ApplyError::BadLsn(_) => false,
+        }
+    }
+}
+
+fn sql(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
+    move |source| ApplyError::Sql { what, source }
+}
+
+/// One event of a batch, decoded.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub partition: i32,
+    pub offset: i64,
+    /// `None` for a record that was dead-lettered: only its offset counts.
+    pub change: Option<Change>,
+}
+
+/// What a committed batch did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub upserted: usize,
+    pub deleted: usize,
+    pub truncates: usize,
+    /// Events the views already reflected.
+    pub ignored: usize,
+    /// Highest source commit LSN among the batch's events.
+    pub last_lsn: Option<u64>,
+}
+
+/// An open batch transaction, before commit: `bad` lists items (by index) that turned out
+/// inapplicable against the current rows; they must be dead-lettered before [`Pending::commit`].
+pub struct Pending<'a> {
+    tx: Transaction<'a>,
+    pub outcome: Outcome,
+    pub bad: Vec<(usize, BadEvent)>,
+}
+
+impl std::fmt::Debug for Pending<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("outcome", &self.outcome)
+            .field("bad", &self.bad)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pending<'_> {
+    pub async fn commit(self) -> Result<Outcome, ApplyError> {
+        self.tx.commit().await.map_err(sql("commit"))?;
+        Ok(self.outcome)
+    }
+}
+
+/// A connection to materialized_view_db with the projector's statements prepared on it.
+pub struct Store {
+    client: Client,
+    connection: tokio::task::JoinHandle<()>,
+    s: Statements,
+    group: String,
+    topic: String,
+    source_table: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("group", &self.group)
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+struct Statements {
+    lock: Statement,
+    rows: Statement,
+    deletions: Statement,
+    floor: Statement,
+    upsert: Statement,
+    delete: Statement,
+    record_deletions: Statement,
+    forget_deletions: Statement,
+    stats: Statement,
+    drop_empty: Statement,
+    offsets: Statement,
+    truncate_rows: Statement,
+    truncate_deletions: Statement,
+    truncate_floor: Statement,
+    read_offset: Statement,
+}
+
+impl Store {
+    pub async fn connect(
+        url: &str,
+        group: &str,
+        topic: &str,
+        source_table: &str,
+    ) -> Result<Store, ApplyError> {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .map_err(ApplyError::Connect)?;
+        let connection = tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::warn!(%error, "materialized_view_db connection ended");
+            }
+        });
+        let p = |text: &'static str| {
+            let client = &client;
+            async move {
+                client
+                    .prepare(text)
+                    .await
+                    .map_err(sql("preparing statements"))
+            }
+        };
+        let s = Statements {
+            // Partitions in a fixed order, so two projectors of one group never deadlock while
+            // an old owner finishes a batch of a partition that moved in a rebalance.
+            lock: p("SELECT count(pg_advisory_xact_lock(hashtext($1), p)) \
+                     FROM (SELECT DISTINCT unnest($2::int[]) AS p ORDER BY 1) AS ps")
+            .await?,
+            rows: p("SELECT user_id, name, email, department, status, created_at, updated_at, \
+                            source_lsn::text, source_seq \
+                     FROM user_view WHERE user_id = ANY($1) FOR UPDATE")
+            .await?,
+            deletions: p("SELECT user_id, source_lsn::text, source_seq \
+                          FROM user_view_deletions WHERE user_id = ANY($1)")
+            .await?,
+            floor: p("SELECT source_lsn::text, source_seq FROM projector_truncations \
+                      WHERE source_table = $1")
+            .await?,
+            upsert: p("INSERT INTO user_view (user_id, name, email, department, status, \
+                                              created_at, updated_at, source_lsn, source_seq, \
+                                              projected_at) \
+                       SELECT id, name, email, dept, status, ca, ua, lsn::pg_lsn, seq, \
+                              clock_timestamp() \
+                       FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                                   $6::timestamptz[], $7::timestamptz[], $8::text[], \
+                                   $9::bigint[]) AS t(id, name, email, dept, status, ca, ua, \
+                                                      lsn, seq) \
+                       ON CONFLICT (user_id) DO UPDATE SET name = excluded.name, \
+                         email = excluded.email, department = excluded.department, \
+                         status = excluded.status, created_at = excluded.created_at, \
+                         updated_at = excluded.updated_at, source_lsn = excluded.source_lsn, \
+                         source_seq = excluded.source_seq, projected_at = excluded.projected_at")
+            .await?,
+            delete: p("DELETE FROM user_view WHERE user_id = ANY($1)").await?,
+            record_deletions: p("INSERT INTO user_view_deletions (user_id, source_lsn, source_seq) \
+                                 SELECT id, lsn::pg_lsn, seq \
+                                 FROM unnest($1::bigint[], $2::text[], $3::bigint[]) \
+                                      AS t(id, lsn, seq) \
+                                 ON CONFLICT (user_id) DO UPDATE SET \
+                                   source_lsn = excluded.source_lsn, \
+                                   source_seq = excluded.source_seq, deleted_at = now()")
+            .await?,
+            forget_deletions: p("DELETE FROM user_view_deletions WHERE user_id = ANY($1)").await?,
+            stats: p("INSERT INTO department_stats (department, user_count, active_users, \
+                                                    inactive_users, last_updated) \
+                      SELECT d, u, a, i, clock_timestamp() \
+                      FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) \
+                           AS t(d, u, a, i) \
+                      ON CONFLICT (department) DO UPDATE SET \
+                        user_count = department_stats.user_count + excluded.user_count, \
+                        active_users = department_stats.active_users + excluded.active_users, \
+                        inactive_users = department_stats.inactive_users + excluded.inactive_users, \
+                        last_updated = excluded.last_updated")
+            .await?,
+            drop_empty: p("DELETE FROM department_stats WHERE user_count = 0").await?,
+            // GREATEST: an older owner of a partition finishing late never moves it backwards.
+            offsets: p("INSERT INTO projector_offsets (consumer_group, topic, partition, \
+                                                       next_offset, source_lsn, updated_at) \
+                        SELECT $1, $2, p, o, l::pg_lsn, now() \
+                        FROM unnest($3::int[], $4::bigint[], $5::text[]) AS t(p, o, l) \
+                        ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET \
+                          next_offset = GREATEST(projector_offsets.next_offset, \
+                                                 excluded.next_offset), \
+                          source_lsn = CASE WHEN excluded.next_offset >= \
+                                                 projector_offsets.next_offset \
+                                            THEN coalesce(excluded.source_lsn, \
+                                                          projector_offsets.source_lsn) \
+                                            ELSE projector_offsets.source_lsn END, \
+                          updated_at = excluded.updated_at")
+            .await?,
+            truncate_rows: p("WITH gone AS (DELETE FROM user_view \
+                                            WHERE (source_lsn, source_seq) <= ($1::pg_lsn, $2) \
+                                            RETURNING department, status), \
+                                  counts AS (SELECT department, count(*) AS u, \
+                                                    count(*) FILTER (WHERE status = 'ACTIVE') AS a \
+                                             FROM gone GROUP BY department) \
+                              UPDATE department_stats s SET user_count = s.user_count - c.u, \
+                                active_users = s.active_users - c.a, \
+                                inactive_users = s.inactive_users - (c.u - c.a), \
+                                last_updated = clock_timestamp() \
+                              FROM counts c WHERE s.department = c.department")
+            .await?,
+            truncate_deletions: p("DELETE FROM user_view_deletions \
+                                   WHERE (source_lsn, source_seq) <= ($1::pg_lsn, $2)")
+            .await?,
+            truncate_floor: p("INSERT INTO projector_truncations (source_table, source_lsn, \
+                                                                  source_seq) \
+                               VALUES ($1, $2::pg_lsn, $3) \
+                               ON CONFLICT (source_table) DO UPDATE SET \
+                                 source_lsn = excluded.source_lsn, \
+                                 source_seq = excluded.source_seq, applied_at = now()")
+            .await?,
+            read_offset: p("SELECT next_offset FROM projector_offsets \
+                            WHERE consumer_group = $1 AND topic = $2 AND partition = $3")
+            .await?,
+        };
+        Ok(Store {
+            client,
+            connection,
+            s,
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            source_table: source_table.to_owned(),
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// The offset of the next record to apply from `partition`, when one is stored.
+    pub async fn next_offset(&self, partition: i32) -> Result<Option<i64>, ApplyError> {
+        let row = self
+            .client
+            .query_opt(&self.s.read_offset, &[&self.group, &self.topic, &partition])
+            .await
+            .map_err(sql("reading the stored offset"))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Writes `items` and the offsets after them in one open transaction. Nothing is visible until
+    /// [`Pending::commit`].
+    pub async fn apply(&mut self, items: &[Item]) -> Result<Pending<'_>, ApplyError> {
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(sql("beginning a transaction"))?;
+        let s = &self.s;
+        let partitions: Vec<i32> = items.iter().map(|i| i.partition).collect();
+        let lock_key = format!("projector {} {}", self.group, self.topic);
+        tx.query_one(&s.lock, &[&lock_key, &partitions])
+            .await
+            .map_err(sql("locking the batch's partitions"))?;
+
+        let mut outcome = Outcome::default();
+        let mut bad = Vec::new();
+        let mut start = 0;
+        // Segments between truncates; each truncate is applied between them.
+        for i in 0..=items.len() {
+            let truncate = match items.get(i).map(|item| item.change.as_ref()) {
+                Some(Some(Change::Truncate { position })) => Some(*position),
+                Some(_) => continue,
+                None => None,
+            };
+            let segment = &items[start..i];
+            if !segment.is_empty() {
+                write_segment(
+                    &tx,
+                    s,
+                    &self.source_table,
+                    segment,
+                    start,
+                    &mut outcome,
+                    &mut bad,
+                )
+                .await?;
+            }
+            if let Some(position) = truncate {
+                truncate_views(&tx, s, &self.source_table, position, &mut outcome).await?;
+            }
+            start = i + 1;
+        }
+
+        // Offsets: the record after the last one of each partition in the batch.
+        let mut next: BTreeMap<i32, (i64, Option<u64>)> = BTreeMap::new();
+        for item in items {
+            let e = next.entry(item.partition).or_insert((0, None));
+            e.0 = e.0.max(item.offset + 1);
+            if let Some(p) = item.change.as_ref().and_then(Change::position) {
+                e.1 = e.1.max(Some(p.commit_lsn));
+                outcome.last_lsn = outcome.last_lsn.max(Some(p.commit_lsn));
+            }
+        }
+        let parts: Vec<i32> = next.keys().copied().collect();
+        let offsets: Vec<i64> = next.values().map(|v| v.0).collect();
+        let lsns: Vec<Option<String>> = next.values().map(|v| v.1.map(format_lsn)).collect();
+        tx.execute(
+            &s.offsets,
+            &[&self.group, &self.topic, &parts, &offsets, &lsns],
+        )
+        .await
+        .map_err(sql("storing offsets"))?;
+        Ok(Pending { tx, outcome, bad })
+    }
+}
+
+fn position_of(lsn: &str, seq: i64) -> Result<Position, ApplyError> {
+    Ok(Position {
+        commit_lsn: parse_lsn(lsn).ok_or_else(|| ApplyError::BadLsn(lsn.to_owned()))?,
+        event_index: u64::try_from(seq).unwrap_or(0),
+    })
+}
+
+fn seq(p: Position) -> i64 {
+    i64::try_from(p.event_index).unwrap_or(i64::MAX)
+}
+
+async fn floor(
+    tx: &Transaction<'_>,
+    s: &Statements,
+    table: &str,
+) -> Result<Option<Position>, ApplyError> {
+    let row = tx
+        .query_opt(&s.floor, &[&table])
+        .await
+        .map_err(sql("reading the last truncate"))?;
+    row.map(|r| position_of(r.get(0), r.get(1))).transpose()
+}
+
+async fn truncate_views(
+    tx: &Transaction<'_>,
+    s: &Statements,
+    table: &str,
+    position: Position,
+    outcome: &mut Outcome,
+) -> Result<(), ApplyError> {
+    if floor(tx, s, table).await?.is_some_and(|f| position <= f) {
+        outcome.ignored += 1;
+        return Ok(());
+    }
+    let lsn = format_lsn(position.commit_lsn);
+    let seq = seq(position);
+    tx.execute(&s.truncate_rows, &[&lsn, &seq])
+        .await
+        .map_err(sql("truncating user_view"))?;
+    tx.execute(&s.drop_empty, &[])
+        .await
+        .map_err(sql("dropping empty departments"))?;
+    tx.execute(&s.truncate_deletions, &[&lsn, &seq])
+        .await
+        .map_err(sql("truncating user_view_deletions"))?;
+    tx.execute(&s.truncate_floor, &[&table, &lsn, &seq])
+        .await
+        .map_err(sql("recording the truncate"))?;
+    outcome.truncates += 1;
+    Ok(())
+}
+
+async fn write_segment(
+    tx: &Transaction<'_>,
+    s: &Statements,
+    table: &str,
+    segment: &[Item],
+    first_index: usize,
+    outcome: &mut Outcome,
+    bad: &mut Vec<(usize, BadEvent)>,
+) -> Result<(), ApplyError> {
+    let ids: Vec<i64> = segment
+        .iter()
+        .filter_map(|i| match i.change.as_ref()? {
+            Change::Upsert { row, .. } => Some(row.id),
+            Change::Delete { id, .. } => Some(*id),
+            Change::Truncate { .. } | Change::Tombstone => None,
+        })
+        .collect::<HashSet<i64>>()
+        .into_iter()
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    // Three reads, pipelined on the one connection.
+    let (rows, deletions, floor) = tokio::try_join!(
+        async {
+            tx.query(&s.rows, &[&ids])
+                .await
+                .map_err(sql("reading current rows"))
+        },
+        async {
+            tx.query(&s.deletions, &[&ids])
+                .await
+                .map_err(sql("reading deletions"))
+        },
+        floor(tx, s, table),
+    )?;
+    let mut current = HashMap::with_capacity(rows.len() + deletions.len());
+    for r in deletions {
+        current.insert(
+            r.get::<_, i64>(0),
+            Current::Deleted(position_of(r.get(1), r.get(2))?),
+        );
+    }
+    for r in rows {
+        let status: &str = r.get(4);
+        let row = UserRow {
+            id: r.get(0),
+            name: r.get(1),
+            email: r.get(2),
+            department: r.get(3),
+            // The projector writes only the two values; anything else was put there by hand and
+            // counts as inactive, as department_stats has always counted it.
+            status: Status::parse(status).unwrap_or(Status::Inactive),
+            created_at: r.get(5),
+            updated_at: r.get(6),
+        };
+        current.insert(row.id, Current::Row(row, position_of(r.get(7), r.get(8))?));
+    }
+    // Dead-lettered records stay in as no-ops, so indexes keep matching the segment.
+    let changes: Vec<Change> = segment
+        .iter()
+        .map(|i| i.change.clone().unwrap_or(Change::Tombstone))
+        .collect();
+    let folded = encode::fold(&current, floor, &changes);
+    outcome.ignored += folded.ignored;
+    bad.extend(folded.bad.into_iter().map(|(i, e)| (first_index + i, e)));
+
+    let mut up = Upserts::default();
+    let (mut del_ids, mut del_lsns, mut del_seqs) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, fin) in &folded.writes {
+        match fin {
+            Final::Row(row, p) => up.push(row, *p),
+            Final::Deleted(p) => {
+                del_ids.push(*id);
+                del_lsns.push(format_lsn(p.commit_lsn));
+                del_seqs.push(seq(*p));
+            }
+        }
+    }
+    let departments: Vec<&str> = folded.stats.keys().map(String::as_str).collect();
+    let users: Vec<i64> = folded.stats.values().map(|d| d.users).collect();
+    let active: Vec<i64> = folded.stats.values().map(|d| d.active).collect();
+    let inactive: Vec<i64> = folded.stats.values().map(|d| d.inactive).collect();
+    // Pipelined; the server runs them in this order.
+    tokio::try_join!(
+        async {
+            if up.ids.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(
+                &s.upsert,
+                &[
+                    &up.ids,
+                    &up.names,
+                    &up.emails,
+                    &up.departments,
+                    &up.statuses,
+                    &up.created,
+                    &up.updated,
+                    &up.lsns,
+                    &up.seqs,
+                ],
+            )
+            .await
+            .map_err(sql("upserting user_view"))
+        },
+        async {
+            if up.ids.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(&s.forget_deletions, &[&up.ids])
+                .await
+                .map_err(sql("forgetting deletions"))
+        },
+        async {
+            if del_ids.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(&s.delete, &[&del_ids])
+                .await
+                .map_err(sql("deleting from user_view"))
+        },
+        async {
+            if del_ids.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(&s.record_deletions, &[&del_ids, &del_lsns, &del_seqs])
+                .await
+                .map_err(sql("recording deletions"))
+        },
+        async {
+            if departments.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(&s.stats, &[&departments, &users, &active, &inactive])
+                .await
+                .map_err(sql("updating department_stats"))
+        },
+        async {
+            if departments.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(&s.drop_empty, &[])
+                .await
+                .map_err(sql("dropping empty departments"))
+        },
+    )?;
+    outcome.upserted += up.ids.len();
+    outcome.deleted += del_ids.len();
+    Ok(())
+}
+
+/// Column arrays for the upsert statement.
+#[derive(Default)]
+struct Upserts {
+    ids: Vec<i64>,
+    names: Vec<String>,
+    emails: Vec<String>,
+    departments: Vec<String>,
+    statuses: Vec<&'static str>,
+    created: Vec<DateTime<Utc>>,
+    updated: Vec<DateTime<Utc>>,
+    lsns: Vec<String>,
+    seqs: Vec<i64>,
+}
+
+impl Upserts {
+    fn push(&mut self, row: &UserRow, p: Position) {
+        self.ids.push(row.id);
+        self.names.push(row.name.clone());
+        self.emails.push(row.email.clone());
+        self.departments.push(row.department.clone());
+        self.statuses.push(row.status.as_str());
+        self.created.push(row.created_at);
+        self.updated.push(row.updated_at);
+        self.lsns.push(format_lsn(p.commit_lsn));
+        self.seqs.push(seq(p));
+    }
+}

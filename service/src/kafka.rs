@@ -1,0 +1,44 @@
+//! The rdkafka client context every Kafka client of the pipeline is created with: librdkafka's
+//! logs and client errors go to `tracing` (target `librdkafka`) instead of stderr.
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::KafkaError;
+
+/// Routes librdkafka's logs and errors into `tracing`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TracingContext;
+
+impl ClientContext for TracingContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        client_error(&error, reason);
+    }
+}
+
+impl ConsumerContext for TracingContext {}
+
+/// One librdkafka log line, at the matching `tracing` level. For contexts that add behaviour of
+/// their own (statistics, rebalance hooks) and log like [`TracingContext`].
+pub fn log(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, message),
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, message),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", fac, message)
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, message),
+    }
+}
+
+/// A client-level error librdkafka reports (it retries by itself; this is for the operator).
+pub fn client_error(error: &KafkaError, reason: &str) {
+    tracing::warn!(target: "librdkafka", %error, reason, "client error");
+}
