@@ -1,9 +1,15 @@
-//! Postgres connections for the REST services: the pool.
+//! Postgres for the REST services: the pool, how query failures look to clients, `/health`.
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use serde_json::json;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::Reply;
+
+use crate::http::ApiError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -32,4 +38,43 @@ pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
         .wait_timeout(Some(Duration::from_secs(5)))
         .build()
         .map_err(DbError::Pool)
+}
+
+/// A pooled connection, or 503 when the database cannot be reached.
+pub async fn connection(pool: &Pool) -> Result<deadpool_postgres::Object, ApiError> {
+    pool.get().await.map_err(|e| ApiError::unavailable(&e))
+}
+
+/// The client's view of a failed statement: 503 when the connection broke (the next request gets
+/// a fresh one), 500 otherwise; the database's text goes to the log only.
+pub fn query_error(err: tokio_postgres::Error) -> ApiError {
+    if service::is_transient_pg(&err) {
+        ApiError::unavailable(&err)
+    } else {
+        ApiError::internal(&err)
+    }
+}
+
+/// `/health`: 200 when the database answers within two seconds, 503 otherwise.
+pub async fn health(pool: Pool) -> Response {
+    let probe = async {
+        let db = pool.get().await.map_err(|e| e.to_string())?;
+        db.simple_query("SELECT 1").await.map_err(|e| e.to_string())
+    };
+    let database = match tokio::time::timeout(Duration::from_secs(2), probe).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("no answer within 2 s".to_owned()),
+    };
+    match database {
+        Ok(()) => warp::reply::json(&json!({"status": "UP", "database": "UP"})).into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "health check: database down");
+            warp::reply::with_status(
+                warp::reply::json(&json!({"status": "DOWN", "database": "DOWN"})),
+                StatusCode::SERVICE_UNAVAILABLE,
+            )
+            .into_response()
+        }
+    }
 }

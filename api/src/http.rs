@@ -1,6 +1,7 @@
 //! HTTP plumbing shared by the REST services: the one error type clients see, bounded JSON bodies,
 //! and the mapping of warp's own rejections (unknown route, wrong method) into that error format.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 
 use bytes::{Buf, BytesMut};
@@ -117,11 +118,18 @@ pub fn respond<R: Reply>(result: Result<R, ApiError>) -> Response {
 /// The body is read up to [`MAX_BODY_BYTES`] (chunked bodies included) and never further.
 pub fn json_object(
 ) -> impl Filter<Extract = (Result<Map<String, Value>, ApiError>,), Error = Rejection> + Clone {
+    json_object_limited(MAX_BODY_BYTES)
+}
+
+/// [`json_object`] with a body limit of `limit` bytes.
+pub fn json_object_limited(
+    limit: usize,
+) -> impl Filter<Extract = (Result<Map<String, Value>, ApiError>,), Error = Rejection> + Clone {
     // The raw header: a value that is not valid text must be this request's 415, not a rejection
     // that warp could report as some other route's error.
     warp::header::headers_cloned()
         .and(warp::body::stream())
-        .then(|headers: warp::http::HeaderMap, body| async move {
+        .then(move |headers: warp::http::HeaderMap, body| async move {
             let content_type = match headers.get(warp::http::header::CONTENT_TYPE) {
                 None => None,
                 Some(v) => Some(v.to_str().map_err(|_| {
@@ -133,7 +141,7 @@ pub fn json_object(
                 })?),
             };
             check_content_type(content_type)?;
-            let bytes = read_limited(body, MAX_BODY_BYTES).await?;
+            let bytes = read_limited(body, limit).await?;
             parse_object(&bytes)
         })
 }
@@ -213,6 +221,127 @@ pub fn json_type(value: &Value) -> &'static str {
     }
 }
 
+/// A positive integer id from a path segment (400 naming `what` otherwise).
+pub fn parse_id(id: &str, what: &str) -> Result<i64, ApiError> {
+    match id.parse::<i64>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(ApiError::bad_request(
+            "invalid_id",
+            format!("{what} id must be a positive integer, got {id:?}"),
+        )
+        .with_field("id")),
+    }
+}
+
+/// Default and largest page size of list endpoints.
+pub const DEFAULT_PAGE: i64 = 50;
+pub const MAX_PAGE: i64 = 1000;
+
+/// Keyset paging of list endpoints: `?limit=` (1..=1000, default 50) and `?after=` (the last id of
+/// the previous page).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    pub limit: i64,
+    pub after: i64,
+}
+
+impl Page {
+    /// Reads `limit` and `after`; any other parameter is a 400.
+    pub fn from_query(query: &HashMap<String, String>) -> Result<Page, ApiError> {
+        let mut page = Page {
+            limit: DEFAULT_PAGE,
+            after: 0,
+        };
+        for (key, value) in query {
+            let number = || {
+                value.parse::<i64>().map_err(|_| {
+                    ApiError::bad_request("invalid_query", format!("{key} must be an integer"))
+                        .with_field(key.as_str())
+                })
+            };
+            match key.as_str() {
+                "limit" => page.limit = number()?,
+                "after" => page.after = number()?,
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "invalid_query",
+                        format!("unknown query parameter {key:?}; accepted: limit, after"),
+                    )
+                    .with_field(key.as_str()))
+                }
+            }
+        }
+        if !(1..=MAX_PAGE).contains(&page.limit) {
+            return Err(ApiError::invalid(
+                "limit",
+                format!("limit must be between 1 and {MAX_PAGE}"),
+            ));
+        }
+        if page.after < 0 {
+            return Err(ApiError::invalid("after", "after must not be negative"));
+        }
+        Ok(page)
+    }
+
+    /// Rows to fetch: one more than the page, which tells whether a next page exists.
+    pub fn fetch(&self) -> i64 {
+        self.limit + 1
+    }
+
+    /// The JSON array of the page (at most `limit` of `items`, fetched with [`Page::fetch`]) with
+    /// a `Link: <path?limit=&after=>; rel="next"` header when more follow.
+    pub fn reply<T: Serialize>(
+        &self,
+        mut items: Vec<T>,
+        path: &str,
+        id: impl Fn(&T) -> i64,
+    ) -> Response {
+        let more = items.len() as i64 > self.limit;
+        items.truncate(usize::try_from(self.limit).unwrap_or(usize::MAX));
+        let reply = warp::reply::json(&items).into_response();
+        match items.last() {
+            Some(last) if more => warp::reply::with_header(
+                reply,
+                "link",
+                format!(
+                    "<{path}?limit={}&after={}>; rel=\"next\"",
+                    self.limit,
+                    id(last)
+                ),
+            )
+            .into_response(),
+            _ => reply,
+        }
+    }
+}
+
+/// Serves `routes` on `listener` until `shutdown`, then lets in-flight requests finish for at
+/// most `drain`; false when they did not.
+pub async fn serve<F>(
+    routes: F,
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+    drain: std::time::Duration,
+) -> bool
+where
+    F: Filter + Clone + Send + Sync + 'static,
+    F::Extract: Reply,
+{
+    let server = warp::serve(routes)
+        .incoming(listener)
+        .graceful({
+            let shutdown = shutdown.clone();
+            async move { shutdown.cancelled().await }
+        })
+        .run();
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        () = &mut server => return true,
+        () = shutdown.cancelled() => {}
+    }
+    tokio::time::timeout(drain, server).await.is_ok()
+}
+
 /// Maps warp's rejections (no route matched, wrong method, bad query string) to the error format.
 pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     // Specific causes first: warp reports the rejection of every route tried, and a path that
@@ -261,6 +390,52 @@ mod tests {
         assert!(check_content_type(Some("application/merge-patch+json")).is_ok());
         let err = check_content_type(Some("application/x-www-form-urlencoded")).unwrap_err();
         assert_eq!(err.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[test]
+    fn ids_are_positive_integers() {
+        assert_eq!(parse_id("42", "user"), Ok(42));
+        for bad in ["0", "-1", "abc", "1.5", "99999999999999999999", ""] {
+            assert_eq!(
+                parse_id(bad, "user").unwrap_err().status,
+                StatusCode::BAD_REQUEST,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn pages() {
+        let q = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<HashMap<_, _>>()
+        };
+        assert_eq!(
+            Page::from_query(&q(&[])),
+            Ok(Page {
+                limit: DEFAULT_PAGE,
+                after: 0
+            })
+        );
+        assert_eq!(
+            Page::from_query(&q(&[("limit", "5"), ("after", "9")])),
+            Ok(Page { limit: 5, after: 9 })
+        );
+        for (bad, status) in [
+            (q(&[("limit", "0")]), StatusCode::UNPROCESSABLE_ENTITY),
+            (q(&[("limit", "1001")]), StatusCode::UNPROCESSABLE_ENTITY),
+            (q(&[("after", "-1")]), StatusCode::UNPROCESSABLE_ENTITY),
+            (q(&[("limit", "x")]), StatusCode::BAD_REQUEST),
+            (q(&[("page", "2")]), StatusCode::BAD_REQUEST),
+        ] {
+            assert_eq!(
+                Page::from_query(&bad).unwrap_err().status,
+                status,
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub enum ApplyError {
     },
     #[error("materialized_view_db holds a position that is not an LSN: {0:?}")]
     BadLsn(String),
+    #[error(
+        "department_stats has no row for {0}, which user_view says it must have (edited by hand?)"
+    )]
+    StatsOutOfStep(String),
 }
 
 impl ApplyError {
@@ -36,7 +40,7 @@ impl ApplyError {
             ApplyError::Connect(e) | ApplyError::Sql { source: e, .. } => {
                 service::is_transient_pg(e)
             }
-            ApplyError::BadLsn(_) => false,
+            ApplyError::BadLsn(_) | ApplyError::StatsOutOfStep(_) => false,
         }
     }
 }
@@ -124,7 +128,8 @@ struct Statements {
     delete: Statement,
     record_deletions: Statement,
     forget_deletions: Statement,
-    stats: Statement,
+    stats_add: Statement,
+    stats_change: Statement,
     drop_empty: Statement,
     offsets: Statement,
     truncate_rows: Statement,
@@ -198,7 +203,9 @@ impl Store {
                                    source_seq = excluded.source_seq, deleted_at = now()")
             .await?,
             forget_deletions: p("DELETE FROM user_view_deletions WHERE user_id = ANY($1)").await?,
-            stats: p("INSERT INTO department_stats (department, user_count, active_users, \
+            // Growing departments may be new: upsert. (An INSERT's row must pass the CHECKs before
+            // the conflict is seen, so a shrinking department cannot take this path.)
+            stats_add: p("INSERT INTO department_stats (department, user_count, active_users, \
                                                     inactive_users, last_updated) \
                       SELECT d, u, a, i, clock_timestamp() \
                       FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) \
@@ -208,6 +215,15 @@ impl Store {
                         active_users = department_stats.active_users + excluded.active_users, \
                         inactive_users = department_stats.inactive_users + excluded.inactive_users, \
                         last_updated = excluded.last_updated")
+            .await?,
+            // Shrinking (or status-flipping) departments exist already.
+            stats_change: p("UPDATE department_stats s SET user_count = s.user_count + t.u, \
+                               active_users = s.active_users + t.a, \
+                               inactive_users = s.inactive_users + t.i, \
+                               last_updated = clock_timestamp() \
+                             FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) \
+                                  AS t(d, u, a, i) \
+                             WHERE s.department = t.d")
             .await?,
             drop_empty: p("DELETE FROM department_stats WHERE user_count = 0").await?,
             // GREATEST: an older owner of a partition finishing late never moves it backwards.
@@ -473,10 +489,7 @@ async fn write_segment(
             }
         }
     }
-    let departments: Vec<&str> = folded.stats.keys().map(String::as_str).collect();
-    let users: Vec<i64> = folded.stats.values().map(|d| d.users).collect();
-    let active: Vec<i64> = folded.stats.values().map(|d| d.active).collect();
-    let inactive: Vec<i64> = folded.stats.values().map(|d| d.inactive).collect();
+    let (add, change) = StatsColumns::split(&folded.stats);
     // Pipelined; the server runs them in this order.
     tokio::try_join!(
         async {
@@ -525,15 +538,28 @@ async fn write_segment(
                 .map_err(sql("recording deletions"))
         },
         async {
-            if departments.is_empty() {
+            if add.departments.is_empty() {
                 return Ok(0);
             }
-            tx.execute(&s.stats, &[&departments, &users, &active, &inactive])
+            tx.execute(&s.stats_add, &add.params())
                 .await
                 .map_err(sql("updating department_stats"))
         },
         async {
-            if departments.is_empty() {
+            if change.departments.is_empty() {
+                return Ok(0);
+            }
+            let n = tx
+                .execute(&s.stats_change, &change.params())
+                .await
+                .map_err(sql("updating department_stats"))?;
+            if n != change.departments.len() as u64 {
+                return Err(ApplyError::StatsOutOfStep(change.departments.join(", ")));
+            }
+            Ok(n)
+        },
+        async {
+            if folded.stats.is_empty() {
                 return Ok(0);
             }
             tx.execute(&s.drop_empty, &[])
@@ -544,6 +570,38 @@ async fn write_segment(
     outcome.upserted += up.ids.len();
     outcome.deleted += del_ids.len();
     Ok(())
+}
+
+/// Column arrays of department_stats deltas.
+#[derive(Default)]
+struct StatsColumns<'a> {
+    departments: Vec<&'a str>,
+    users: Vec<i64>,
+    active: Vec<i64>,
+    inactive: Vec<i64>,
+}
+
+impl<'a> StatsColumns<'a> {
+    /// (departments whose counts only grow, the others).
+    fn split(stats: &'a BTreeMap<String, encode::StatsDelta>) -> (Self, Self) {
+        let (mut add, mut change) = (Self::default(), Self::default());
+        for (d, delta) in stats {
+            let to = if delta.users >= 0 && delta.active >= 0 && delta.inactive >= 0 {
+                &mut add
+            } else {
+                &mut change
+            };
+            to.departments.push(d);
+            to.users.push(delta.users);
+            to.active.push(delta.active);
+            to.inactive.push(delta.inactive);
+        }
+        (add, change)
+    }
+
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 4] {
+        [&self.departments, &self.users, &self.active, &self.inactive]
+    }
 }
 
 /// Column arrays for the upsert statement.

@@ -104,8 +104,19 @@ impl BatchError {
 /// generation number bumped on every rebalance so the loop knows to re-position.
 struct Context {
     generation: AtomicU64,
+    /// Partitions of the topic this member holds now.
+    assigned: std::sync::Mutex<std::collections::BTreeSet<i32>>,
     metrics: Arc<Metrics>,
     topic: String,
+}
+
+impl Context {
+    fn assigned(&self) -> Vec<i32> {
+        self.assigned
+            .lock()
+            .map(|a| a.iter().copied().collect())
+            .unwrap_or_default()
+    }
 }
 
 impl ClientContext for Context {
@@ -136,18 +147,53 @@ impl ConsumerContext for Context {
                 .map(|e| e.partition())
                 .collect::<Vec<_>>()
         };
+        let mine = |tpl: &TopicPartitionList| {
+            tpl.elements()
+                .iter()
+                .filter(|e| e.topic() == self.topic)
+                .map(|e| e.partition())
+                .collect::<Vec<_>>()
+        };
         match rebalance {
             Rebalance::Assign(tpl) => {
-                tracing::info!(partitions = ?partitions(tpl), "partitions assigned")
+                tracing::info!(partitions = ?partitions(tpl), "partitions assigned");
+                if let Ok(mut a) = self.assigned.lock() {
+                    a.extend(mine(tpl));
+                }
             }
             Rebalance::Revoke(tpl) => {
-                tracing::info!(partitions = ?partitions(tpl), "partitions revoked")
+                tracing::info!(partitions = ?partitions(tpl), "partitions revoked");
+                if let Ok(mut a) = self.assigned.lock() {
+                    for p in mine(tpl) {
+                        a.remove(&p);
+                    }
+                }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
         self.generation.fetch_add(1, Ordering::SeqCst);
     }
 }
+
+/// Where a partition stands: the rebalance generation it was positioned in, the offset of the next
+/// record to apply, and the re-read in progress, if any.
+#[derive(Debug, Clone, Copy)]
+struct Cursor {
+    generation: u64,
+    next: i64,
+    seek: Option<Seek>,
+}
+
+/// A re-read from offset `from`, started `at`; `seen` once a record before `next` arrived since.
+#[derive(Debug, Clone, Copy)]
+struct Seek {
+    from: i64,
+    seen: bool,
+    at: Instant,
+}
+
+/// How long a re-read may go without a record before it starts further back.
+const SEEK_PATIENCE: Duration = Duration::from_millis(500);
 
 /// One consumed record.
 #[derive(Debug)]
@@ -209,12 +255,20 @@ async fn consume(
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
+        // Freshness: do not let a fetch wait long for more data (librdkafka's default is 500 ms,
+        // and not every broker answers a waiting fetch as soon as data arrives).
+        .set("fetch.wait.max.ms", "20")
+        // A projector killed without leaving the group holds its partitions until this expires
+        // (librdkafka's default is 45 s); a restarted one waits that long for them.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
         .set("statistics.interval.ms", "5000");
     for (k, v) in config.consumer_overrides()? {
         kafka.set(k, v);
     }
     let context = Context {
         generation: AtomicU64::new(0),
+        assigned: std::sync::Mutex::new(std::collections::BTreeSet::new()),
         metrics: metrics.clone(),
         topic: config.topic.clone(),
     };
@@ -231,6 +285,7 @@ async fn consume(
         store: None,
         table: (schema_name, table),
         positions: HashMap::new(),
+        positioned_generation: 0,
         backoff: service::Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
         dead_letter_topic_ready: false,
     };
@@ -247,8 +302,10 @@ struct Projector<'a> {
     dead_letters: DeadLetters,
     store: Option<Store>,
     table: (String, String),
-    /// Per partition: the rebalance generation it was positioned in, and the next offset to take.
-    positions: HashMap<i32, (u64, i64)>,
+    /// Where each partition stands.
+    positions: HashMap<i32, Cursor>,
+    /// The rebalance generation the partitions were last positioned for.
+    positioned_generation: u64,
     backoff: service::Backoff,
     dead_letter_topic_ready: bool,
 }
@@ -261,11 +318,20 @@ impl Projector<'_> {
         let max = self.config.batch_max_events as usize;
         let mut batch: Vec<Record> = Vec::with_capacity(max);
         self.metrics.set_state(telemetry::State::Running);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'consume: loop {
+            if !self.reposition(&mut batch).await? {
+                break 'consume;
+            }
             let first = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => break 'consume,
                 m = self.consumer.recv() => m.map(|m| m.detach()),
+                _ = tick.tick() => {
+                    self.retry_quiet_seeks().await;
+                    continue 'consume;
+                }
             };
             self.take(first, &mut batch).await?;
             let deadline = tokio::time::Instant::now() + self.config.batch_max_wait();
@@ -296,8 +362,44 @@ impl Projector<'_> {
         Ok(())
     }
 
-    /// Adds a consumed record to the batch, after positioning its partition when the assignment
-    /// changed since the partition was last positioned.
+    /// After a rebalance: applies what is in hand (it belongs to the old assignment), then moves
+    /// every assigned partition to the offset stored with the views. Ok(false) on shutdown.
+    async fn reposition(&mut self, batch: &mut Vec<Record>) -> Result<bool, Error> {
+        let generation = self.consumer.context().generation.load(Ordering::SeqCst);
+        if generation == self.positioned_generation {
+            return Ok(true);
+        }
+        if !self.flush(batch).await? {
+            return Ok(false);
+        }
+        self.positions.clear();
+        for partition in self.consumer.context().assigned() {
+            let Some(stored) = self.stored_offset(partition).await? else {
+                return Ok(false);
+            };
+            let Some((low, _)) = self.watermarks(partition).await else {
+                return Ok(false);
+            };
+            // Nothing stored: the views have nothing of this partition yet, start at its
+            // beginning (whatever Kafka's committed offset says).
+            let next = stored.unwrap_or(low);
+            tracing::info!(
+                partition,
+                next,
+                "positioning the partition at the offset stored with the views"
+            );
+            let cursor = Cursor {
+                generation,
+                next,
+                seek: None,
+            };
+            self.seek(partition, cursor, next, low).await;
+        }
+        self.positioned_generation = generation;
+        Ok(true)
+    }
+
+    /// Adds a consumed record to the batch when it is the next one to apply of its partition.
     async fn take(
         &mut self,
         message: Result<rdkafka::message::OwnedMessage, KafkaError>,
@@ -316,52 +418,53 @@ impl Projector<'_> {
         let partition = message.partition();
         let offset = message.offset();
         let generation = self.consumer.context().generation.load(Ordering::SeqCst);
-        let positioned = self.positions.get(&partition).copied();
-        if positioned.map(|(g, _)| g) != Some(generation) {
-            // What is in hand belongs to the old assignment: apply it before positioning.
-            if !self.flush(batch).await? {
-                return Ok(());
-            }
-            let Some(stored) = self.stored_offset(partition).await? else {
-                return Ok(());
-            };
-            let target = stored.unwrap_or(0);
-            self.positions.insert(partition, (generation, target));
-            if offset != target {
-                let to = match stored {
-                    Some(n) => Offset::Offset(n),
-                    None => Offset::Beginning,
-                };
-                tracing::info!(partition, stored = ?stored, consumed = offset,
-                    "positioning the partition at the offset stored with the views");
-                if let Err(e) =
-                    self.consumer
-                        .seek(&self.config.topic, partition, to, Duration::from_secs(10))
-                {
-                    // Positioning is retried with the next record of this partition.
-                    tracing::warn!(partition, error = %e, "seeking failed");
-                    self.positions.remove(&partition);
-                }
-                return Ok(());
-            }
-        }
-        let next = self
-            .positions
-            .get(&partition)
-            .map_or(offset, |&(_, next)| next);
+        let cursor = match self.positions.get(&partition).copied() {
+            Some(c) if c.generation == generation && generation == self.positioned_generation => c,
+            // A rebalance since: the loop repositions before the next record is taken.
+            _ => return Ok(()),
+        };
+        let next = cursor.next;
         if offset < next {
             tracing::debug!(partition, offset, next, "skipping a record already applied");
+            let seek = cursor.seek.map(|s| Seek { seen: true, ..s });
+            self.positions.insert(partition, Cursor { seek, ..cursor });
             return Ok(());
         }
-        if offset > next && next > 0 {
-            tracing::warn!(
-                partition,
-                expected = next,
-                got = offset,
-                "records missing from the topic (deleted by retention before they were applied?)"
-            );
+        if offset > next {
+            match cursor.seek {
+                // Streaming on after records were taken: a real gap in the offsets
+                // (compaction, transaction markers). Records from before a seek never get here:
+                // librdkafka drops what was fetched before it.
+                None => {}
+                // The first record of a re-read from `from` is past `next`: the broker skipped
+                // records (tansu 0.6 answers a fetch from the middle of a record batch with the
+                // batch after it). Read from further back.
+                Some(Seek {
+                    from, seen: false, ..
+                }) => {
+                    let back = (next - from).max(500) * 2;
+                    if let Some((low, _)) = self.watermarks(partition).await {
+                        if from > low {
+                            self.seek(partition, cursor, next - back, low).await;
+                            return Ok(());
+                        }
+                    }
+                    // Read from the very beginning and still past `next`: a gap at the start.
+                }
+                // Records before `next`, then one after it: a real gap in the offsets
+                // (compaction, transaction markers).
+                Some(Seek { seen: true, .. }) => {}
+            }
+            tracing::debug!(partition, next, offset, "a gap in the partition's offsets");
         }
-        self.positions.insert(partition, (generation, offset + 1));
+        self.positions.insert(
+            partition,
+            Cursor {
+                generation,
+                next: offset + 1,
+                seek: None,
+            },
+        );
         let key = message.key().map(<[u8]>::to_vec);
         let value = message.payload().map(<[u8]>::to_vec);
         let decoded = encode::decode(
@@ -377,6 +480,117 @@ impl Projector<'_> {
             decoded,
         });
         Ok(())
+    }
+
+    /// Re-reads `partition` from `from` (clamped to `low`..=`cursor.next`). Records deleted by
+    /// retention before they were applied cannot be re-read: that is logged as an error and the
+    /// partition moves on from its first remaining record.
+    async fn seek(&mut self, partition: i32, cursor: Cursor, from: i64, low: i64) {
+        let mut cursor = cursor;
+        if low > cursor.next {
+            tracing::error!(
+                partition,
+                next = cursor.next,
+                first_remaining = low,
+                "records were deleted from the topic (retention) before they were applied; \
+                 the views miss them: rebuild the views from a replay"
+            );
+            self.metrics.record_error(format!(
+                "partition {partition}: records {}..{low} deleted before they were applied",
+                cursor.next
+            ));
+            cursor.next = low;
+        }
+        let from = from.clamp(low, cursor.next);
+        self.positions.insert(
+            partition,
+            Cursor {
+                seek: Some(Seek {
+                    from,
+                    seen: false,
+                    at: Instant::now(),
+                }),
+                ..cursor
+            },
+        );
+        tracing::debug!(
+            partition,
+            next = cursor.next,
+            from,
+            "reading the partition from"
+        );
+        let mut backoff = service::Backoff::default();
+        loop {
+            // Right after an assignment librdkafka may refuse a seek until the partition's fetcher
+            // has started; that passes.
+            match self.consumer.seek(
+                &self.config.topic,
+                partition,
+                Offset::Offset(from),
+                Duration::from_secs(10),
+            ) {
+                Ok(()) => return,
+                Err(e) => tracing::debug!(partition, error = %e, "seeking failed; retrying"),
+            }
+            if !backoff.wait(self.shutdown).await {
+                return;
+            }
+        }
+    }
+
+    /// Re-reads that brought no record for a while although the partition has records from
+    /// `next` on start further back (see [`Projector::take`]).
+    async fn retry_quiet_seeks(&mut self) {
+        let quiet: Vec<(i32, Cursor, Seek)> = self
+            .positions
+            .iter()
+            .filter_map(|(p, c)| match c.seek {
+                Some(s) if !s.seen && s.at.elapsed() > SEEK_PATIENCE => Some((*p, *c, s)),
+                _ => None,
+            })
+            .collect();
+        for (partition, cursor, seek) in quiet {
+            let Some((low, high)) = self.watermarks(partition).await else {
+                return;
+            };
+            if high > cursor.next {
+                let back = (cursor.next - seek.from).max(500) * 2;
+                tracing::debug!(
+                    partition,
+                    next = cursor.next,
+                    from = seek.from,
+                    "no record since the re-read started; reading from further back"
+                );
+                self.seek(partition, cursor, cursor.next - back, low).await;
+            } else {
+                // Nothing to read yet; look again later.
+                let seek = Some(Seek {
+                    at: Instant::now(),
+                    ..seek
+                });
+                self.positions.insert(partition, Cursor { seek, ..cursor });
+            }
+        }
+    }
+
+    /// The first offset the topic still holds in `partition` and the one after its last record,
+    /// retrying while the broker does not say; `None` on shutdown.
+    async fn watermarks(&self, partition: i32) -> Option<(i64, i64)> {
+        let mut backoff = service::Backoff::default();
+        loop {
+            match self.consumer.fetch_watermarks(
+                &self.config.topic,
+                partition,
+                Duration::from_secs(10),
+            ) {
+                Ok(w) => return Some(w),
+                Err(e) => tracing::warn!(partition, error = %e,
+                    "reading the partition's watermarks failed; retrying"),
+            }
+            if !backoff.wait(self.shutdown).await {
+                return None;
+            }
+        }
     }
 
     /// The offset stored with the views for `partition`, retrying while the database is away.

@@ -72,6 +72,12 @@ ensure_build_tools() {
   apt_install build-essential
 }
 
+# curl, for the walkthrough, `scripts/dev check` and the end-to-end tests that run them.
+ensure_curl() {
+  command -v curl >/dev/null && return
+  apt_install curl ca-certificates
+}
+
 # Builds the pinned broker once into $TOOLS_DIR (outside the clone, reused by every clone).
 ensure_tansu() {
   [ -x "$TANSU_BIN" ] && return

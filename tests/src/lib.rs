@@ -69,6 +69,17 @@ impl Disruptive {
     }
 }
 
+/// Sends the logs of the services under test to the test's output (shown for failed tests), filtered
+/// by `RUST_LOG` (default `warn`). Safe to call from every test.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// A lowercase random suffix for names of databases, slots, topics.
 pub fn unique_suffix() -> String {
     Alphanumeric
@@ -195,13 +206,18 @@ impl Drop for TestDb {
     }
 }
 
-/// user-api running in this process on an ephemeral port, served over real TCP.
+/// A REST service running in this process on an ephemeral port, served over real TCP.
 #[derive(Debug)]
-pub struct UserApi {
+pub struct HttpService<E> {
     pub base_url: String,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), api::user_api::Error>>,
+    task: tokio::task::JoinHandle<Result<(), E>>,
 }
+
+/// user-api over a test database.
+pub type UserApi = HttpService<api::user_api::Error>;
+/// post-api over a test view database.
+pub type PostApi = HttpService<api::post_api::Error>;
 
 impl UserApi {
     pub async fn start(database_url: &str) -> anyhow::Result<UserApi> {
@@ -210,7 +226,6 @@ impl UserApi {
 
     pub async fn start_with(database_url: &str, skip_migrations: bool) -> anyhow::Result<UserApi> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let base_url = format!("http://{}", listener.local_addr()?);
         let config = api::user_api::Config {
             listen: listener.local_addr()?,
             database_url: database_url.to_owned(),
@@ -218,9 +233,34 @@ impl UserApi {
             skip_migrations,
             shutdown_timeout_secs: 5,
         };
+        HttpService::spawn(listener, |l, s| api::user_api::run(config, l, s))
+    }
+}
+
+impl PostApi {
+    pub async fn start(database_url: &str) -> anyhow::Result<PostApi> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let config = api::post_api::Config {
+            listen: listener.local_addr()?,
+            database_url: database_url.to_owned(),
+            db_pool_size: 8,
+            skip_migrations: false,
+            shutdown_timeout_secs: 5,
+        };
+        HttpService::spawn(listener, |l, s| api::post_api::run(config, l, s))
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> HttpService<E> {
+    fn spawn<F, Fut>(listener: tokio::net::TcpListener, run: F) -> anyhow::Result<Self>
+    where
+        F: FnOnce(tokio::net::TcpListener, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    {
+        let base_url = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(api::user_api::run(config, listener, shutdown.clone()));
-        Ok(UserApi {
+        let task = tokio::spawn(run(listener, shutdown.clone()));
+        Ok(HttpService {
             base_url,
             shutdown,
             task,
@@ -241,9 +281,9 @@ impl UserApi {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(10), self.task)
             .await
-            .context("user-api did not stop within 10 s")?
-            .context("user-api task panicked")?
-            .context("user-api returned an error")
+            .context("the service did not stop within 10 s")?
+            .context("the service task panicked")?
+            .context("the service returned an error")
     }
 }
 
@@ -391,6 +431,200 @@ impl Projector {
             .context("the projector task panicked")?
             .context("the projector returned an error")
     }
+}
+
+/// user_db with a reader, materialized_view_db for a projector, one topic between them.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub stack: Stack,
+    pub user_db: TestDb,
+    pub view_db: TestDb,
+    pub topic: String,
+    pub reader: Reader,
+}
+
+impl Pipeline {
+    /// Creates both databases (migrated) and a topic, and starts a reader; the projector is the
+    /// caller's, from [`Pipeline::projector_config`].
+    pub async fn start(prefix: &str) -> anyhow::Result<Pipeline> {
+        let stack = Stack::from_env();
+        let user_db = TestDb::create(
+            &stack,
+            &format!("{prefix}_u"),
+            Some(schema::Database::UserDb),
+        )
+        .await?;
+        let view_db = TestDb::create(
+            &stack,
+            &format!("{prefix}_v"),
+            Some(schema::Database::ViewDb),
+        )
+        .await?;
+        let topic = format!("t-users-{}", unique_suffix());
+        let config = Reader::config(
+            &stack,
+            &user_db,
+            &["public.users"],
+            &[format!("public.users={topic}")],
+        );
+        let reader = Reader::start(config).await?;
+        reader.wait_streaming().await?;
+        Ok(Pipeline {
+            stack,
+            user_db,
+            view_db,
+            topic,
+            reader,
+        })
+    }
+
+    pub fn projector_config(&self) -> projector::Config {
+        Projector::config(&self.stack, &self.view_db, &self.topic)
+    }
+
+    /// Waits up to `timeout` until user_view equals users column for column and department_stats
+    /// equals the GROUP BY of both; the error says how they still differ.
+    pub async fn converged(&self, timeout: Duration) -> anyhow::Result<()> {
+        let users = self.user_db.client().await?;
+        let views = self.view_db.client().await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let Some(difference) = views_differ(&users, &views).await? else {
+                return Ok(());
+            };
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the views did not converge within {timeout:?}: {difference}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// How materialized_view_db's views differ from user_db's users, if they do.
+pub async fn views_differ(
+    users: &tokio_postgres::Client,
+    views: &tokio_postgres::Client,
+) -> anyhow::Result<Option<String>> {
+    let source = rows(
+        users,
+        "SELECT id, name, email, department, status, created_at, updated_at FROM users ORDER BY id",
+    )
+    .await?;
+    let view = rows(
+        views,
+        "SELECT user_id AS id, name, email, department, status, created_at, updated_at \
+         FROM user_view ORDER BY user_id",
+    )
+    .await?;
+    if source != view {
+        let first = source
+            .iter()
+            .zip(&view)
+            .find(|(a, b)| a != b)
+            .map(|(a, b)| format!("; first difference {a:?} / {b:?}"));
+        return Ok(Some(format!(
+            "{} rows in users, {} in user_view{}",
+            source.len(),
+            view.len(),
+            first.unwrap_or_default()
+        )));
+    }
+    let group_by = "SELECT department, count(*) AS user_count, \
+                    count(*) FILTER (WHERE status = 'ACTIVE') AS active_users, \
+                    count(*) FILTER (WHERE status <> 'ACTIVE') AS inactive_users FROM {} \
+                    GROUP BY department ORDER BY department";
+    let expected = rows(users, &group_by.replace("{}", "users")).await?;
+    let from_view = rows(views, &group_by.replace("{}", "user_view")).await?;
+    let stats = rows(
+        views,
+        "SELECT department, user_count, active_users, inactive_users \
+         FROM department_stats ORDER BY department",
+    )
+    .await?;
+    Ok((stats != expected || stats != from_view)
+        .then(|| format!("department_stats {stats:?}, expected {expected:?}")))
+}
+
+/// Every row of `sql` as JSON texts of its columns, for comparisons across databases.
+pub async fn rows(client: &tokio_postgres::Client, sql: &str) -> anyhow::Result<Vec<Vec<String>>> {
+    let wrapped = format!("SELECT to_jsonb(r)::text FROM ({sql}) r");
+    let mut out = Vec::new();
+    for r in client.query(&wrapped, &[]).await? {
+        let v: serde_json::Value = serde_json::from_str(r.get::<_, &str>(0))?;
+        let object = v.as_object().context("a row is a JSON object")?;
+        out.push(object.values().map(serde_json::Value::to_string).collect());
+    }
+    Ok(out)
+}
+
+pub const DEPARTMENTS: [&str; 5] = ["Engineering", "Sales", "Ops", "Design", "Legal"];
+
+/// Random inserts, updates and deletes of `users`, in `transactions` transactions of 1 to `max_tx`
+/// statements each.
+pub async fn random_workload(
+    db: &tokio_postgres::Client,
+    transactions: usize,
+    max_tx: usize,
+) -> anyhow::Result<()> {
+    use rand::Rng;
+    let sqls = {
+        let mut sqls = Vec::with_capacity(transactions);
+        let mut rng = rand::rng();
+        for t in 0..transactions {
+            let size = rng.random_range(1..=max_tx);
+            let mut sql = String::from("BEGIN;");
+            for i in 0..size {
+                let dept = DEPARTMENTS[rng.random_range(0..DEPARTMENTS.len())];
+                let status = if rng.random_bool(0.7) {
+                    "ACTIVE"
+                } else {
+                    "INACTIVE"
+                };
+                match rng.random_range(0..10) {
+                0..=4 => sql.push_str(&format!(
+                    "INSERT INTO users (name, email, department, status) \
+                     VALUES ('n{t}_{i}', 'u{t}_{i}_{}@example.org', '{dept}', '{status}');",
+                    unique_suffix()
+                )),
+                5..=7 => sql.push_str(&format!(
+                    "UPDATE users SET department = '{dept}', status = '{status}', \
+                     name = name || '.', updated_at = now() \
+                     WHERE id = (SELECT id FROM users ORDER BY random() LIMIT 1);"
+                )),
+                _ => sql.push_str(
+                    "DELETE FROM users WHERE id = (SELECT id FROM users ORDER BY random() LIMIT 1);",
+                ),
+            }
+            }
+            sql.push_str("COMMIT;");
+            sqls.push(sql);
+        }
+        sqls
+    };
+    // The generator is not Send; the statements are made first, then run.
+    for sql in sqls {
+        db.batch_execute(&sql).await?;
+    }
+    Ok(())
+}
+
+/// A binary of the workspace, built next to the running test (`scripts/test` builds them all
+/// first).
+pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .context("the test binary has no target directory")?;
+    let path = dir.join(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} does not exist: build the workspace binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    Ok(path)
 }
 
 /// One record read back from Kafka: key and value parsed as JSON (`None` when absent).

@@ -6,183 +6,14 @@
 
 use std::time::Duration;
 
-use e2e::{unique_suffix, Projector, Reader, Stack, TestDb, UserApi};
-use rand::Rng;
+use e2e::{random_workload, unique_suffix, Pipeline, Projector, UserApi, DEPARTMENTS};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// user_db with a reader, materialized_view_db with a projector, one topic between them.
-struct Pipeline {
-    stack: Stack,
-    user_db: TestDb,
-    view_db: TestDb,
-    topic: String,
-    reader: Reader,
-}
-
-async fn pipeline(prefix: &str) -> Pipeline {
-    let stack = Stack::from_env();
-    let user_db = TestDb::create(
-        &stack,
-        &format!("{prefix}_u"),
-        Some(schema::Database::UserDb),
-    )
-    .await
-    .unwrap();
-    let view_db = TestDb::create(
-        &stack,
-        &format!("{prefix}_v"),
-        Some(schema::Database::ViewDb),
-    )
-    .await
-    .unwrap();
-    let topic = format!("t-users-{}", unique_suffix());
-    let config = Reader::config(
-        &stack,
-        &user_db,
-        &["public.users"],
-        &[format!("public.users={topic}")],
-    );
-    let reader = Reader::start(config).await.unwrap();
-    reader.wait_streaming().await.unwrap();
-    Pipeline {
-        stack,
-        user_db,
-        view_db,
-        topic,
-        reader,
-    }
-}
-
-impl Pipeline {
-    fn projector_config(&self) -> projector::Config {
-        Projector::config(&self.stack, &self.view_db, &self.topic)
-    }
-
-    /// Waits until user_view equals users column for column and department_stats equals the
-    /// GROUP BY of both.
-    async fn converged(&self) {
-        let users = self.user_db.client().await.unwrap();
-        let views = self.view_db.client().await.unwrap();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let difference = self.difference(&users, &views).await;
-            let Some(difference) = difference else { return };
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the views did not converge within {WAIT:?}: {difference}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// How the views differ from the source, if they do.
-    async fn difference(
-        &self,
-        users: &tokio_postgres::Client,
-        views: &tokio_postgres::Client,
-    ) -> Option<String> {
-        let source = rows(
-            users,
-            "SELECT id, name, email, department, status, created_at, updated_at \
-             FROM users ORDER BY id",
-        )
-        .await;
-        let view = rows(
-            views,
-            "SELECT user_id AS id, name, email, department, status, created_at, updated_at \
-             FROM user_view ORDER BY user_id",
-        )
-        .await;
-        if source != view {
-            let first = source
-                .iter()
-                .zip(&view)
-                .find(|(a, b)| a != b)
-                .map(|(a, b)| format!("; first difference {a:?} / {b:?}"));
-            return Some(format!(
-                "{} rows in users, {} in user_view{}",
-                source.len(),
-                view.len(),
-                first.unwrap_or_default()
-            ));
-        }
-        let group_by = "SELECT department, count(*) AS user_count, \
-                        count(*) FILTER (WHERE status = 'ACTIVE') AS active_users, \
-                        count(*) FILTER (WHERE status <> 'ACTIVE') AS inactive_users FROM {} \
-                        GROUP BY department ORDER BY department";
-        let expected = rows(users, &group_by.replace("{}", "users")).await;
-        let from_view = rows(views, &group_by.replace("{}", "user_view")).await;
-        let stats = rows(
-            views,
-            "SELECT department, user_count, active_users, inactive_users \
-             FROM department_stats ORDER BY department",
-        )
-        .await;
-        (stats != expected || stats != from_view)
-            .then(|| format!("department_stats {stats:?}, expected {expected:?}"))
-    }
-}
-
-/// Every row of `sql` as text, for comparisons across databases.
-async fn rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<String>> {
-    let wrapped = format!("SELECT to_jsonb(r)::text FROM ({sql}) r");
-    client
-        .query(&wrapped, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let v: Value = serde_json::from_str(r.get::<_, &str>(0)).unwrap();
-            v.as_object()
-                .unwrap()
-                .values()
-                .map(Value::to_string)
-                .collect()
-        })
-        .collect()
-}
-
-const DEPARTMENTS: [&str; 5] = ["Engineering", "Sales", "Ops", "Design", "Legal"];
-
-/// Random inserts, updates and deletes in transactions of 1 to `max_tx` statements.
-async fn random_sql_workload(db: &tokio_postgres::Client, transactions: usize, max_tx: usize) {
-    let mut rng = rand::rng();
-    for t in 0..transactions {
-        let size = rng.random_range(1..=max_tx);
-        let mut sql = String::from("BEGIN;");
-        for i in 0..size {
-            let dept = DEPARTMENTS[rng.random_range(0..DEPARTMENTS.len())];
-            let status = if rng.random_bool(0.7) {
-                "ACTIVE"
-            } else {
-                "INACTIVE"
-            };
-            match rng.random_range(0..10) {
-                0..=4 => sql.push_str(&format!(
-                    "INSERT INTO users (name, email, department, status) \
-                     VALUES ('n{t}_{i}', 'u{t}_{i}_{}@example.org', '{dept}', '{status}');",
-                    unique_suffix()
-                )),
-                5..=7 => sql.push_str(&format!(
-                    "UPDATE users SET department = '{dept}', status = '{status}', \
-                     name = name || '.', updated_at = now() \
-                     WHERE id = (SELECT id FROM users ORDER BY random() LIMIT 1);"
-                )),
-                _ => sql.push_str(
-                    "DELETE FROM users WHERE id = (SELECT id FROM users ORDER BY random() LIMIT 1);",
-                ),
-            }
-        }
-        sql.push_str("COMMIT;");
-        db.batch_execute(&sql).await.unwrap();
-    }
-}
-
 #[tokio::test]
 async fn the_views_equal_the_source_under_a_random_workload() {
-    let p = pipeline("proj_random").await;
+    let p = Pipeline::start("proj_random").await.unwrap();
     let projector = Projector::start(p.projector_config()).await.unwrap();
     let db = p.user_db.client().await.unwrap();
     let api = UserApi::start(&p.user_db.url).await.unwrap();
@@ -191,7 +22,7 @@ async fn the_views_equal_the_source_under_a_random_workload() {
     // Mixed transaction sizes over SQL, interleaved with requests through the user API.
     for round in 0..4 {
         let (transactions, size) = [(300, 1), (100, 5), (20, 50), (4, 500)][round];
-        random_sql_workload(&db, transactions, size).await;
+        random_workload(&db, transactions, size).await.unwrap();
         for i in 0..25 {
             let dept = DEPARTMENTS[i % DEPARTMENTS.len()];
             let created: Value = http
@@ -225,7 +56,7 @@ async fn the_views_equal_the_source_under_a_random_workload() {
             }
         }
     }
-    p.converged().await;
+    p.converged(WAIT).await.unwrap();
     let users: i64 = db
         .query_one("SELECT count(*) FROM users", &[])
         .await
@@ -241,5 +72,229 @@ async fn the_views_equal_the_source_under_a_random_workload() {
     );
     projector.stop().await.unwrap();
     api.stop().await.unwrap();
+    p.reader.stop().await.unwrap();
+}
+
+/// A change event as the reader writes it, for hand-made records.
+fn event(op: &str, after: Value) -> Value {
+    json!({
+        "before": null, "after": after, "op": op, "ts_ms": 1,
+        "source": {"version": "0.1.0", "connector": "postgresql", "name": "cdc", "db": "user_db",
+                   "schema": "public", "table": "users", "txId": 1, "lsn": 1, "sequence": null,
+                   "ts_ms": 1, "snapshot": "false", "commit_lsn": 1, "event_index": 0}
+    })
+}
+
+fn user_json(id: Value) -> Value {
+    json!({"id": id, "name": "n", "email": "e@example.org", "department": "Ops",
+           "status": "ACTIVE", "created_at": "2026-01-01T00:00:00Z",
+           "updated_at": "2026-01-01T00:00:00Z"})
+}
+
+#[tokio::test]
+async fn bad_events_go_to_the_dead_letter_topic_and_the_projector_keeps_going() {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Headers;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::Message;
+
+    e2e::init_logs();
+    let p = Pipeline::start("proj_dlq").await.unwrap();
+    let projector = Projector::start(p.projector_config()).await.unwrap();
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &p.stack.kafka_brokers)
+        .create()
+        .unwrap();
+    let mut missing_email = user_json(json!(5));
+    missing_email.as_object_mut().unwrap().remove("email");
+    let bad: Vec<(Option<Value>, String, &str)> = vec![
+        (
+            Some(json!({"id": 1})),
+            "not json at all".to_owned(),
+            "not_an_event",
+        ),
+        (None, event("c", user_json(json!(5))).to_string(), "bad_key"),
+        (
+            Some(json!({"id": 5})),
+            event("x", user_json(json!(5))).to_string(),
+            "not_an_event",
+        ),
+        (
+            Some(json!({"id": 5})),
+            event("c", missing_email).to_string(),
+            "missing_column",
+        ),
+        (
+            Some(json!({"id": 5})),
+            event("c", user_json(json!("5"))).to_string(),
+            "bad_column",
+        ),
+    ];
+    let mut offsets = Vec::new();
+    for (key, value, _) in &bad {
+        let key = key.as_ref().map(Value::to_string);
+        let mut record = FutureRecord::to(&p.topic).payload(value.as_str());
+        if let Some(k) = &key {
+            record = record.key(k.as_str());
+        }
+        let delivery = producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        offsets.push((delivery.partition, delivery.offset));
+    }
+    // A good change after the bad ones still gets through.
+    let db = p.user_db.client().await.unwrap();
+    db.batch_execute(
+        "INSERT INTO users (name, email, department) VALUES ('after', 'after@example.org', 'Ops')",
+    )
+    .await
+    .unwrap();
+    p.converged(WAIT).await.unwrap();
+
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &p.stack.kafka_brokers)
+        .set("group.id", format!("t-dlq-{}", unique_suffix()))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&format!("{}.dlq", p.topic)]).unwrap();
+    for ((key, value, kind), (partition, offset)) in bad.iter().zip(&offsets) {
+        let m = tokio::time::timeout(WAIT, consumer.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            m.payload(),
+            Some(value.as_bytes()),
+            "the record goes unchanged"
+        );
+        assert_eq!(
+            m.key().map(|k| serde_json::from_slice::<Value>(k).unwrap()),
+            key.clone()
+        );
+        let headers = m.headers().unwrap();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|h| h.key == name)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(header("dlq.error.kind").as_deref(), Some(*kind));
+        assert_eq!(
+            header("dlq.source.topic").as_deref(),
+            Some(p.topic.as_str())
+        );
+        assert_eq!(header("dlq.source.partition"), Some(partition.to_string()));
+        assert_eq!(header("dlq.source.offset"), Some(offset.to_string()));
+        assert!(!header("dlq.error").unwrap_or_default().is_empty());
+    }
+    assert_eq!(
+        projector
+            .metric("projector_dead_lettered_total")
+            .await
+            .unwrap(),
+        bad.len() as f64
+    );
+    // The offsets moved past the bad records: a restart does not dead-letter them again.
+    projector.stop().await.unwrap();
+    let projector = Projector::start(p.projector_config()).await.unwrap();
+    db.batch_execute(
+        "INSERT INTO users (name, email, department) VALUES ('again', 'again@example.org', 'Ops')",
+    )
+    .await
+    .unwrap();
+    p.converged(WAIT).await.unwrap();
+    assert_eq!(
+        projector
+            .metric("projector_dead_lettered_total")
+            .await
+            .unwrap(),
+        0.0
+    );
+    projector.stop().await.unwrap();
+    p.reader.stop().await.unwrap();
+}
+
+/// The projector binary as a child process, so it can be killed with SIGKILL.
+async fn spawn_projector(config: &projector::Config) -> tokio::process::Child {
+    tokio::process::Command::new(e2e::workspace_binary("projector").unwrap())
+        .env("VIEW_DB_URL", &config.database_url)
+        .env("KAFKA_BROKERS", &config.kafka_brokers)
+        .env("PROJECTOR_TOPIC", &config.topic)
+        .env("PROJECTOR_GROUP", &config.group)
+        .env("PROJECTOR_BATCH_MAX_EVENTS", "500")
+        // The group hands a killed member's partition on after this.
+        .env("PROJECTOR_CONSUMER_CONFIG", "session.timeout.ms=6000")
+        .env("PROJECTOR_HTTP_LISTEN", "127.0.0.1:0")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_projector_killed_mid_batch_neither_loses_nor_doubles() {
+    use rand::Rng;
+
+    let p = Pipeline::start("proj_kill").await.unwrap();
+    let config = p.projector_config();
+    let mut child = spawn_projector(&config).await;
+    // Writes go on for the whole test, so every kill lands in a stream of batches.
+    let writer = p.user_db.client().await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let workload = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            while !stop.is_cancelled() {
+                random_workload(&writer, 5, 40).await?;
+            }
+            anyhow::Ok(())
+        }
+    });
+    let views = p.view_db.client().await.unwrap();
+    let applied = || async {
+        views
+            .query_one(
+                "SELECT coalesce(sum(next_offset), 0)::bigint FROM projector_offsets",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let mut kills_while_working = 0;
+    let mut last = 0;
+    for _ in 0..4 {
+        // Kill only a projector that is applying: once this process has moved the offsets.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while applied().await <= last && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pause = rand::rng().random_range(0..300);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+        let now = applied().await;
+        if now > last && !workload.is_finished() {
+            kills_while_working += 1;
+        }
+        last = now;
+        child = spawn_projector(&config).await;
+    }
+    stop.cancel();
+    workload.await.unwrap().unwrap();
+    p.converged(Duration::from_secs(120)).await.unwrap();
+    assert!(
+        kills_while_working >= 3,
+        "only {kills_while_working} kills hit a working projector"
+    );
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
     p.reader.stop().await.unwrap();
 }

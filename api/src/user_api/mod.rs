@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use warp::http::StatusCode;
@@ -26,7 +26,7 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::db::{self, DbError};
-use crate::http::{self, ApiError};
+use crate::http::{self, ApiError, Page};
 
 /// Settings of user-api; every flag can also come from the environment variable named beside it.
 #[derive(clap::Args, Clone)]
@@ -93,22 +93,12 @@ pub async fn run(
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "user-api listening");
 
-    let server = warp::serve(routes(pool))
-        .incoming(listener)
-        .graceful({
-            let shutdown = shutdown.clone();
-            async move { shutdown.cancelled().await }
-        })
-        .run();
-    let mut server = std::pin::pin!(server);
-    tokio::select! {
-        () = &mut server => return Ok(()),
-        () = shutdown.cancelled() => {}
-    }
     let limit = Duration::from_secs(config.shutdown_timeout_secs);
-    tokio::time::timeout(limit, server)
-        .await
-        .map_err(|_| Error::DrainTimeout(limit))
+    if http::serve(routes(pool), listener, shutdown, limit).await {
+        Ok(())
+    } else {
+        Err(Error::DrainTimeout(limit))
+    }
 }
 
 /// Every route of the service, with JSON errors for rejections and an access log.
@@ -147,7 +137,10 @@ pub fn routes(
         .and(warp::delete())
         .and(db.clone())
         .then(|id, db| async move { http::respond(delete(id, db).await) });
-    let health = warp::path!("health").and(warp::get()).and(db).then(health);
+    let health = warp::path!("health")
+        .and(warp::get())
+        .and(db)
+        .then(db::health);
 
     create
         .or(list)
@@ -167,23 +160,8 @@ pub fn routes(
         .with(http::access_log("user-api"))
 }
 
-/// Default and largest page size of `GET /api/users`.
-pub const DEFAULT_PAGE: i64 = 50;
-pub const MAX_PAGE: i64 = 1000;
-
-async fn connection(pool: &Pool) -> Result<deadpool_postgres::Object, ApiError> {
-    pool.get().await.map_err(|e| ApiError::unavailable(&e))
-}
-
 fn parse_id(id: &str) -> Result<i64, ApiError> {
-    match id.parse::<i64>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(ApiError::bad_request(
-            "invalid_id",
-            format!("user id must be a positive integer, got {id:?}"),
-        )
-        .with_field("id")),
-    }
+    http::parse_id(id, "user")
 }
 
 fn user_not_found(id: i64) -> ApiError {
@@ -195,7 +173,7 @@ async fn create(
     pool: Pool,
 ) -> Result<Response, ApiError> {
     let fields = model::parse_create(&body?)?;
-    let user = store::insert(&connection(&pool).await?, &fields).await?;
+    let user = store::insert(&db::connection(&pool).await?, &fields).await?;
     tracing::info!(user_id = user.id, "user created");
     let location = format!("/api/users/{}", user.id);
     Ok(warp::reply::with_header(
@@ -207,56 +185,14 @@ async fn create(
 }
 
 async fn list(query: HashMap<String, String>, pool: Pool) -> Result<Response, ApiError> {
-    let mut limit = DEFAULT_PAGE;
-    let mut after = 0;
-    for (key, value) in &query {
-        let number = || {
-            value.parse::<i64>().map_err(|_| {
-                ApiError::bad_request("invalid_query", format!("{key} must be an integer"))
-                    .with_field(key.as_str())
-            })
-        };
-        match key.as_str() {
-            "limit" => limit = number()?,
-            "after" => after = number()?,
-            _ => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    format!("unknown query parameter {key:?}; accepted: limit, after"),
-                )
-                .with_field(key.as_str()))
-            }
-        }
-    }
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::invalid(
-            "limit",
-            format!("limit must be between 1 and {MAX_PAGE}"),
-        ));
-    }
-    if after < 0 {
-        return Err(ApiError::invalid("after", "after must not be negative"));
-    }
-    let db = connection(&pool).await?;
-    // One extra row tells whether a next page exists.
-    let mut users = store::list(&db, after, limit + 1).await?;
-    let more = users.len() as i64 > limit;
-    users.truncate(limit as usize);
-    let reply = warp::reply::json(&users).into_response();
-    match users.last() {
-        Some(last) if more => Ok(warp::reply::with_header(
-            reply,
-            "link",
-            format!("</api/users?limit={limit}&after={}>; rel=\"next\"", last.id),
-        )
-        .into_response()),
-        _ => Ok(reply),
-    }
+    let page = Page::from_query(&query)?;
+    let users = store::list(&db::connection(&pool).await?, page.after, page.fetch()).await?;
+    Ok(page.reply(users, "/api/users", |u| u.id))
 }
 
 async fn get(id: String, pool: Pool) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    match store::get(&connection(&pool).await?, id).await? {
+    match store::get(&db::connection(&pool).await?, id).await? {
         Some(user) => Ok(warp::reply::json(&user).into_response()),
         None => Err(user_not_found(id)),
     }
@@ -269,7 +205,7 @@ async fn replace(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let fields = model::parse_replace(&body?)?;
-    match store::replace(&connection(&pool).await?, id, &fields).await? {
+    match store::replace(&db::connection(&pool).await?, id, &fields).await? {
         Some(user) => Ok(warp::reply::json(&user).into_response()),
         None => Err(user_not_found(id)),
     }
@@ -282,7 +218,7 @@ async fn patch(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let changes = model::parse_patch(&body?)?;
-    match store::patch(&connection(&pool).await?, id, &changes).await? {
+    match store::patch(&db::connection(&pool).await?, id, &changes).await? {
         Some(user) => Ok(warp::reply::json(&user).into_response()),
         None => Err(user_not_found(id)),
     }
@@ -290,51 +226,10 @@ async fn patch(
 
 async fn delete(id: String, pool: Pool) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    if store::delete(&connection(&pool).await?, id).await? {
+    if store::delete(&db::connection(&pool).await?, id).await? {
         tracing::info!(user_id = id, "user deleted");
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(user_not_found(id))
-    }
-}
-
-/// 200 when the database answers within two seconds, 503 otherwise.
-async fn health(pool: Pool) -> Response {
-    let probe = async {
-        let db = pool.get().await.map_err(|e| e.to_string())?;
-        db.simple_query("SELECT 1").await.map_err(|e| e.to_string())
-    };
-    let database = match tokio::time::timeout(Duration::from_secs(2), probe).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err("no answer within 2 s".to_owned()),
-    };
-    match database {
-        Ok(()) => warp::reply::json(&json!({"status": "UP", "database": "UP"})).into_response(),
-        Err(error) => {
-            tracing::warn!(%error, "health check: database down");
-            warp::reply::with_status(
-                warp::reply::json(&json!({"status": "DOWN", "database": "DOWN"})),
-                StatusCode::SERVICE_UNAVAILABLE,
-            )
-            .into_response()
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_are_positive_integers() {
-        assert_eq!(parse_id("42"), Ok(42));
-        for bad in ["0", "-1", "abc", "1.5", "99999999999999999999", ""] {
-            assert_eq!(
-                parse_id(bad).unwrap_err().status,
-                StatusCode::BAD_REQUEST,
-                "{bad}"
-            );
-        }
     }
 }

@@ -27,7 +27,10 @@ pub async fn insert(db: &deadpool_postgres::Client, u: &UserFields) -> Result<Us
 
 pub async fn get(db: &deadpool_postgres::Client, id: i64) -> Result<Option<User>, ApiError> {
     let sql = format!("SELECT {COLUMNS} FROM users WHERE id = $1");
-    let row = db.query_opt(&sql, &[&id]).await.map_err(read_error)?;
+    let row = db
+        .query_opt(&sql, &[&id])
+        .await
+        .map_err(crate::db::query_error)?;
     row.as_ref().map(user).transpose()
 }
 
@@ -41,7 +44,7 @@ pub async fn list(
     let rows = db
         .query(&sql, &[&after, &limit])
         .await
-        .map_err(read_error)?;
+        .map_err(crate::db::query_error)?;
     rows.iter().map(user).collect()
 }
 
@@ -128,14 +131,5 @@ fn write_error(err: tokio_postgres::Error) -> ApiError {
             .with_field("email");
         }
     }
-    read_error(err)
-}
-
-fn read_error(err: tokio_postgres::Error) -> ApiError {
-    if service::is_transient_pg(&err) {
-        // The connection broke (server restarted, network): the next request gets a fresh one.
-        ApiError::unavailable(&err)
-    } else {
-        ApiError::internal(&err)
-    }
+    crate::db::query_error(err)
 }
