@@ -613,11 +613,11 @@ pub async fn random_workload(
 /// first).
 pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .context("the test binary has no target directory")?;
+    // Tests live in target/<profile>/deps/, binaries (the benches too) in target/<profile>/.
+    let mut dir = exe.parent().context("the running binary has no directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps/ has no parent")?;
+    }
     let path = dir.join(name);
     anyhow::ensure!(
         path.exists(),
