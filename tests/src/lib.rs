@@ -614,7 +614,9 @@ pub async fn random_workload(
 pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;
     // Tests live in target/<profile>/deps/, binaries (the benches too) in target/<profile>/.
-    let mut dir = exe.parent().context("the running binary has no directory")?;
+    let mut dir = exe
+        .parent()
+        .context("the running binary has no directory")?;
     if dir.ends_with("deps") {
         dir = dir.parent().context("deps/ has no parent")?;
     }

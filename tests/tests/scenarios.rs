@@ -431,3 +431,51 @@ async fn the_readme_walkthrough_works_and_is_quoted_in_the_readme() {
     assert!(again.status.success(), "a second run failed");
     f.stop().await;
 }
+
+/// The department and author lookups of post-api are index scans on a realistic amount of data.
+#[tokio::test]
+async fn department_and_author_lookups_use_indexes() {
+    let stack = e2e::Stack::from_env();
+    let db = e2e::TestDb::create(&stack, "scn_plan", Some(schema::Database::ViewDb))
+        .await
+        .unwrap();
+    let c = db.client().await.unwrap();
+    c.batch_execute(
+        "INSERT INTO user_view (user_id, name, email, department, status, created_at, updated_at,
+                                source_lsn, source_seq)
+         SELECT i, 'u' || i, 'u' || i || '@example.org', 'Dept ' || (i % 50), 'ACTIVE', now(),
+                now(), '0/1', i FROM generate_series(1, 20000) i;
+         INSERT INTO posts (title, content, author_id)
+         SELECT 'p' || i, 'c', 1 + i % 20000 FROM generate_series(1, 50000) i;
+         ANALYZE user_view; ANALYZE posts;",
+    )
+    .await
+    .unwrap();
+    for (what, sql) in [
+        (
+            "posts by department",
+            "EXPLAIN SELECT p.id FROM user_view u JOIN posts p ON p.author_id = u.user_id \
+             WHERE u.department = 'Dept 7' AND p.id > 0 ORDER BY p.id LIMIT 51",
+        ),
+        (
+            "users of a department",
+            "EXPLAIN SELECT user_id FROM user_view WHERE department = 'Dept 7' AND user_id > 0 \
+             ORDER BY user_id LIMIT 51",
+        ),
+        (
+            "posts of an author",
+            "EXPLAIN SELECT id FROM posts WHERE author_id = 42 ORDER BY id",
+        ),
+    ] {
+        let plan: Vec<String> = c
+            .query(sql, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(!plan.contains("Seq Scan"), "{what}:\n{plan}");
+        assert!(plan.contains("Index"), "{what}:\n{plan}");
+    }
+}

@@ -43,7 +43,9 @@ struct Service {
 
 impl Service {
     fn start(name: &str, env: &[(&str, String)]) -> anyhow::Result<Service> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let listen_var = match name {
             "cdc-reader" => "CDC_READER_HTTP_LISTEN",
             _ => "PROJECTOR_HTTP_LISTEN",
@@ -64,7 +66,9 @@ impl Service {
         for (k, v) in env {
             command.env(k, v);
         }
-        let child = command.spawn().with_context(|| format!("starting {name}"))?;
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
         let pid = child.id().context("pid")?;
         Ok(Service {
             child,
@@ -74,13 +78,17 @@ impl Service {
     }
 
     async fn wait_healthy(&self) -> anyhow::Result<()> {
-        e2e::wait_for("a service to be healthy", Duration::from_secs(60), || async {
-            Ok(reqwest::get(format!("{}/health", self.http))
-                .await
-                .ok()
-                .filter(|r| r.status().is_success())
-                .map(|_| ()))
-        })
+        e2e::wait_for(
+            "a service to be healthy",
+            Duration::from_secs(60),
+            || async {
+                Ok(reqwest::get(format!("{}/health", self.http))
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ()))
+            },
+        )
         .await
     }
 
@@ -256,7 +264,8 @@ async fn main() -> anyhow::Result<()> {
                 let name: String = r.get(0);
                 let projected: DateTime<Utc> = r.get(1);
                 if let Some(c) = commits.get(&name) {
-                    latencies.push((projected - *c).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+                    latencies
+                        .push((projected - *c).num_microseconds().unwrap_or(0) as f64 / 1000.0);
                 }
             }
             break;
@@ -264,7 +273,10 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     if (latencies.len() as i64) < total {
-        bail!("only {} of {total} changes reached user_view", latencies.len());
+        bail!(
+            "only {} of {total} changes reached user_view",
+            latencies.len()
+        );
     }
     latencies.sort_by(f64::total_cmp);
     let (p50, p99, max) = (
@@ -278,14 +290,20 @@ async fn main() -> anyhow::Result<()> {
     reader.stop().await?;
 
     println!("pipeline benchmark (commit in user_db → row in user_view)");
-    println!("  backlog: {changes} inserts written in {write_s:.2} s, then reader + projector started");
+    println!(
+        "  backlog: {changes} inserts written in {write_s:.2} s, then reader + projector started"
+    );
     println!("    first row in user_view after     {first_row_s:8.2} s");
-    println!("    all rows in user_view after      {backlog_s:8.2} s  {backlog_rate:10.0} changes/s");
+    println!(
+        "    all rows in user_view after      {backlog_s:8.2} s  {backlog_rate:10.0} changes/s"
+    );
     println!("    CPU: reader {reader_cpu_backlog:.2} s, projector {projector_cpu_backlog:.2} s");
     println!(
         "  steady load: {total} single-row updates at {rate}/s in {load_s:.2} s (transactions of {per_tx})"
     );
-    println!("    commit → user_view latency  p50 {p50:8.1} ms   p99 {p99:8.1} ms   max {max:8.1} ms");
+    println!(
+        "    commit → user_view latency  p50 {p50:8.1} ms   p99 {p99:8.1} ms   max {max:8.1} ms"
+    );
     println!("  peak RSS: reader {reader_rss:.1} MB, projector {projector_rss:.1} MB");
     println!(
         "BENCH {}",
