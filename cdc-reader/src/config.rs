@@ -113,12 +113,16 @@ pub enum ConfigError {
 }
 
 /// Producer settings the no-loss, in-order delivery depends on; not overridable.
-const PROTECTED: [&str; 5] = [
+const PROTECTED: [&str; 8] = [
     "enable.idempotence",
     "acks",
     "request.required.acks",
     "max.in.flight.requests.per.connection",
     "bootstrap.servers",
+    // No duplicates across restarts: records settle within the session-end wait.
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "partitioner",
 ];
 
 impl Config {

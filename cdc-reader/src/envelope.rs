@@ -24,6 +24,46 @@ pub struct Record {
     pub value: Option<Vec<u8>>,
     /// True for records every partition must see in order with its rows (truncate).
     pub all_partitions: bool,
+    /// Where the record stands in the stream (see [`RecordPosition`]).
+    pub position: RecordPosition,
+}
+
+/// The total order of the records the reader publishes: the event's position (commit LSN, index in
+/// the transaction), then 0 for the event and 1 for the tombstone after it. Within a partition
+/// records are published in this order, so the last record of a partition tells how far that
+/// partition got; the reader sends it as the `cdc.position` header (`commit_lsn:event_index:sub`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RecordPosition {
+    pub commit_lsn: u64,
+    pub event_index: u64,
+    pub sub: u8,
+}
+
+impl RecordPosition {
+    /// The header name.
+    pub const HEADER: &'static str = "cdc.position";
+
+    pub fn of(source: &change_event::Source, sub: u8) -> Self {
+        RecordPosition {
+            commit_lsn: source.commit_lsn,
+            event_index: source.event_index,
+            sub,
+        }
+    }
+
+    pub fn header_value(&self) -> String {
+        format!("{}:{}:{}", self.commit_lsn, self.event_index, self.sub)
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut parts = s.split(':');
+        let position = RecordPosition {
+            commit_lsn: parts.next()?.parse().ok()?,
+            event_index: parts.next()?.parse().ok()?,
+            sub: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(position)
+    }
 }
 
 /// A change that cannot be turned into an event. Each means PostgreSQL sent something this reader
@@ -172,6 +212,7 @@ impl Builder {
                 let mut records = Vec::with_capacity(t.relation_ids.len());
                 for id in t.relation_ids {
                     let (source, topic) = self.source(id)?;
+                    let position = RecordPosition::of(&source, 0);
                     let envelope = Envelope {
                         before: None,
                         after: None,
@@ -185,6 +226,7 @@ impl Builder {
                         key: None,
                         value: Some(to_json_bytes(&envelope)),
                         all_partitions: true,
+                        position,
                     });
                 }
                 Ok(Step::Records(records))
@@ -282,6 +324,7 @@ impl Builder {
          -> Result<(), EnvelopeError> {
             let (source, topic) = this.source(id)?;
             let key = Some(to_json_bytes(key));
+            let position = RecordPosition::of(&source, 0);
             let envelope = Envelope {
                 before,
                 after,
@@ -295,6 +338,7 @@ impl Builder {
                 key: key.clone(),
                 value: Some(to_json_bytes(&envelope)),
                 all_partitions: false,
+                position,
             });
             if op == Op::Delete {
                 // The tombstone lets compaction forget the key.
@@ -303,6 +347,7 @@ impl Builder {
                     key,
                     value: None,
                     all_partitions: false,
+                    position: RecordPosition { sub: 1, ..position },
                 });
             }
             Ok(())

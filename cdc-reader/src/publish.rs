@@ -1,10 +1,19 @@
-//! Publishing to Kafka with acknowledgement tracking.
+//! Publishing to Kafka with acknowledgement tracking, without duplicates across restarts.
 //!
 //! Records are sent asynchronously (many in flight, no round trip per record) by an idempotent
 //! producer (`enable.idempotence=true`, `acks=all`). Every send and every transaction end is queued
 //! in stream order; the queue is drained in that order, so when a transaction-end marker comes out,
 //! Kafka has acknowledged every record of that transaction and of every transaction before it. That
 //! end LSN, and only that, may be confirmed to PostgreSQL.
+//!
+//! No duplicates: a change sent but not yet confirmed when a session ends is streamed again by the
+//! next one. Each record carries its [`RecordPosition`] (header `cdc.position`), and the reader
+//! chooses each record's partition itself (murmur2 of the key, as Java clients do), so at the start
+//! of a session [`Publisher::learn_tails`] reads the last record of every partition and `send`
+//! skips every record at or below it. That is exact because two things hold: one reader owns a slot
+//! (the advisory lock of `setup::lock_slot`), and within a partition records are written in
+//! position order (one producer, idempotent, in stream order, and a session starts only after the
+//! previous one's records were all settled, see [`Publisher::settle`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -19,8 +28,12 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use service::kafka::TracingContext;
 
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
 use crate::decode::Lsn;
-use crate::envelope::Record;
+use crate::envelope::{Record, RecordPosition};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -42,6 +55,13 @@ pub enum PublishError {
     Delivery(#[source] KafkaError),
     #[error("the producer went away before reporting a delivery")]
     Cancelled,
+    #[error("reading the last record of {topic} [{partition}] failed")]
+    Tail {
+        topic: String,
+        partition: i32,
+        #[source]
+        source: KafkaError,
+    },
 }
 
 /// Producer settings: brokers plus librdkafka properties that override the defaults.
@@ -62,6 +82,10 @@ pub struct Publisher {
     partitions: HashMap<String, i32>,
     /// Highest transaction end released while `send` waited for room in librdkafka's queue.
     released: Option<Lsn>,
+    /// Per (topic, partition): the position of the last record already there, at session start.
+    tails: HashMap<(String, i32), RecordPosition>,
+    /// Records skipped because their partition already had them.
+    pub skipped: u64,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -81,7 +105,13 @@ fn client_config(settings: &KafkaSettings) -> ClientConfig {
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000")
-        .set("compression.type", "lz4");
+        .set("compression.type", "lz4")
+        // The reader picks partitions itself (see `partition_of`); this only makes any record
+        // without one land where a Java producer would put it.
+        .set("partitioner", "murmur2_random")
+        // A record is delivered or failed within this; a session end waits that long at most
+        // (stream::SETTLE_LIMIT) so none of its records lands after the next session began.
+        .set("message.timeout.ms", "50000");
     for (k, v) in &settings.overrides {
         config.set(k, v);
     }
@@ -99,6 +129,8 @@ impl Publisher {
             records_in_flight: 0,
             partitions: HashMap::new(),
             released: None,
+            tails: HashMap::new(),
+            skipped: 0,
         })
     }
 
@@ -112,33 +144,47 @@ impl Publisher {
         self.pending.is_empty()
     }
 
-    /// Queues `record` for sending (to every partition when it asks for that).
+    /// Queues `record` for sending (to every partition when it asks for that), unless its
+    /// partition already has it (see [`Publisher::learn_tails`]).
     pub async fn send(&mut self, record: Record) -> Result<(), PublishError> {
+        let n = self.partition_count(&record.topic).await?;
         if record.all_partitions {
-            let n = self.partition_count(&record.topic).await?;
             for p in 0..n {
-                self.send_one(&record, Some(p)).await?;
+                self.send_one(&record, p).await?;
             }
             Ok(())
         } else {
-            self.send_one(&record, None).await
+            let p = partition_of(record.key.as_deref().unwrap_or_default(), n);
+            self.send_one(&record, p).await
         }
     }
 
-    async fn send_one(
-        &mut self,
-        record: &Record,
-        partition: Option<i32>,
-    ) -> Result<(), PublishError> {
-        let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&record.topic);
+    async fn send_one(&mut self, record: &Record, partition: i32) -> Result<(), PublishError> {
+        if !self.tails.is_empty() {
+            let tail_key = (record.topic.clone(), partition);
+            if let Some(tail) = self.tails.get(&tail_key) {
+                if record.position <= *tail {
+                    self.skipped += 1;
+                    return Ok(());
+                }
+                // Past the tail: everything after is new in this partition.
+                tracing::info!(topic = %record.topic, partition, skipped = self.skipped,
+                    "caught up with what the partition already had; publishing again");
+                self.tails.remove(&tail_key);
+            }
+        }
+        let position = record.position.header_value();
+        let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&record.topic)
+            .partition(partition)
+            .headers(OwnedHeaders::new().insert(Header {
+                key: RecordPosition::HEADER,
+                value: Some(position.as_str()),
+            }));
         if let Some(key) = &record.key {
             r = r.key(key);
         }
         if let Some(value) = &record.value {
             r = r.payload(value);
-        }
-        if let Some(p) = partition {
-            r = r.partition(p);
         }
         // A full local queue (too many records or bytes waiting) is back-pressure: wait for the
         // oldest delivery, keep any transaction end it releases, and try again.
@@ -228,12 +274,230 @@ impl Publisher {
         Ok(n)
     }
 
+    /// Reads the last record of every partition of `topics`; `send` then skips what is already
+    /// there. Call with nothing in flight (a fresh publisher). Returns how many partitions had one.
+    pub async fn learn_tails(
+        &mut self,
+        settings: &KafkaSettings,
+        topics: &[String],
+    ) -> Result<usize, PublishError> {
+        let mut work = Vec::new();
+        for topic in topics {
+            let n = self.partition_count(topic).await?;
+            work.extend((0..n).map(|p| (topic.clone(), p)));
+        }
+        // A reader killed without a chance to settle may still have produce requests on their
+        // way into the broker: read until the ends stay put for a moment.
+        let mut tails = HashMap::new();
+        for round in 0..10 {
+            let brokers = settings.brokers.clone();
+            let work = work.clone();
+            let now = tokio::task::spawn_blocking(move || read_tails(&brokers, &work))
+                .await
+                .map_err(|_| PublishError::Cancelled)??;
+            if round > 0 && now == tails {
+                break;
+            }
+            tails = now;
+            tokio::time::sleep(TAIL_QUIET).await;
+        }
+        let found = tails.len();
+        for ((topic, partition), position) in &tails {
+            tracing::info!(topic, partition, last = %position.header_value(),
+                "last record already in the partition; records up to it are not sent again");
+        }
+        self.tails = tails;
+        Ok(found)
+    }
+
+    /// Forgets tails past `wal_end` (the database's current WAL position): such records come from
+    /// another history of the database (a restored or re-created cluster), and skipping up to them
+    /// would lose changes.
+    pub fn forget_tails_after(&mut self, wal_end: Lsn) {
+        self.tails.retain(|(topic, partition), tail| {
+            let ours = tail.commit_lsn <= wal_end;
+            if !ours {
+                tracing::warn!(topic, partition, tail = %tail.header_value(), wal_end,
+                    "the partition ends with a record from past this database's WAL (another \
+                     history?); not de-duplicating against it");
+            }
+            ours
+        });
+    }
+
+    /// Waits up to `timeout` until every record handed to librdkafka is delivered or failed, so
+    /// that nothing of this publisher lands in Kafka after the next session read the tails.
+    pub fn settle(&self, timeout: Duration) -> impl std::future::Future<Output = ()> + Send {
+        let producer = self.producer.clone();
+        async move {
+            let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+            if !matches!(flushed, Ok(Ok(()))) {
+                tracing::warn!("records still in flight after {timeout:?}; a duplicate may follow");
+            }
+        }
+    }
+
     /// Waits up to `timeout` for librdkafka to deliver what it holds (on shutdown).
     pub fn flush(&self, timeout: Duration) {
         if let Err(error) = self.producer.flush(timeout) {
             tracing::warn!(%error, "not every record was delivered before shutdown; they will be re-read from the slot");
         }
     }
+}
+
+/// How long the partitions' ends must stay put before a session trusts them.
+const TAIL_QUIET: Duration = Duration::from_millis(500);
+
+/// The partition of a keyed record among `n`: murmur2 of the key, as Java's default partitioner.
+pub fn partition_of(key: &[u8], n: i32) -> i32 {
+    let n = n.max(1);
+    #[allow(clippy::cast_possible_wrap)]
+    let positive = (murmur2(key) & 0x7fff_ffff) as i32;
+    positive % n
+}
+
+/// Kafka's murmur2 (seed 0x9747b28c), as in the Java client's `Utils.murmur2`.
+fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    #[allow(clippy::cast_possible_truncation)]
+    let mut h: u32 = 0x9747_b28c ^ (data.len() as u32);
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = chunks.remainder();
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+/// The position of the last record of each `(topic, partition)` that has one. Blocking.
+fn read_tails(
+    brokers: &str,
+    partitions: &[(String, i32)],
+) -> Result<HashMap<(String, i32), RecordPosition>, PublishError> {
+    let consumer: BaseConsumer<TracingContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "cdc-reader-tail")
+        .set("enable.auto.commit", "false")
+        .create_with_context(TracingContext)
+        .map_err(PublishError::Client)?;
+    let err = |(topic, partition): &(String, i32), source| PublishError::Tail {
+        topic: topic.clone(),
+        partition: *partition,
+        source,
+    };
+    // Per non-empty partition: (low watermark, high watermark, where to read from).
+    let mut todo: HashMap<(String, i32), (i64, i64, i64)> = HashMap::new();
+    for tp in partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(&tp.0, tp.1, Duration::from_secs(10))
+            .map_err(|e| err(tp, e))?;
+        if high > low {
+            todo.insert(tp.clone(), (low, high, high - 1));
+        }
+    }
+    let mut tails = HashMap::new();
+    let mut unmarked = Vec::new();
+    // Read every partition from just before its end to the end, until nothing more comes for a
+    // moment (the watermark alone is not trusted: tansu 0.6 may report one below its last batch).
+    // A partition that yields nothing is read again from further back (tansu 0.6 answers a fetch
+    // from the middle of a record batch with the batch after it).
+    while !todo.is_empty() {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), (_, _, from)) in &todo {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*from))
+                .map_err(|e| err(&(topic.clone(), *partition), e))?;
+        }
+        consumer.assign(&tpl).map_err(|e| err(&partitions[0], e))?;
+        let mut last: HashMap<(String, i32), (i64, Option<RecordPosition>)> = HashMap::new();
+        let started = std::time::Instant::now();
+        let mut quiet_since = started;
+        loop {
+            match consumer.poll(Duration::from_millis(50)) {
+                Some(Ok(m)) => {
+                    let tp = (m.topic().to_owned(), m.partition());
+                    let newer = last.get(&tp).is_none_or(|(offset, _)| m.offset() > *offset);
+                    if newer {
+                        last.insert(tp, (m.offset(), tail_position(&m)));
+                    }
+                    quiet_since = std::time::Instant::now();
+                }
+                Some(Err(e)) => return Err(err(&partitions[0], e)),
+                None => {}
+            }
+            let all_seen = todo.keys().all(|tp| last.contains_key(tp));
+            let waited = if all_seen {
+                quiet_since.elapsed() > Duration::from_millis(300)
+            } else {
+                started.elapsed() > Duration::from_secs(2)
+            };
+            if waited {
+                break;
+            }
+        }
+        let mut again = HashMap::new();
+        for (tp, (low, high, from)) in todo {
+            match last.remove(&tp) {
+                Some((_, Some(position))) => {
+                    tails.insert(tp, position);
+                }
+                Some((_, None)) => unmarked.push(tp),
+                None if from > low => {
+                    again.insert(tp, (low, high, (high - 2 * (high - from)).max(low)));
+                }
+                None => {
+                    return Err(err(
+                        &tp,
+                        KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut),
+                    ))
+                }
+            }
+        }
+        todo = again;
+    }
+    for (topic, partition) in unmarked {
+        tracing::warn!(topic, partition,
+            "the last record of the partition carries no position (not written by this reader?); records after a restart may be sent twice");
+    }
+    Ok(tails)
+}
+
+/// The position a record carries: its `cdc.position` header, else `source` in its value.
+fn tail_position<M: Message>(m: &M) -> Option<RecordPosition> {
+    if let Some(headers) = m.headers() {
+        for h in headers.iter() {
+            if h.key == RecordPosition::HEADER {
+                return std::str::from_utf8(h.value?)
+                    .ok()
+                    .and_then(RecordPosition::parse);
+            }
+        }
+    }
+    let value: serde_json::Value = serde_json::from_slice(m.payload()?).ok()?;
+    let source = &value["source"];
+    Some(RecordPosition {
+        commit_lsn: source["commit_lsn"].as_u64()?,
+        event_index: source["event_index"].as_u64()?,
+        sub: 0,
+    })
 }
 
 /// Creates each topic that does not exist yet.
@@ -282,5 +546,66 @@ pub fn is_transient(err: &PublishError) -> bool {
             RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessage
         ),
         _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Vectors of Kafka's UtilsTest.testMurmur2 (signed 32-bit results).
+        for (input, expected) in [
+            ("21", -973_932_308),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            ("abc", 479_470_107),
+        ] {
+            #[allow(clippy::cast_possible_wrap)]
+            let got = murmur2(input.as_bytes()) as i32;
+            assert_eq!(got, expected, "{input}");
+        }
+    }
+
+    #[test]
+    fn partitions_spread_and_stay_in_range() {
+        let mut seen = [0; 6];
+        for id in 0..600 {
+            let key = format!("{{\"id\":{id}}}");
+            let p = partition_of(key.as_bytes(), 6);
+            assert_eq!(p, partition_of(key.as_bytes(), 6), "deterministic");
+            seen[usize::try_from(p).unwrap()] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+        assert_eq!(partition_of(b"", 1), 0);
+    }
+
+    #[test]
+    fn record_positions_order_and_round_trip() {
+        let a = RecordPosition {
+            commit_lsn: 10,
+            event_index: 3,
+            sub: 0,
+        };
+        let tombstone = RecordPosition { sub: 1, ..a };
+        let next = RecordPosition {
+            commit_lsn: 10,
+            event_index: 4,
+            sub: 0,
+        };
+        assert!(a < tombstone && tombstone < next);
+        assert_eq!(
+            RecordPosition::parse(&tombstone.header_value()),
+            Some(tombstone)
+        );
+        for bad in ["", "1:2", "1:2:3:4", "x:1:0", "1:2:300"] {
+            assert_eq!(RecordPosition::parse(bad), None, "{bad}");
+        }
     }
 }

@@ -208,6 +208,15 @@ pub async fn primary_key(
 }
 
 /// How far the slot is behind the current WAL: (confirmed flush lag, retained WAL) in bytes.
+/// The database's current WAL write position.
+pub async fn current_wal_lsn(db: &Client) -> Result<Lsn, SetupError> {
+    let row = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(pg("reading the current WAL position"))?;
+    Ok(parse_lsn(row.get::<_, &str>(0)).unwrap_or(0))
+}
+
 pub async fn slot_lag(db: &Client, slot: &str) -> Result<Option<(i64, i64)>, SetupError> {
     let row = db
         .query_opt(

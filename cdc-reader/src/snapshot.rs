@@ -24,7 +24,7 @@ use pgwire_replication::ReplicationClient;
 use tokio_postgres::Client;
 
 use crate::decode::Lsn;
-use crate::envelope::{to_json_bytes, Record, Settings};
+use crate::envelope::{to_json_bytes, Record, RecordPosition, Settings};
 use crate::publish::{PublishError, Publisher};
 use crate::setup::{self, SetupError};
 use crate::values;
@@ -296,6 +296,7 @@ async fn send(
         .send(Record {
             topic: row.topic,
             key: Some(to_json_bytes(&row.key)),
+            position: RecordPosition::of(&row.envelope.source, 0),
             value: Some(to_json_bytes(&row.envelope)),
             all_partitions: false,
         })

@@ -130,6 +130,42 @@ async fn stream(
     let topics = config.captured_topics()?;
     publish::ensure_topics(&kafka, &topics).await?;
     let mut publisher = Publisher::new(&kafka)?;
+    // No duplicates across sessions: what each partition already has is not sent again.
+    publisher.learn_tails(&kafka, &topics).await?;
+    publisher.forget_tails_after(setup::current_wal_lsn(db).await?);
+    let result = stream_with(
+        config,
+        pg_config,
+        db,
+        metrics,
+        resume,
+        shutdown,
+        &mut publisher,
+    )
+    .await;
+    if publisher.skipped > 0 {
+        tracing::info!(
+            skipped = publisher.skipped,
+            "records not sent again: Kafka had them from an earlier session"
+        );
+    }
+    // The next session reads the partitions' ends: nothing of this one may land after that.
+    publisher.settle(SETTLE_LIMIT).await;
+    result
+}
+
+/// How long a session end waits for its records to be delivered or failed.
+const SETTLE_LIMIT: Duration = Duration::from_secs(60);
+
+async fn stream_with(
+    config: &Config,
+    pg_config: &tokio_postgres::Config,
+    db: &mut tokio_postgres::Client,
+    metrics: &Arc<Metrics>,
+    resume: &mut Resume,
+    shutdown: &CancellationToken,
+    publisher: &mut Publisher,
+) -> Result<(), SessionError> {
     let settings = envelope::Settings {
         server_name: config.server_name.clone(),
         database: pg_config.get_dbname().unwrap_or_default().to_owned(),
@@ -164,7 +200,7 @@ async fn stream(
                 &config.slot,
                 &config.tables,
                 &settings,
-                &mut publisher,
+                publisher,
                 config.max_in_flight,
             )
             .await?;
@@ -200,7 +236,7 @@ async fn stream(
             biased;
             () = shutdown.cancelled() => {
                 metrics.set_state(State::Stopping);
-                drain(&mut publisher, &repl, resume, &mut acknowledge).await;
+                drain(publisher, &repl, resume, &mut acknowledge).await;
                 // Stopping sends no status update of its own: wait (bounded) until the worker has
                 // reported the last confirmed position, or a restart re-sends what Kafka has.
                 let reported = tokio::time::timeout(config.status_interval() * 3, async {

@@ -557,3 +557,179 @@ async fn a_second_reader_on_the_same_slot_waits_and_says_why() {
     assert_eq!(records[1].value.as_ref().unwrap()["after"]["name"], "B");
     second.stop().await.unwrap();
 }
+
+/// The reader binary as a child process, so it can be killed with SIGKILL.
+fn spawn_reader(stack: &Stack, db: &TestDb, topic: &str) -> tokio::process::Child {
+    tokio::process::Command::new(e2e::workspace_binary("cdc-reader").unwrap())
+        .env("CDC_READER_DATABASE_URL", &db.url)
+        .env("CDC_READER_SLOT", &db.name)
+        .env("CDC_READER_PUBLICATION", &db.name)
+        .env("CDC_READER_TOPICS", format!("public.users={topic}"))
+        .env("CDC_READER_TOPIC_PARTITIONS", "3")
+        // Confirm rarely, so every kill leaves published but unconfirmed changes behind.
+        .env("CDC_READER_STATUS_INTERVAL_MS", "2000")
+        .env("CDC_READER_HTTP_LISTEN", "127.0.0.1:0")
+        .env("KAFKA_BROKERS", &stack.kafka_brokers)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_reader_killed_at_random_moments_publishes_every_change_once() {
+    use rand::Rng;
+    use std::collections::BTreeMap;
+
+    let stack = Stack::from_env();
+    let db = TestDb::create(&stack, "reader_kill", Some(schema::Database::UserDb))
+        .await
+        .unwrap();
+    let topic = format!("t-users-{}", unique_suffix());
+    let mut child = spawn_reader(&stack, &db, &topic);
+    // Kills during the initial snapshot are another test's matter (a snapshot is retaken whole);
+    // here they hit the stream.
+    let client = db.client().await.unwrap();
+    e2e::wait_for("the initial snapshot", WAIT, || async {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM cdc_reader_snapshots WHERE slot = $1",
+                &[&db.name],
+            )
+            .await?
+            .get(0);
+        Ok((n == 1).then_some(()))
+    })
+    .await
+    .unwrap();
+    let writer = db.client().await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let workload = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            while !stop.is_cancelled() {
+                e2e::random_workload(&writer, 5, 40).await?;
+            }
+            anyhow::Ok(())
+        }
+    });
+    for _ in 0..5 {
+        let pause = rand::rng().random_range(500..2000);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+        child = spawn_reader(&stack, &db, &topic);
+    }
+    stop.cancel();
+    workload.await.unwrap().unwrap();
+
+    // The last reader catches up: the slot confirms the end of the workload.
+    let end: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    e2e::wait_for("the slot to confirm the workload", WAIT, || async {
+        let row = client
+            .query_one(
+                "SELECT coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false) \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&db.name, &end],
+            )
+            .await?;
+        Ok(row.get::<_, bool>(0).then_some(()))
+    })
+    .await
+    .unwrap();
+    let records = e2e::read_topic(&stack, &topic, 1, WAIT).await.unwrap();
+
+    // Once: no two events share a position, and every tombstone follows its delete.
+    let mut positions: std::collections::HashMap<(u64, u64), (i32, i64)> =
+        std::collections::HashMap::new();
+    let mut last_in_partition: BTreeMap<i32, &Received> = BTreeMap::new();
+    let mut by_partition: Vec<&Received> = records.iter().collect();
+    by_partition.sort_by_key(|r| (r.partition, r.offset));
+    for r in &by_partition {
+        match &r.value {
+            Some(v) => {
+                let p = (
+                    v["source"]["commit_lsn"].as_u64().unwrap(),
+                    v["source"]["event_index"].as_u64().unwrap(),
+                );
+                if let Some(first) = positions.insert(p, (r.partition, r.offset)) {
+                    panic!(
+                        "event {p:?} published twice: partition/offset {first:?} and {:?}",
+                        (r.partition, r.offset)
+                    );
+                }
+            }
+            None => {
+                let before = last_in_partition.get(&r.partition).copied();
+                let follows_delete = before.is_some_and(|b| {
+                    b.key == r.key && b.value.as_ref().is_some_and(|v| v["op"] == "d")
+                });
+                assert!(follows_delete, "a tombstone that follows no delete: {r:?}");
+            }
+        }
+        last_in_partition.insert(r.partition, r);
+    }
+    // Nothing lost: replaying the topic gives the table.
+    let mut state: BTreeMap<i64, Value> = BTreeMap::new();
+    for r in &by_partition {
+        let Some(v) = &r.value else { continue };
+        let id = r.key.as_ref().unwrap()["id"].as_i64().unwrap();
+        match v["op"].as_str().unwrap() {
+            "d" => {
+                state.remove(&id);
+            }
+            _ => {
+                let a = &v["after"];
+                state.insert(
+                    id,
+                    json!([a["name"], a["email"], a["department"], a["status"]]),
+                );
+            }
+        }
+    }
+    let table: BTreeMap<i64, Value> = client
+        .query("SELECT id, name, email, department, status FROM users", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i64>(0),
+                json!([
+                    r.get::<_, &str>(1),
+                    r.get::<_, &str>(2),
+                    r.get::<_, &str>(3),
+                    r.get::<_, &str>(4)
+                ]),
+            )
+        })
+        .collect();
+    let differ: Vec<_> = table
+        .iter()
+        .filter(|(id, row)| state.get(id) != Some(row))
+        .map(|(id, row)| (id, row, state.get(id)))
+        .chain(
+            state
+                .iter()
+                .filter(|(id, _)| !table.contains_key(id))
+                .map(|(id, row)| (id, row, None)),
+        )
+        .take(5)
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{} rows in the topic, {} in the table; first differences (id, one side, other): {differ:?}",
+        state.len(),
+        table.len()
+    );
+    assert!(table.len() > 50, "the workload left {} rows", table.len());
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+}

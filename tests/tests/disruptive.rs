@@ -1,5 +1,5 @@
-//! What the reader does when PostgreSQL restarts or the broker goes away. These tests restart
-//! shared infrastructure, so scripts/test runs them last and one at a time.
+//! What the reader and the projector do when PostgreSQL restarts or the broker goes away. These
+//! tests restart shared infrastructure, so scripts/test runs them last and one at a time.
 
 // Helpers of a test binary: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
@@ -7,13 +7,14 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use e2e::{read_topic, unique_suffix, Disruptive, Reader, Stack, TestDb};
+use e2e::{read_exactly, Disruptive, Pipeline, Projector, Stack, TestDb};
 
 const WAIT: Duration = Duration::from_secs(90);
 
-/// Distinct emails of the created rows in `topic`, read until at least `n` records are there.
+/// Distinct emails of the created rows in `topic`, which must hold exactly `n` records: none
+/// lost, none sent twice.
 async fn emails(stack: &Stack, topic: &str, n: usize) -> BTreeSet<String> {
-    read_topic(stack, topic, n, WAIT)
+    read_exactly(stack, topic, n, WAIT)
         .await
         .unwrap()
         .iter()
@@ -42,53 +43,49 @@ async fn insert(db: &TestDb, tag: &str, n: i64) {
         .unwrap();
 }
 
-async fn setup(prefix: &str, brokers: &str) -> (Stack, TestDb, String, Reader) {
+/// A reader and a projector on the durable broker.
+async fn setup(prefix: &str, brokers: &str) -> (Pipeline, Projector) {
     let mut stack = Stack::from_env();
     stack.kafka_brokers = brokers.to_owned();
-    let db = TestDb::create(&stack, prefix, Some(schema::Database::UserDb))
-        .await
-        .unwrap();
-    let topic = format!("t-users-{}", unique_suffix());
-    let config = Reader::config(
-        &stack,
-        &db,
-        &["public.users"],
-        &[format!("public.users={topic}")],
-    );
-    let reader = Reader::start(config).await.unwrap();
-    reader.wait_streaming().await.unwrap();
-    (stack, db, topic, reader)
+    let p = Pipeline::start_on(stack, prefix).await.unwrap();
+    let projector = Projector::start(p.projector_config()).await.unwrap();
+    (p, projector)
 }
 
 #[tokio::test]
 async fn postgres_restarts_fast_and_immediate_lose_nothing() {
     let control = Disruptive::from_env();
-    let (stack, db, topic, reader) = setup("restart_pg", &control.durable_brokers).await;
-    insert(&db, "a", 100).await;
-    assert_eq!(emails(&stack, &topic, 100).await.len(), 100);
+    let (p, projector) = setup("restart_pg", &control.durable_brokers).await;
+    let (stack, db, topic, reader) = (&p.stack, &p.user_db, &p.topic, &p.reader);
+    insert(db, "a", 100).await;
+    assert_eq!(emails(stack, topic, 100).await.len(), 100);
 
     control.control(&["pg-restart", "fast"]).await.unwrap();
-    insert(&db, "b", 100).await;
+    insert(db, "b", 100).await;
     control.control(&["pg-restart", "immediate"]).await.unwrap();
-    insert(&db, "c", 100).await;
+    insert(db, "c", 100).await;
 
-    // Every change arrives; one sent but unconfirmed when the connection died may come twice.
+    // Every change arrives once, also those sent but not confirmed when the connection died.
     assert_eq!(
-        emails(&stack, &topic, 300).await.len(),
+        emails(stack, topic, 300).await.len(),
         300,
         "a change was lost"
     );
     reader.wait_streaming().await.unwrap();
     assert!(reader.metric("cdc_reader_reconnects_total").await.unwrap() >= 2.0);
-    reader.stop().await.unwrap();
+    // The projector lost its view database twice and caught up, exactly.
+    p.converged(WAIT).await.unwrap();
+    projector.stop().await.unwrap();
+    p.reader.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn the_broker_away_for_10_s_loses_nothing_and_the_slot_holds_the_wal() {
     let control = Disruptive::from_env();
-    let (stack, db, topic, reader) = setup("broker_away", &control.durable_brokers).await;
-    insert(&db, "a", 100).await;
-    assert_eq!(emails(&stack, &topic, 100).await.len(), 100);
+    let (p, projector) = setup("broker_away", &control.durable_brokers).await;
+    let (stack, db, topic) = (&p.stack, &p.user_db, &p.topic);
+    insert(db, "a", 100).await;
+    assert_eq!(emails(stack, topic, 100).await.len(), 100);
 
     control.control(&["broker-stop"]).await.unwrap();
     // b's rows, and a WAL position inside their transaction: the commit comes after it, so a
@@ -125,7 +122,7 @@ async fn the_broker_away_for_10_s_loses_nothing_and_the_slot_holds_the_wal() {
 
     control.control(&["broker-start"]).await.unwrap();
     assert_eq!(
-        emails(&stack, &topic, 200).await.len(),
+        emails(stack, topic, 200).await.len(),
         200,
         "a change was lost"
     );
@@ -141,5 +138,8 @@ async fn the_broker_away_for_10_s_loses_nothing_and_the_slot_holds_the_wal() {
     })
     .await
     .unwrap();
-    reader.stop().await.unwrap();
+    // The projector rode out the outage and caught up, exactly.
+    p.converged(WAIT).await.unwrap();
+    projector.stop().await.unwrap();
+    p.reader.stop().await.unwrap();
 }
