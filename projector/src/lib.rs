@@ -274,7 +274,14 @@ async fn consume(
     };
     let consumer: StreamConsumer<Context> =
         kafka.create_with_context(context).map_err(Error::Kafka)?;
-    consumer.subscribe(&[&config.topic]).map_err(Error::Kafka)?;
+    match config.assignment {
+        config::Assignment::Group => consumer.subscribe(&[&config.topic]).map_err(Error::Kafka)?,
+        config::Assignment::All => {
+            if !assign_all(&consumer, config, shutdown).await? {
+                return Ok(());
+            }
+        }
+    }
     let (schema_name, table) = config.source_table()?;
     let mut p = Projector {
         config,
@@ -292,6 +299,51 @@ async fn consume(
     tracing::info!(topic = %config.topic, group = %config.group,
         dead_letter_topic = %config.dead_letter_topic(), "projector consuming");
     p.run().await
+}
+
+/// Takes every partition of the topic (waiting for the topic to exist), without a group; the loop
+/// then positions them as after a rebalance. Ok(false) on shutdown.
+async fn assign_all(
+    consumer: &StreamConsumer<Context>,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<bool, Error> {
+    let mut backoff = service::Backoff::default();
+    loop {
+        match consumer.fetch_metadata(Some(&config.topic), Duration::from_secs(10)) {
+            Ok(metadata) => {
+                let partitions: Vec<i32> = metadata
+                    .topics()
+                    .iter()
+                    .filter(|t| t.name() == config.topic)
+                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                    .collect();
+                if !partitions.is_empty() {
+                    let mut tpl = TopicPartitionList::new();
+                    for p in &partitions {
+                        tpl.add_partition_offset(&config.topic, *p, Offset::Beginning)
+                            .map_err(Error::Kafka)?;
+                    }
+                    consumer.assign(&tpl).map_err(Error::Kafka)?;
+                    let context = consumer.context();
+                    if let Ok(mut a) = context.assigned.lock() {
+                        a.extend(partitions.iter().copied());
+                    }
+                    context.generation.fetch_add(1, Ordering::SeqCst);
+                    tracing::info!(
+                        ?partitions,
+                        "took every partition of the topic (assignment: all)"
+                    );
+                    return Ok(true);
+                }
+                tracing::info!(topic = %config.topic, "waiting for the topic to exist");
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the topic's partitions failed; retrying"),
+        }
+        if !backoff.wait(shutdown).await {
+            return Ok(false);
+        }
+    }
 }
 
 struct Projector<'a> {

@@ -5,6 +5,8 @@
 //! with a random suffix ([`TestDb::create`]) and drops it afterwards, so tests run in parallel and
 //! never see each other's state.
 
+pub mod chaos;
+
 use std::time::Duration;
 
 use anyhow::Context;
@@ -396,6 +398,7 @@ impl Projector {
             kafka_brokers: stack.kafka_brokers.clone(),
             topic: topic.to_owned(),
             group: format!("{}-projector", view_db.name),
+            assignment: projector::config::Assignment::Group,
             dead_letter_topic: None,
             source_table: "public.users".to_owned(),
             batch_max_events: 5000,

@@ -143,3 +143,24 @@ async fn the_broker_away_for_10_s_loses_nothing_and_the_slot_holds_the_wal() {
     projector.stop().await.unwrap();
     p.reader.stop().await.unwrap();
 }
+
+/// `scripts/chaos` in its short mode: SIGKILLs of the reader and the projector under a mixed
+/// workload, then every guarantee checked.
+#[tokio::test]
+async fn chaos_short_run_finds_no_violation() {
+    let options = e2e::chaos::Options {
+        changes: 10_000,
+        kills: 6,
+        restarts: None,
+        broker_restarts: false,
+        idle: Duration::from_secs(5),
+    };
+    let summary = e2e::chaos::run(Stack::from_env(), &options).await.unwrap();
+    eprintln!("chaos summary: {}", summary.json());
+    assert!(
+        summary.reader_kills + summary.projector_kills >= 3,
+        "{}",
+        summary.json()
+    );
+    assert!(summary.violations.is_empty(), "{}", summary.json());
+}

@@ -1,0 +1,86 @@
+//! The chaos run (see `e2e::chaos`), on the stack `scripts/chaos` starts. Prints a summary and,
+//! last, `CHAOS {json}`; exits 1 on any violation.
+//!
+//! ```text
+//! chaos [--changes N] [--kills K] [--long [--no-broker-restarts]]
+//! ```
+//! `--long` also restarts PostgreSQL and the broker (on the stack's durable broker) and idles a
+//! minute before measuring the WAL the slot retains; `--no-broker-restarts` keeps the broker up
+//! (and uses the memory-storage one).
+
+// A report printer: stdout is its output.
+#![allow(clippy::print_stdout)]
+
+use std::time::Duration;
+
+use anyhow::Context;
+use e2e::chaos::{self, Options};
+use e2e::{Disruptive, Stack};
+
+fn arg(name: &str, default: u64) -> anyhow::Result<u64> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .with_context(|| format!("{name} needs a value"))?
+            .parse()
+            .with_context(|| format!("{name} must be a number")),
+        None => Ok(default),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let long = std::env::args().any(|a| a == "--long");
+    let broker_restarts = long && !std::env::args().any(|a| a == "--no-broker-restarts");
+    let options = Options {
+        changes: arg("--changes", if long { 100_000 } else { 20_000 })?,
+        kills: u32::try_from(arg("--kills", if long { 24 } else { 8 })?)?,
+        restarts: long.then(Disruptive::from_env),
+        broker_restarts,
+        idle: Duration::from_secs(if long { 60 } else { 10 }),
+    };
+    let mut stack = Stack::from_env();
+    if broker_restarts {
+        // Restarts need the broker with durable storage.
+        stack.kafka_brokers = Disruptive::from_env().durable_brokers;
+    }
+    let s = chaos::run(stack, &options).await?;
+    println!("chaos run ({})", if long { "long" } else { "short" });
+    println!(
+        "  changes committed       {:>10} in {} transactions, {:.1} s",
+        s.changes, s.transactions, s.workload_s
+    );
+    println!(
+        "  kills                   {:>10} reader, {} projector (SIGKILL)",
+        s.reader_kills, s.projector_kills
+    );
+    println!(
+        "  restarts                {:>10} PostgreSQL, {} broker",
+        s.postgres_restarts, s.broker_restarts
+    );
+    println!("  records in the topic    {:>10}", s.records);
+    println!("  duplicates              {:>10}", s.duplicates);
+    println!("  lost                    {:>10}", s.lost);
+    println!(
+        "  views equal the source  {:>10}",
+        s.view_mismatch.is_none()
+    );
+    println!("  time to converge        {:>10.1} s", s.converge_s);
+    println!(
+        "  slot behind the WAL     {:>10} bytes after the idle time",
+        s.confirmed_lag_bytes
+    );
+    println!(
+        "  WAL the slot retains    {:>10} bytes",
+        s.retained_wal_bytes
+    );
+    for v in &s.violations {
+        println!("  VIOLATION: {v}");
+    }
+    println!("CHAOS {}", s.json());
+    if !s.violations.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
