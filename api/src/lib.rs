@@ -10,8 +10,10 @@
 //! - [`post_api`]: routes, validation ([`post_api::model`]) and SQL of the post service.
 //! - [`http`]: the error format clients see, bounded JSON bodies, rejection mapping.
 //! - [`db`]: connection pool, query errors as clients see them, `/health`.
+//! - [`serve`]: pool, migrations, serving and draining, for both services.
 
 pub mod db;
 pub mod http;
 pub mod post_api;
+pub mod serve;
 pub mod user_api;

@@ -82,6 +82,20 @@ pub fn init_logs() {
         .try_init();
 }
 
+/// The value after `name` on the command line (`--changes 1000`), or `default`. For the bench and
+/// chaos binaries.
+pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .with_context(|| format!("{name} needs a value"))?
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name} must be a number")),
+        None => Ok(default),
+    }
+}
+
 /// A lowercase random suffix for names of databases, slots, topics.
 pub fn unique_suffix() -> String {
     Alphanumeric
@@ -208,18 +222,27 @@ impl Drop for TestDb {
     }
 }
 
-/// A REST service running in this process on an ephemeral port, served over real TCP.
+/// A REST service running in this process on an ephemeral port, served over real TCP. `S` says
+/// which ([`User`] or [`Post`]).
 #[derive(Debug)]
-pub struct HttpService<E> {
+pub struct HttpService<S> {
     pub base_url: String,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), E>>,
+    task: tokio::task::JoinHandle<Result<(), api::serve::Error>>,
+    service: std::marker::PhantomData<S>,
 }
 
+/// Marks user-api.
+#[derive(Debug)]
+pub struct User;
+/// Marks post-api.
+#[derive(Debug)]
+pub struct Post;
+
 /// user-api over a test database.
-pub type UserApi = HttpService<api::user_api::Error>;
+pub type UserApi = HttpService<User>;
 /// post-api over a test view database.
-pub type PostApi = HttpService<api::post_api::Error>;
+pub type PostApi = HttpService<Post>;
 
 impl UserApi {
     pub async fn start(database_url: &str) -> anyhow::Result<UserApi> {
@@ -253,11 +276,11 @@ impl PostApi {
     }
 }
 
-impl<E: std::error::Error + Send + Sync + 'static> HttpService<E> {
+impl<S> HttpService<S> {
     fn spawn<F, Fut>(listener: tokio::net::TcpListener, run: F) -> anyhow::Result<Self>
     where
         F: FnOnce(tokio::net::TcpListener, CancellationToken) -> Fut,
-        Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), api::serve::Error>> + Send + 'static,
     {
         let base_url = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();
@@ -266,6 +289,7 @@ impl<E: std::error::Error + Send + Sync + 'static> HttpService<E> {
             base_url,
             shutdown,
             task,
+            service: std::marker::PhantomData,
         })
     }
 

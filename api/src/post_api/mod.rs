@@ -35,8 +35,9 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use self::store::Written;
-use crate::db::{self, DbError};
+use crate::db;
 use crate::http::{self, ApiError, Page};
+use crate::serve;
 
 /// Settings of post-api; every flag can also come from the environment variable named beside it.
 #[derive(clap::Args, Clone)]
@@ -70,13 +71,7 @@ impl std::fmt::Debug for Config {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Db(#[from] DbError),
-    #[error("in-flight requests did not finish within {0:?} of shutdown")]
-    DrainTimeout(Duration),
-}
+pub use crate::serve::Error;
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then drains in-flight requests.
 pub async fn run(
@@ -84,29 +79,15 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let pool = db::pool(&config.database_url, usize::from(config.db_pool_size))?;
-    if !config.skip_migrations {
-        let migrated = schema::migrate_when_reachable(
-            &config.database_url,
-            schema::Database::ViewDb,
-            &shutdown,
-        )
-        .await;
-        let applied = match migrated {
-            Ok(applied) => applied,
-            Err(schema::WaitError::Cancelled(_)) => return Ok(()),
-            Err(e) => return Err(DbError::from(e).into()),
-        };
-        tracing::info!(?applied, "materialized_view_db schema is current");
-    }
-    let addr = listener.local_addr().ok();
-    tracing::info!(?addr, "post-api listening");
-    let limit = Duration::from_secs(config.shutdown_timeout_secs);
-    if http::serve(routes(pool), listener, shutdown, limit).await {
-        Ok(())
-    } else {
-        Err(Error::DrainTimeout(limit))
-    }
+    let service = serve::Service {
+        name: "post-api",
+        database: schema::Database::ViewDb,
+        database_url: &config.database_url,
+        pool_size: config.db_pool_size,
+        skip_migrations: config.skip_migrations,
+        drain: Duration::from_secs(config.shutdown_timeout_secs),
+    };
+    serve::run(service, listener, shutdown, routes).await
 }
 
 /// Every route of the service, with JSON errors for rejections and an access log.

@@ -20,19 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
-use e2e::{connect, unique_suffix, workspace_binary, Stack, TestDb};
-
-fn arg(name: &str, default: i64) -> anyhow::Result<i64> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => args
-            .get(i + 1)
-            .with_context(|| format!("{name} needs a value"))?
-            .parse()
-            .with_context(|| format!("{name} must be a number")),
-        None => Ok(default),
-    }
-}
+use e2e::{arg, connect, unique_suffix, workspace_binary, Stack, TestDb};
 
 /// A service binary running as a child process.
 struct Service {
@@ -139,9 +127,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let changes = arg("--changes", 200_000)?;
-    let rate = arg("--rate", 1000)?;
-    let seconds = arg("--seconds", 30)?;
+    let changes = arg::<i64>("--changes", 200_000)?;
+    let rate = arg::<i64>("--rate", 1000)?;
+    let seconds = arg::<i64>("--seconds", 30)?;
     if changes < rate * seconds {
         bail!("--changes ({changes}) must be at least --rate × --seconds: each steady-load change updates a distinct user");
     }

@@ -17,27 +17,15 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use e2e::{connect, unique_suffix, Stack, TestDb};
+use e2e::{arg, connect, unique_suffix, Stack, TestDb};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::Message;
 
 const TX_ROWS: i64 = 1000;
 
-fn arg(name: &str, default: i64) -> anyhow::Result<i64> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => args
-            .get(i + 1)
-            .with_context(|| format!("{name} needs a value"))?
-            .parse()
-            .with_context(|| format!("{name} must be a number")),
-        None => Ok(default),
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let changes = arg("--changes", 100_000)?;
+    let changes = arg::<i64>("--changes", 100_000)?;
     let stack = Stack::from_env();
     let pg_bin = std::env::var("CDC_BENCH_PG_BIN").context("CDC_BENCH_PG_BIN")?;
     let reader_bin = std::env::var("CDC_BENCH_READER_BIN").context("CDC_BENCH_READER_BIN")?;

@@ -13,29 +13,16 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use e2e::chaos::{self, Options};
-use e2e::{Disruptive, Stack};
-
-fn arg(name: &str, default: u64) -> anyhow::Result<u64> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => args
-            .get(i + 1)
-            .with_context(|| format!("{name} needs a value"))?
-            .parse()
-            .with_context(|| format!("{name} must be a number")),
-        None => Ok(default),
-    }
-}
+use e2e::{arg, Disruptive, Stack};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let long = std::env::args().any(|a| a == "--long");
     let broker_restarts = long && !std::env::args().any(|a| a == "--no-broker-restarts");
     let options = Options {
-        changes: arg("--changes", if long { 100_000 } else { 20_000 })?,
-        kills: u32::try_from(arg("--kills", if long { 24 } else { 8 })?)?,
+        changes: arg::<u64>("--changes", if long { 100_000 } else { 20_000 })?,
+        kills: u32::try_from(arg::<u64>("--kills", if long { 24 } else { 8 })?)?,
         restarts: long.then(Disruptive::from_env),
         broker_restarts,
         idle: Duration::from_secs(if long { 60 } else { 10 }),
