@@ -5,7 +5,8 @@
 #   scripts/kafka-replay.sh -t user-events [-s SERVERS] [-o earliest|latest|OFFSET] [-p PARTITION] [-f]
 #
 # -s defaults to KAFKA_BROKERS, else the dev broker 127.0.0.1:19092. -f follows new records.
-# -r GROUP (replaying the projector from the offset) needs the projector, which is not built yet.
+# -r GROUP (replaying the projector from the offset) is not built yet: the projector reads its
+# offsets from materialized_view_db.projector_offsets, and the replay tooling is still to come.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 args=()
@@ -16,7 +17,7 @@ while getopts "t:s:o:p:r:yfh" opt; do
     o) args+=(-o "$OPTARG") ;;
     p) args+=(-p "$OPTARG") ;;
     f) args+=(-f) ;;
-    r) echo "error: -r (replay the projector's group) needs the projector, which is not built yet" >&2; exit 2 ;;
+    r) echo "error: -r (replay the projector's group) is not built yet; the projector's offsets live in materialized_view_db.projector_offsets" >&2; exit 2 ;;
     y) ;;
     h) sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) exit 2 ;;
