@@ -149,8 +149,14 @@ async fn stream(
             "records not sent again: Kafka had them from an earlier session"
         );
     }
-    // The next session reads the partitions' ends: nothing of this one may land after that.
-    publisher.settle(SETTLE_LIMIT).await;
+    // The next session reads the partitions' ends: nothing of this one may land after that. On a
+    // shutdown the drain has had its time already; the next start's tail read waits for stragglers.
+    let limit = if shutdown.is_cancelled() {
+        Duration::from_secs(5)
+    } else {
+        SETTLE_LIMIT
+    };
+    publisher.settle(limit).await;
     result
 }
 
