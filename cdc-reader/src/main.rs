@@ -1,8 +1,6 @@
 //! cdc-reader: streams the PostgreSQL WAL of the captured tables to Kafka (see the library docs).
 
-use anyhow::Context;
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -19,19 +17,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.config.validate()?;
-    service::init_tracing();
-    tokio::runtime::Runtime::new()
-        .context("starting the tokio runtime")?
-        .block_on(async {
-            let shutdown = CancellationToken::new();
-            let signals = service::cancel_on_signal(shutdown.clone())
-                .context("installing signal handlers")?;
-            let listener = service::telemetry::bind(args.config.http_listen)
-                .await
-                .with_context(|| format!("binding {}", args.config.http_listen))?;
-            let result = cdc_reader::run(args.config, listener, shutdown.clone()).await;
-            shutdown.cancel();
-            signals.await.context("signal task panicked")?;
-            Ok(result?)
-        })
+    service::main(args.config.http_listen, |listener, shutdown| {
+        cdc_reader::run(args.config, listener, shutdown)
+    })
 }

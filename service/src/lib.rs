@@ -23,6 +23,33 @@ pub fn init_tracing() {
         .init();
 }
 
+/// The `main` of every service binary: tracing, a runtime, one shutdown token cancelled by
+/// SIGINT/SIGTERM, a listener bound on `addr` (so a taken port fails start-up), then
+/// `run(listener, shutdown)` until it returns.
+pub fn main<F, Fut, E>(addr: std::net::SocketAddr, run: F) -> anyhow::Result<()>
+where
+    F: FnOnce(tokio::net::TcpListener, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    use anyhow::Context;
+    init_tracing();
+    tokio::runtime::Runtime::new()
+        .context("starting the tokio runtime")?
+        .block_on(async {
+            let shutdown = CancellationToken::new();
+            let signals =
+                cancel_on_signal(shutdown.clone()).context("installing signal handlers")?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            let result = run(listener, shutdown.clone()).await;
+            shutdown.cancel();
+            signals.await.context("signal task panicked")?;
+            Ok(result?)
+        })
+}
+
 /// Cancels `token` on the first SIGINT or SIGTERM. Returns the handle of the watching task.
 pub fn cancel_on_signal(token: CancellationToken) -> std::io::Result<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{signal, SignalKind};

@@ -17,11 +17,6 @@ pub trait Telemetry: Send + Sync + 'static {
     fn render(&self) -> String;
 }
 
-/// Binds the telemetry address (so a taken port fails start-up, not later).
-pub async fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
-}
-
 /// Serves `/health` and `/metrics` on `listener` until `shutdown`, in a task of its own.
 pub fn spawn<T: Telemetry>(
     listener: tokio::net::TcpListener,

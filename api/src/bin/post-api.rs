@@ -1,8 +1,6 @@
 //! post-api: REST API of the post service (see `api::post_api`).
 
-use anyhow::Context;
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -16,19 +14,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    service::init_tracing();
-    tokio::runtime::Runtime::new()
-        .context("starting the tokio runtime")?
-        .block_on(async {
-            let shutdown = CancellationToken::new();
-            let signals = service::cancel_on_signal(shutdown.clone())
-                .context("installing signal handlers")?;
-            let listener = tokio::net::TcpListener::bind(args.config.listen)
-                .await
-                .with_context(|| format!("binding {}", args.config.listen))?;
-            let result = api::post_api::run(args.config, listener, shutdown.clone()).await;
-            shutdown.cancel();
-            signals.await.context("signal task panicked")?;
-            Ok(result?)
-        })
+    service::main(args.config.listen, |listener, shutdown| {
+        api::post_api::run(args.config, listener, shutdown)
+    })
 }
