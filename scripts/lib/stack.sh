@@ -11,13 +11,10 @@ TANSU_BIN=$TOOLS_DIR/tansu-$TANSU_VERSION/bin/tansu
 
 # The private cluster's superuser (its password is random per cluster: pg_superuser_password).
 PG_SUPERUSER=postgres
-# role:password:what — the least-privilege roles the services use (dev-only passwords; the cluster
+# The service roles and databases come from the compose stack's init script, so both stacks grant
+# the same least-privilege roles; here each password is the role's name (dev only: the cluster
 # listens on 127.0.0.1 only).
-PG_SERVICE_ROLES=(
-  "user_service:user_service:owns user_db (user-api)"
-  "view_service:view_service:owns materialized_view_db (projector, post-api)"
-  "cdc_reader:cdc_reader:logical replication from user_db (cdc-reader)"
-)
+PG_INIT_SCRIPT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/compose/postgres/10-cdc-pipeline.sh
 
 log() { printf '%s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -76,6 +73,12 @@ ensure_build_tools() {
 ensure_curl() {
   command -v curl >/dev/null && return
   apt_install curl ca-certificates
+}
+
+# Debian's docker-compose (1.29): validates compose files without a Docker engine.
+ensure_docker_compose() {
+  command -v docker-compose >/dev/null && return
+  apt_install docker-compose
 }
 
 # Builds the pinned broker once into $TOOLS_DIR (outside the clone, reused by every clone).
@@ -328,24 +331,11 @@ pg_psql() {
 
 # pg_bootstrap DIR PORT: the service roles and the two databases, created when missing.
 pg_bootstrap() {
-  local dir=$1 port=$2 entry role pass
-  for entry in "${PG_SERVICE_ROLES[@]}"; do
-    IFS=: read -r role pass _ <<<"$entry"
-    pg_psql "$dir" "$port" postgres <<EOF
-SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', '$role', '$pass')
- WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$role') \gexec
-EOF
-  done
-  pg_psql "$dir" "$port" postgres <<'EOF'
-ALTER ROLE cdc_reader REPLICATION;
--- The reader creates its publication on user_db.users, which PostgreSQL allows the table's owner
--- only; membership in the owning role grants that (and reading the table).
-GRANT user_service TO cdc_reader;
-SELECT 'CREATE DATABASE user_db OWNER user_service'
- WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'user_db') \gexec
-SELECT 'CREATE DATABASE materialized_view_db OWNER view_service'
- WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'materialized_view_db') \gexec
-EOF
+  local dir=$1 port=$2
+  PATH="$(dirname "$PSQL"):$PATH" PGHOST=$(pg_socket_dir "$dir") PGPORT=$port \
+    POSTGRES_USER=$PG_SUPERUSER USER_SERVICE_PASSWORD=user_service \
+    VIEW_SERVICE_PASSWORD=view_service CDC_READER_PASSWORD=cdc_reader \
+    sh "$PG_INIT_SCRIPT"
 }
 
 # --- broker ------------------------------------------------------------------------------------
