@@ -101,7 +101,7 @@ pub struct Settings {
 struct Table {
     relation: Relation,
     topic: String,
-    /// Indexes of the primary key columns (or of the replica identity when there is no key).
+    /// Indexes of the key columns (see [`event_key`]).
     key: Vec<usize>,
 }
 
@@ -111,6 +111,36 @@ struct Transaction {
     commit_lsn: Lsn,
     commit_time_ms: i64,
     next_index: u64,
+}
+
+/// The columns an event of `relation` is keyed by: its primary key, when its replica identity
+/// covers it (DEFAULT, FULL, or an index over the key's columns), so that deletes carry the key.
+/// When the identity is an index that leaves out a primary key column, a delete carries only that
+/// index's columns: the table is keyed by them instead, for every event, so that each row keeps
+/// one key. Without a primary key, the identity's columns.
+fn event_key(relation: &Relation, primary_key: Option<Vec<String>>) -> Vec<usize> {
+    let identity: Vec<usize> = (0..relation.columns.len())
+        .filter(|&i| relation.columns[i].key)
+        .collect();
+    let Some(names) = primary_key else {
+        return identity;
+    };
+    let key: Vec<usize> = names
+        .iter()
+        .filter_map(|n| relation.columns.iter().position(|c| &c.name == n))
+        .collect();
+    if identity.is_empty() || key.iter().all(|i| identity.contains(i)) {
+        return key;
+    }
+    // Once per Relation message: at the start of a session and after DDL.
+    tracing::warn!(
+        table = %format!("{}.{}", relation.namespace, relation.name),
+        key = ?identity.iter().map(|&i| &relation.columns[i].name).collect::<Vec<_>>(),
+        "the table's REPLICA IDENTITY is an index without its primary key: its deletes do not \
+         carry the primary key, so its events are keyed by the identity's columns (ALTER TABLE \
+         ... REPLICA IDENTITY DEFAULT or FULL keys them by the primary key)"
+    );
+    identity
 }
 
 /// Turns the decoded stream into records.
@@ -186,15 +216,7 @@ impl Builder {
                     .get(&qualified)
                     .cloned()
                     .unwrap_or(qualified);
-                let key = match primary_key(&relation) {
-                    Some(names) => names
-                        .iter()
-                        .filter_map(|n| relation.columns.iter().position(|c| &c.name == n))
-                        .collect(),
-                    None => (0..relation.columns.len())
-                        .filter(|&i| relation.columns[i].key)
-                        .collect(),
-                };
+                let key = event_key(&relation, primary_key(&relation));
                 self.tables.insert(
                     relation.id,
                     Table {
@@ -504,6 +526,35 @@ mod tests {
         assert_eq!(v["after"], Value::Null);
         let (_, tkey, tomb, _) = &rs[7];
         assert_eq!((tkey, tomb), (&json!({"id": 3}), &Value::Null));
+    }
+
+    #[test]
+    fn events_are_keyed_by_the_primary_key_unless_the_identity_leaves_it_out() {
+        let relation = |flags: [bool; 3]| Relation {
+            id: 1,
+            namespace: "public".to_owned(),
+            name: "u".to_owned(),
+            replica_identity: decode::ReplicaIdentity::Index,
+            columns: ["id", "email", "name"]
+                .iter()
+                .zip(flags)
+                .map(|(n, key)| decode::Column {
+                    key,
+                    name: (*n).to_owned(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        };
+        let pk = || Some(vec!["id".to_owned()]);
+        // DEFAULT (the key), an index over the key and more, FULL: the primary key.
+        assert_eq!(event_key(&relation([true, false, false]), pk()), [0]);
+        assert_eq!(event_key(&relation([true, true, false]), pk()), [0]);
+        assert_eq!(event_key(&relation([true, true, true]), pk()), [0]);
+        // An index on email alone: deletes carry only email, so email keys every event.
+        assert_eq!(event_key(&relation([false, true, false]), pk()), [1]);
+        // No primary key: the identity.
+        assert_eq!(event_key(&relation([false, true, true]), None), [1, 2]);
     }
 
     #[test]

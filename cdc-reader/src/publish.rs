@@ -310,6 +310,38 @@ impl Publisher {
         Ok(found)
     }
 
+    /// Where every partition of `topics` ends now (its high watermark), as (topic, partition,
+    /// offset).
+    pub async fn end_offsets(
+        &mut self,
+        settings: &KafkaSettings,
+        topics: &[String],
+    ) -> Result<Vec<(String, i32, i64)>, PublishError> {
+        let mut work = Vec::new();
+        for topic in topics {
+            let n = self.partition_count(topic).await?;
+            work.extend((0..n).map(|p| (topic.clone(), p)));
+        }
+        let brokers = settings.brokers.clone();
+        tokio::task::spawn_blocking(move || {
+            let consumer = reading_consumer(&brokers)?;
+            work.into_iter()
+                .map(|(topic, partition)| {
+                    let (_, high) = consumer
+                        .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                        .map_err(|source| PublishError::Tail {
+                            topic: topic.clone(),
+                            partition,
+                            source,
+                        })?;
+                    Ok((topic, partition, high))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|_| PublishError::Cancelled)?
+    }
+
     /// Forgets tails past `wal_end` (the database's current WAL position): such records come from
     /// another history of the database (a restored or re-created cluster), and skipping up to them
     /// would lose changes.
@@ -388,17 +420,104 @@ fn murmur2(data: &[u8]) -> u32 {
     h
 }
 
+/// A consumer that reads assigned partitions and commits nothing.
+fn reading_consumer(brokers: &str) -> Result<BaseConsumer<TracingContext>, PublishError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "cdc-reader-tail")
+        .set("enable.auto.commit", "false")
+        .create_with_context(TracingContext)
+        .map_err(PublishError::Client)
+}
+
+/// Reads every record of each `(topic, partition)` from its offset to its end and folds it into
+/// `state` with `f` (in offset order within a partition): topic, key, value, position. The end is the high
+/// watermark seen at the start, and then nothing more for a moment (tansu 0.6 may report a
+/// watermark below its last batch).
+pub async fn read_back<S, F>(
+    settings: &KafkaSettings,
+    starts: Vec<(String, i32, i64)>,
+    mut state: S,
+    f: F,
+) -> Result<S, PublishError>
+where
+    S: Send + 'static,
+    F: Fn(&mut S, &str, Option<&[u8]>, Option<&[u8]>, Option<RecordPosition>) + Send + 'static,
+{
+    let brokers = settings.brokers.clone();
+    tokio::task::spawn_blocking(move || {
+        let consumer = reading_consumer(&brokers)?;
+        let err = |topic: &str, partition: i32, source| PublishError::Tail {
+            topic: topic.to_owned(),
+            partition,
+            source,
+        };
+        let mut tpl = TopicPartitionList::new();
+        // Partitions with records to read, and the offset of their last one.
+        let mut to_reach: HashMap<(String, i32), i64> = HashMap::new();
+        for (topic, partition, from) in &starts {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, *partition, Duration::from_secs(10))
+                .map_err(|e| err(topic, *partition, e))?;
+            if high > *from {
+                to_reach.insert((topic.clone(), *partition), high - 1);
+            }
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*from))
+                .map_err(|e| err(topic, *partition, e))?;
+        }
+        if starts.is_empty() {
+            return Ok(state);
+        }
+        consumer
+            .assign(&tpl)
+            .map_err(|e| err(&starts[0].0, starts[0].1, e))?;
+        let mut quiet_since = std::time::Instant::now();
+        loop {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    let tp = (m.topic().to_owned(), m.partition());
+                    if to_reach.get(&tp).is_some_and(|last| m.offset() >= *last) {
+                        to_reach.remove(&tp);
+                    }
+                    f(
+                        &mut state,
+                        m.topic(),
+                        m.key(),
+                        m.payload(),
+                        tail_position(&m),
+                    );
+                    quiet_since = std::time::Instant::now();
+                }
+                Some(Err(e)) => return Err(err(&starts[0].0, starts[0].1, e)),
+                None => {}
+            }
+            let quiet = quiet_since.elapsed();
+            if to_reach.is_empty() && quiet > TAIL_QUIET {
+                return Ok(state);
+            }
+            if quiet > READ_BACK_STALL {
+                let ((topic, partition), _) = to_reach.into_iter().next().unwrap_or_default();
+                return Err(err(
+                    &topic,
+                    partition,
+                    KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut),
+                ));
+            }
+        }
+    })
+    .await
+    .map_err(|_| PublishError::Cancelled)?
+}
+
+/// Longest wait for the next record while reading back below the high watermark.
+const READ_BACK_STALL: Duration = Duration::from_secs(30);
+
 /// The position of the last record of each `(topic, partition)` that has one. Blocking.
 fn read_tails(
     brokers: &str,
     partitions: &[(String, i32)],
 ) -> Result<HashMap<(String, i32), RecordPosition>, PublishError> {
-    let consumer: BaseConsumer<TracingContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "cdc-reader-tail")
-        .set("enable.auto.commit", "false")
-        .create_with_context(TracingContext)
-        .map_err(PublishError::Client)?;
+    let consumer = reading_consumer(brokers)?;
     let err = |(topic, partition): &(String, i32), source| PublishError::Tail {
         topic: topic.clone(),
         partition: *partition,
@@ -537,21 +656,87 @@ pub async fn ensure_topics(
     Ok(())
 }
 
-/// True for errors that retrying with a fresh producer can cure (broker away, timeouts).
+/// True for errors that retrying with a fresh producer can cure (broker away, timeouts, leader
+/// changes). An answer that will be the same next time (a record or request the broker refuses,
+/// missing authorization, a bad topic name or setting) halts the reader with the error instead of
+/// retrying forever; nothing past the last acknowledged position was confirmed.
 pub fn is_transient(err: &PublishError) -> bool {
     match err {
         PublishError::Client(_) => false,
-        PublishError::Delivery(KafkaError::MessageProduction(code)) => !matches!(
-            code,
-            RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessage
-        ),
-        _ => true,
+        PublishError::Cancelled => true,
+        PublishError::Delivery(e)
+        | PublishError::CreateTopic { source: e, .. }
+        | PublishError::Metadata { source: e, .. }
+        | PublishError::Tail { source: e, .. } => {
+            // rdkafka gives no code for a failed admin operation; its code is inside.
+            let code = match e {
+                KafkaError::AdminOp(code) => Some(*code),
+                e => e.rdkafka_error_code(),
+            };
+            !code.is_some_and(definite)
+        }
     }
+}
+
+/// Broker answers that do not change by retrying.
+fn definite(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::InvalidMessage
+            | C::InvalidMessageSize
+            | C::MessageBatchTooLarge
+            | C::InvalidRecord
+            | C::InvalidTopic
+            | C::InvalidRequiredAcks
+            | C::InvalidReplicationFactor
+            | C::InvalidPartitions
+            | C::InvalidConfig
+            | C::PolicyViolation
+            | C::UnsupportedForMessageFormat
+            | C::UnsupportedCompressionType
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::Authentication
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broker_answers_that_retrying_cannot_change_are_not_transient() {
+        let delivery = |code| PublishError::Delivery(KafkaError::MessageProduction(code));
+        for code in [
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::InvalidRecord,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::ClusterAuthorizationFailed,
+        ] {
+            assert!(!is_transient(&delivery(code)), "{code:?}");
+        }
+        let create = |code| PublishError::CreateTopic {
+            topic: "t".to_owned(),
+            source: KafkaError::AdminOp(code),
+        };
+        assert!(!is_transient(&create(RDKafkaErrorCode::PolicyViolation)));
+        assert!(!is_transient(&create(
+            RDKafkaErrorCode::InvalidReplicationFactor
+        )));
+        for code in [
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ] {
+            assert!(is_transient(&delivery(code)), "{code:?}");
+        }
+        assert!(is_transient(&PublishError::Cancelled));
+    }
 
     #[test]
     fn murmur2_matches_the_java_client() {

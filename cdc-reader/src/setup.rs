@@ -209,6 +209,39 @@ pub async fn primary_key(
 
 /// How far the slot is behind the current WAL: (confirmed flush lag, retained WAL) in bytes.
 /// The database's current WAL write position.
+/// The columns a snapshot row of table `oid` is keyed by, as streamed events of it are (see
+/// `envelope::event_key`): the primary key, unless the replica identity is an index that leaves
+/// part of it out, then that index's columns; without a primary key, the identity's columns
+/// (`published` ones under REPLICA IDENTITY FULL).
+pub async fn event_key_columns(
+    db: &impl tokio_postgres::GenericClient,
+    oid: u32,
+    published: &[String],
+) -> Result<Vec<String>, SetupError> {
+    let row = db
+        .query_one(
+            "SELECT c.relreplident::text, \
+                    (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_index i \
+                       JOIN pg_attribute a ON a.attrelid = i.indrelid \
+                        AND a.attnum = ANY(i.indkey::int2[]) \
+                      WHERE i.indrelid = c.oid AND i.indisreplident) \
+               FROM pg_class c WHERE c.oid = $1",
+            &[&oid],
+        )
+        .await
+        .map_err(pg("reading a captured table's replica identity"))?;
+    let identity: &str = row.get(0);
+    let index: Option<Vec<String>> = row.get(1);
+    let primary = primary_key(db, oid).await?;
+    Ok(match (primary, identity, index) {
+        (Some(key), "i", Some(index)) if !key.iter().all(|k| index.contains(k)) => index,
+        (Some(key), _, _) => key,
+        (None, "i", Some(index)) => index,
+        (None, "f", _) => published.to_vec(),
+        (None, _, _) => Vec::new(),
+    })
+}
+
 pub async fn current_wal_lsn(db: &Client) -> Result<Lsn, SetupError> {
     let row = db
         .query_one("SELECT pg_current_wal_lsn()::text", &[])

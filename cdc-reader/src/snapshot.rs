@@ -13,19 +13,35 @@
 //! exactly those committed after, so the two meet without a gap or an overlap. Snapshot positions
 //! sit just below C, so any streamed change to the same row orders after its snapshot row.
 //!
-//! A slot without a row in `cdc_reader_snapshots` had its snapshot interrupted (the exported
-//! snapshot died with the connection): the caller drops that slot and starts over, which gives the
-//! same result.
+//! A slot without a row in `cdc_reader_snapshots` had its snapshot interrupted (a crash, a lost
+//! connection, a shutdown: the exported snapshot died with the connection). The caller drops that
+//! slot and the next attempt takes a new snapshot, at a new consistent point. So that the result is
+//! the same as one uninterrupted snapshot, the first attempt records (`cdc_reader_snapshot_attempts`,
+//! before its first record is sent) where each partition ended; a later attempt reads back what
+//! the earlier ones published from there and
+//! - does not send a row again whose content Kafka already has (same key, same `after`),
+//! - sends rows that are new or changed since (as `r`, at the new, later position),
+//! - sends a delete and its tombstone for a row published earlier that is gone now,
+//!
+//! so consumers end with exactly the table as of the final consistent point, each row once unless
+//! it changed between attempts. The read-back holds one hash per published row in memory.
+//!
+//! Only the columns the publication sends are read (its column list; generated columns only when
+//! the publication publishes them), and only the rows its row filter passes, so that snapshot rows
+//! have the shape of streamed ones.
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::time::Instant;
 
 use change_event::{Envelope, Op, Row, Source};
 use pgwire_replication::ReplicationClient;
 use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
 
 use crate::decode::Lsn;
 use crate::envelope::{to_json_bytes, Record, RecordPosition, Settings};
-use crate::publish::{PublishError, Publisher};
+use crate::publish::{self, KafkaSettings, PublishError, Publisher};
 use crate::setup::{self, SetupError};
 use crate::values;
 
@@ -48,12 +64,14 @@ pub enum SnapshotError {
     Setup(#[from] SetupError),
     #[error(transparent)]
     Publish(#[from] PublishError),
+    #[error("the record of an earlier snapshot attempt is unreadable: {0}")]
+    Attempt(String),
 }
 
 impl SnapshotError {
     pub fn is_transient(&self) -> bool {
         match self {
-            SnapshotError::Reply(_) => false,
+            SnapshotError::Reply(_) | SnapshotError::Attempt(_) => false,
             SnapshotError::Setup(e) => e.is_transient(),
             SnapshotError::Publish(e) => crate::publish::is_transient(e),
             SnapshotError::CreateSlot(_) => true,
@@ -92,17 +110,29 @@ pub async fn drop_unfinished(db: &Client, slot: &str) -> Result<(), SnapshotErro
     Ok(())
 }
 
-/// Creates the slot on the gated `repl` connection, publishes every row of `tables` under its
-/// snapshot, waits for Kafka, and records completion. Returns the consistent point.
+/// Where the snapshot reads and what it publishes to.
+#[derive(Debug)]
+pub struct Target<'a> {
+    pub slot: &'a str,
+    pub publication: &'a str,
+    pub tables: &'a [String],
+    pub settings: &'a Settings,
+    pub kafka: &'a KafkaSettings,
+    pub max_in_flight: usize,
+}
+
+/// Creates the slot on the gated `repl` connection, publishes every row of the captured tables
+/// under its snapshot (less what earlier, interrupted attempts already published), waits for
+/// Kafka, and records completion. Returns the consistent point, or `None` when `shutdown` stopped
+/// it (the next start takes it again).
 pub async fn take(
     repl: &mut ReplicationClient,
     db: &mut Client,
-    slot: &str,
-    tables: &[String],
-    settings: &Settings,
+    target: &Target<'_>,
     publisher: &mut Publisher,
-    max_in_flight: usize,
-) -> Result<Lsn, SnapshotError> {
+    shutdown: &CancellationToken,
+) -> Result<Option<Lsn>, SnapshotError> {
+    let slot = target.slot;
     let rows = repl
         .simple_query(&format!(
             "CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput (SNAPSHOT 'export')"
@@ -121,6 +151,7 @@ pub async fn take(
     let consistent_point =
         change_event::parse_lsn(&point).ok_or_else(|| SnapshotError::Reply(point.clone()))?;
     tracing::info!(slot, consistent_point = %point, snapshot = %snapshot, "created slot; taking the initial snapshot");
+    let mut earlier = earlier_attempts(db, target, consistent_point, publisher).await?;
 
     let tx = db
         .build_transaction()
@@ -139,28 +170,43 @@ pub async fn take(
     .map_err(pg("adopting the exported snapshot"))?;
 
     let started = Instant::now();
-    let mut index: u64 = 0;
-    // One row is held back so that the last one can be marked `snapshot: "last"`.
-    let mut pending: Option<Pending> = None;
-    for table in tables {
+    let mut out = Out {
+        publisher,
+        max_in_flight: target.max_in_flight,
+        pending: None,
+        rows: 0,
+        sent: 0,
+        unchanged: 0,
+        next_index: 0,
+    };
+    let source = |schema: &str, table: &str, index: u64| {
+        let now = crate::stream::now_ms();
+        Source {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            connector: "postgresql".to_owned(),
+            name: target.settings.server_name.clone(),
+            db: target.settings.database.clone(),
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+            tx_id: None,
+            lsn: Some(consistent_point),
+            sequence: None,
+            ts_ms: now,
+            snapshot: "true".to_owned(),
+            commit_lsn: consistent_point.saturating_sub(1),
+            event_index: index,
+        }
+    };
+    for table in target.tables {
         let (schema, name) = setup::split_table(table)?;
         let oid: u32 = tx
             .query_one("SELECT $1::text::regclass::oid", &[table])
             .await
             .map_err(pg("resolving a captured table"))?
             .get(0);
-        let columns: Vec<(String, u32)> = tx
-            .query(
-                "SELECT attname::text, atttypid FROM pg_attribute \
-                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-                &[&oid],
-            )
-            .await
-            .map_err(pg("reading the columns of a captured table"))?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        let key_names = setup::primary_key(&tx, oid).await?.unwrap_or_default();
+        let (columns, row_filter) = published_columns(&tx, oid, target.publication).await?;
+        let names: Vec<String> = columns.iter().map(|(c, _)| c.clone()).collect();
+        let key_names = setup::event_key_columns(&tx, oid, &names).await?;
         let estimate: f32 = tx
             .query_one(
                 "SELECT greatest(reltuples, 0)::real FROM pg_class WHERE oid = $1",
@@ -169,7 +215,8 @@ pub async fn take(
             .await
             .map_err(pg("estimating a table's size"))?
             .get(0);
-        let topic = settings
+        let topic = target
+            .settings
             .topics
             .get(table)
             .cloned()
@@ -180,8 +227,11 @@ pub async fn take(
             .map(|(c, _)| format!("{}::text", quote(c)))
             .collect::<Vec<_>>()
             .join(", ");
+        let filter = row_filter
+            .map(|f| format!(" WHERE ({f})"))
+            .unwrap_or_default();
         tx.batch_execute(&format!(
-            "DECLARE cdc_snapshot NO SCROLL CURSOR FOR SELECT {select} FROM {}.{}",
+            "DECLARE cdc_snapshot NO SCROLL CURSOR FOR SELECT {select} FROM {}.{}{filter}",
             quote(schema),
             quote(name)
         ))
@@ -197,6 +247,10 @@ pub async fn take(
                 break;
             }
             for row in &batch {
+                if shutdown.is_cancelled() {
+                    tracing::info!(slot, table = %table, "shutdown: the snapshot stops here; the next start takes it again");
+                    return Ok(None);
+                }
                 let mut after = Row::new();
                 for (i, (column, type_oid)) in columns.iter().enumerate() {
                     let text: Option<&str> = row.get(i);
@@ -209,96 +263,352 @@ pub async fn take(
                 for k in &key_names {
                     key.insert(k.clone(), after.get(k).cloned().unwrap_or_default());
                 }
+                let key = to_json_bytes(&key);
+                if earlier.take(table, &key) == Some(content_hash(&after)) {
+                    out.unchanged += 1;
+                    continue;
+                }
                 let now = crate::stream::now_ms();
                 let envelope = Envelope {
                     before: None,
                     after: Some(after),
-                    source: Source {
-                        version: env!("CARGO_PKG_VERSION").to_owned(),
-                        connector: "postgresql".to_owned(),
-                        name: settings.server_name.clone(),
-                        db: settings.database.clone(),
-                        schema: schema.to_owned(),
-                        table: name.to_owned(),
-                        tx_id: None,
-                        lsn: Some(consistent_point),
-                        sequence: None,
-                        ts_ms: now,
-                        snapshot: "true".to_owned(),
-                        commit_lsn: consistent_point.saturating_sub(1),
-                        event_index: index,
-                    },
+                    source: source(schema, name, out.next_index),
                     op: Op::Read,
                     ts_ms: now,
                     unchanged_toast: Vec::new(),
                 };
-                index += 1;
-                if let Some(previous) = pending.take() {
-                    send(publisher, previous, max_in_flight).await?;
-                }
-                pending = Some(Pending {
-                    topic: topic.clone(),
-                    key,
-                    envelope,
-                });
+                out.push(topic.clone(), key, envelope).await?;
             }
             done += batch.len() as u64;
+            out.rows += batch.len() as u64;
             tracing::info!(table = %table, rows = done, estimated = estimate as u64, "snapshot progress");
         }
         tx.batch_execute("CLOSE cdc_snapshot")
             .await
             .map_err(pg("closing the snapshot cursor"))?;
+        // Rows an earlier attempt published that are gone now: a delete and its tombstone.
+        for key in earlier.remaining(table) {
+            let before: Row = serde_json::from_slice(&key).unwrap_or_default();
+            let envelope = Envelope {
+                before: Some(before),
+                after: None,
+                source: source(schema, name, out.next_index),
+                op: Op::Delete,
+                ts_ms: crate::stream::now_ms(),
+                unchanged_toast: Vec::new(),
+            };
+            out.push(topic.clone(), key, envelope).await?;
+        }
     }
-    if let Some(mut last) = pending.take() {
-        last.envelope.source.snapshot = "last".to_owned();
-        send(publisher, last, max_in_flight).await?;
-    }
-    publisher.commit(consistent_point);
-    while !publisher.is_idle() {
-        publisher.next_ack().await?;
-    }
+    out.finish(consistent_point).await?;
     tx.commit()
         .await
         .map_err(pg("ending the snapshot transaction"))?;
-    db.execute(
-        "INSERT INTO cdc_reader_snapshots (slot, consistent_point, rows) \
-         VALUES ($1, $2::text::pg_lsn, $3) ON CONFLICT (slot) DO UPDATE \
-         SET consistent_point = excluded.consistent_point, rows = excluded.rows, completed_at = now()",
-        &[&slot, &point, &i64::try_from(index).unwrap_or(i64::MAX)],
-    )
-    .await
-    .map_err(pg("recording the finished snapshot"))?;
+    let recorded = db
+        .transaction()
+        .await
+        .map_err(pg("recording the finished snapshot"))?;
+    recorded
+        .execute(
+            "INSERT INTO cdc_reader_snapshots (slot, consistent_point, rows) \
+             VALUES ($1, $2::text::pg_lsn, $3) ON CONFLICT (slot) DO UPDATE \
+             SET consistent_point = excluded.consistent_point, rows = excluded.rows, completed_at = now()",
+            &[&slot, &point, &i64::try_from(out.rows).unwrap_or(i64::MAX)],
+        )
+        .await
+        .map_err(pg("recording the finished snapshot"))?;
+    recorded
+        .execute(
+            "DELETE FROM cdc_reader_snapshot_attempts WHERE slot = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(pg("recording the finished snapshot"))?;
+    recorded
+        .commit()
+        .await
+        .map_err(pg("recording the finished snapshot"))?;
     tracing::info!(
         slot,
-        rows = index,
+        rows = out.rows,
+        records_sent = out.sent,
+        unchanged_since_an_earlier_attempt = out.unchanged,
         seconds = started.elapsed().as_secs_f64(),
         "initial snapshot finished"
     );
-    Ok(consistent_point)
+    Ok(Some(consistent_point))
 }
 
-/// A snapshot row waiting to be sent.
-struct Pending {
-    topic: String,
-    key: Row,
-    envelope: Envelope,
-}
-
-async fn send(
-    publisher: &mut Publisher,
-    row: Pending,
-    max_in_flight: usize,
-) -> Result<(), PublishError> {
-    while publisher.records_in_flight() >= max_in_flight {
-        publisher.next_ack().await?;
-    }
-    publisher
-        .send(Record {
-            topic: row.topic,
-            key: Some(to_json_bytes(&row.key)),
-            position: RecordPosition::of(&row.envelope.source, 0),
-            value: Some(to_json_bytes(&row.envelope)),
-            all_partitions: false,
-        })
+/// The columns the publication sends for table `oid` (name, type), and its row filter. Generated
+/// columns only when the publication names them in a column list or publishes them (PG 18's
+/// `publish_generated_columns`); PostgreSQL before 18 never sends them.
+async fn published_columns(
+    tx: &tokio_postgres::Transaction<'_>,
+    oid: u32,
+    publication: &str,
+) -> Result<(Vec<(String, u32)>, Option<String>), SnapshotError> {
+    // to_jsonb: the columns of pg_publication_tables and pg_publication differ across versions.
+    let row = tx
+        .query_one(
+            "SELECT (SELECT array_agg(n) FROM jsonb_array_elements_text(to_jsonb(pt) -> 'attnames') n), \
+                    to_jsonb(pt) ->> 'rowfilter', \
+                    EXISTS (SELECT FROM pg_publication_rel r WHERE r.prpubid = p.oid \
+                            AND r.prrelid = $1 AND to_jsonb(r) -> 'prattrs' <> 'null'::jsonb) \
+                    OR coalesce(to_jsonb(p) ->> 'pubgencols', '') = 's' \
+               FROM pg_publication p \
+               JOIN pg_publication_tables pt ON pt.pubname = p.pubname \
+               JOIN pg_class c ON c.oid = $1 AND c.relname = pt.tablename \
+               JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = pt.schemaname \
+              WHERE p.pubname = $2",
+            &[&oid, &publication],
+        )
         .await
+        .map_err(pg("reading what the publication sends of a captured table"))?;
+    let listed: Option<Vec<String>> = row.get(0);
+    let row_filter: Option<String> = row.get(1);
+    let generated_sent: bool = row.get(2);
+    let columns = tx
+        .query(
+            "SELECT attname::text, atttypid FROM pg_attribute \
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped \
+               AND ($2::text[] IS NULL OR attname::text = ANY($2)) \
+               AND (attgenerated = '' OR $3) \
+             ORDER BY attnum",
+            &[&oid, &listed, &generated_sent],
+        )
+        .await
+        .map_err(pg("reading the columns of a captured table"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    Ok((columns, row_filter))
+}
+
+/// What earlier, interrupted attempts of this slot's snapshot published, per (table, key): the
+/// hash of the row's content. Records the first attempt when there was none.
+async fn earlier_attempts(
+    db: &Client,
+    target: &Target<'_>,
+    consistent_point: Lsn,
+    publisher: &mut Publisher,
+) -> Result<Published, SnapshotError> {
+    let row = db
+        .query_opt(
+            "SELECT first_point::text, start_offsets::text FROM cdc_reader_snapshot_attempts \
+             WHERE slot = $1",
+            &[&target.slot],
+        )
+        .await
+        .map_err(pg("reading the record of earlier snapshot attempts"))?;
+    let Some(row) = row else {
+        let mut topics: Vec<String> = target
+            .tables
+            .iter()
+            .map(|t| {
+                target
+                    .settings
+                    .topics
+                    .get(t)
+                    .cloned()
+                    .unwrap_or_else(|| t.clone())
+            })
+            .collect();
+        topics.sort();
+        topics.dedup();
+        let ends = publisher.end_offsets(target.kafka, &topics).await?;
+        let mut offsets: HashMap<String, HashMap<String, i64>> = HashMap::new();
+        for (topic, partition, offset) in ends {
+            offsets
+                .entry(topic)
+                .or_default()
+                .insert(partition.to_string(), offset);
+        }
+        let offsets = serde_json::to_string(&offsets).unwrap_or_default();
+        db.execute(
+            "INSERT INTO cdc_reader_snapshot_attempts (slot, first_point, start_offsets) \
+             VALUES ($1, $2::text::pg_lsn, $3::text::jsonb)",
+            &[
+                &target.slot,
+                &crate::setup::lsn_text(consistent_point),
+                &offsets,
+            ],
+        )
+        .await
+        .map_err(pg("recording the snapshot attempt"))?;
+        return Ok(Published::default());
+    };
+    let first_point: &str = row.get(0);
+    let offsets: &str = row.get(1);
+    let first_point = change_event::parse_lsn(first_point)
+        .ok_or_else(|| SnapshotError::Attempt(first_point.to_owned()))?;
+    let offsets: HashMap<String, HashMap<String, i64>> =
+        serde_json::from_str(offsets).map_err(|e| SnapshotError::Attempt(e.to_string()))?;
+    let mut starts = Vec::new();
+    for (topic, partitions) in offsets {
+        for (partition, offset) in partitions {
+            let partition = partition
+                .parse()
+                .map_err(|_| SnapshotError::Attempt(format!("partition {partition:?}")))?;
+            starts.push((topic.clone(), partition, offset));
+        }
+    }
+    let started = Instant::now();
+    let published = publish::read_back(
+        target.kafka,
+        starts,
+        Published {
+            since: first_point.saturating_sub(1),
+            ..Published::default()
+        },
+        |p, _topic, key, value, position| p.add(key, value, position),
+    )
+    .await?;
+    tracing::warn!(
+        slot = target.slot,
+        published_rows = published.rows.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "an earlier attempt of this snapshot was interrupted; sending only rows that changed since, and deletes for rows gone since"
+    );
+    Ok(published)
+}
+/// What earlier attempts published: per (schema.table, key JSON), the hash of the row's `after`.
+#[derive(Debug, Default)]
+struct Published {
+    /// Records below this position predate the first attempt.
+    since: Lsn,
+    rows: HashMap<(String, Vec<u8>), u64>,
+}
+
+impl Published {
+    /// Folds one record read back from the topic.
+    fn add(&mut self, key: Option<&[u8]>, value: Option<&[u8]>, position: Option<RecordPosition>) {
+        let (Some(key), Some(value), Some(position)) = (key, value, position) else {
+            // Tombstones follow their delete, which already removed the row.
+            return;
+        };
+        if position.commit_lsn < self.since {
+            return;
+        }
+        let Ok(event) = serde_json::from_slice::<serde_json::Value>(value) else {
+            return;
+        };
+        let source = &event["source"];
+        let (Some(schema), Some(table)) = (source["schema"].as_str(), source["table"].as_str())
+        else {
+            return;
+        };
+        let id = (format!("{schema}.{table}"), key.to_vec());
+        match (event["op"].as_str(), event["after"].as_object()) {
+            (Some("r" | "c" | "u"), Some(after)) => {
+                self.rows.insert(id, content_hash(after));
+            }
+            (Some("d"), _) => {
+                self.rows.remove(&id);
+            }
+            _ => {}
+        }
+    }
+
+    /// The content hash published for this row, removing it.
+    fn take(&mut self, table: &str, key: &[u8]) -> Option<u64> {
+        if self.rows.is_empty() {
+            return None;
+        }
+        self.rows.remove(&(table.to_owned(), key.to_vec()))
+    }
+
+    /// The keys of `table` published earlier and not seen since, removing them.
+    fn remaining(&mut self, table: &str) -> Vec<Vec<u8>> {
+        let mut keys = Vec::new();
+        self.rows.retain(|(t, key), _| {
+            let gone = t == table;
+            if gone {
+                keys.push(key.clone());
+            }
+            !gone
+        });
+        keys.sort();
+        keys
+    }
+}
+
+/// A row's content, for comparing what this attempt reads with what an earlier one published
+/// (serde_json's maps are ordered by key, so equal rows serialize alike).
+fn content_hash(after: &Row) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(after)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The snapshot's records on their way out. One is held back so that the final one can be marked
+/// `snapshot: "last"`; a delete is followed by its tombstone.
+struct Out<'a> {
+    publisher: &'a mut Publisher,
+    max_in_flight: usize,
+    pending: Option<(String, Vec<u8>, Envelope)>,
+    /// Rows read; records sent; rows left out because an earlier attempt published them unchanged.
+    rows: u64,
+    sent: u64,
+    unchanged: u64,
+    /// `source.event_index` of the next event.
+    next_index: u64,
+}
+
+impl Out<'_> {
+    async fn push(
+        &mut self,
+        topic: String,
+        key: Vec<u8>,
+        envelope: Envelope,
+    ) -> Result<(), PublishError> {
+        self.next_index += 1;
+        if let Some(previous) = self.pending.replace((topic, key, envelope)) {
+            self.send(previous).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the held-back record as the last one and waits until Kafka acknowledged everything.
+    async fn finish(&mut self, consistent_point: Lsn) -> Result<(), PublishError> {
+        if let Some((topic, key, mut envelope)) = self.pending.take() {
+            envelope.source.snapshot = "last".to_owned();
+            self.send((topic, key, envelope)).await?;
+        }
+        self.publisher.commit(consistent_point);
+        while !self.publisher.is_idle() {
+            self.publisher.next_ack().await?;
+        }
+        Ok(())
+    }
+
+    async fn send(
+        &mut self,
+        (topic, key, envelope): (String, Vec<u8>, Envelope),
+    ) -> Result<(), PublishError> {
+        let position = RecordPosition::of(&envelope.source, 0);
+        let tombstone = (envelope.op == Op::Delete).then(|| Record {
+            topic: topic.clone(),
+            key: Some(key.clone()),
+            position: RecordPosition { sub: 1, ..position },
+            value: None,
+            all_partitions: false,
+        });
+        let event = Record {
+            topic,
+            key: Some(key),
+            position,
+            value: Some(to_json_bytes(&envelope)),
+            all_partitions: false,
+        };
+        for record in std::iter::once(event).chain(tombstone) {
+            while self.publisher.records_in_flight() >= self.max_in_flight {
+                self.publisher.next_ack().await?;
+            }
+            self.publisher.send(record).await?;
+            self.sent += 1;
+        }
+        Ok(())
+    }
 }

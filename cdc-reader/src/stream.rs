@@ -200,16 +200,18 @@ async fn stream_with(
                 ReplicationClient::connect_gated(replication_config(config, pg_config, 0))
                     .await
                     .map_err(SessionError::Replication)?;
-            let point = snapshot::take(
-                &mut repl,
-                db,
-                &config.slot,
-                &config.tables,
-                &settings,
-                publisher,
-                config.max_in_flight,
-            )
-            .await?;
+            let target = snapshot::Target {
+                slot: &config.slot,
+                publication: &config.publication,
+                tables: &config.tables,
+                settings: &settings,
+                kafka: &config.kafka()?,
+                max_in_flight: config.max_in_flight,
+            };
+            let Some(point) = snapshot::take(&mut repl, db, &target, publisher, shutdown).await?
+            else {
+                return Ok(());
+            };
             repl.start().await.map_err(SessionError::Replication)?;
             resume.acknowledged = resume.acknowledged.max(point);
             tracing::info!(slot = %config.slot, start = %setup::lsn_text(point), "streaming");

@@ -91,6 +91,12 @@ static USER_DB: &[Migration] = &[
         "0002_cdc_reader_snapshots.sql",
         "cdc_reader_snapshots"
     ),
+    migration!(
+        "user_db",
+        3,
+        "0003_cdc_reader_snapshot_attempts.sql",
+        "cdc_reader_snapshot_attempts"
+    ),
 ];
 static VIEW_DB: &[Migration] = &[
     migration!("materialized_view_db", 1, "0001_views.sql", "views"),

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use e2e::{read_exactly, unique_suffix, Reader, Received, Stack, TestDb};
+use e2e::{read_exactly, read_topic, unique_suffix, wait_for, Reader, Received, Stack, TestDb};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -732,4 +732,275 @@ async fn a_reader_killed_at_random_moments_publishes_every_change_once() {
     assert!(table.len() > 50, "the workload left {} rows", table.len());
     child.start_kill().unwrap();
     child.wait().await.unwrap();
+}
+
+/// An initial snapshot stopped half-way, with rows deleted, changed and added before the next
+/// start: the next attempt sends only what changed and deletes what is gone, so the topic ends as
+/// one snapshot of the final table would have it.
+#[tokio::test]
+async fn an_interrupted_snapshot_resumes_with_the_result_of_an_uninterrupted_one() {
+    let n: i64 = 3000;
+    let (stack, db, topic) = populated("reader_resume", n).await;
+    let admin = db.client().await.unwrap();
+    let mut config = Reader::config(
+        &stack,
+        &db,
+        &["public.users"],
+        &[format!("public.users={topic}")],
+    );
+    // One record in flight at a time: the first attempt is still reading when it is stopped.
+    config.max_in_flight = 1;
+    let reader = Reader::start(config.clone()).await.unwrap();
+    wait_for("part of the snapshot in Kafka", WAIT, || {
+        let stack = stack.clone();
+        let topic = topic.clone();
+        async move {
+            // The topic may not exist yet.
+            let records = read_topic(&stack, &topic, 0, WAIT)
+                .await
+                .unwrap_or_default();
+            Ok((records.len() >= 300).then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+    reader.stop().await.unwrap();
+    let first = read_topic(&stack, &topic, 0, WAIT).await.unwrap();
+    let published: Vec<i64> = ids(&first).keys().copied().collect();
+    assert!(
+        published.len() >= 300 && (published.len() as i64) < n,
+        "the first attempt was stopped half-way: {} rows",
+        published.len()
+    );
+    assert!(ids(&first).values().all(|&c| c == 1));
+    let unfinished: i64 = admin
+        .query_one("SELECT count(*) FROM cdc_reader_snapshots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unfinished, 0);
+
+    // Between the attempts: published rows deleted and changed, unpublished rows deleted, new rows.
+    let deleted: Vec<i64> = published[..10].to_vec();
+    let changed: Vec<i64> = published[10..20].to_vec();
+    let unpublished_deleted: Vec<i64> = (n - 4..=n).collect();
+    assert!(!published.contains(&(n - 4)));
+    admin
+        .execute("DELETE FROM users WHERE id = ANY($1)", &[&deleted])
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "UPDATE users SET department = 'Moved' WHERE id = ANY($1)",
+            &[&changed],
+        )
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "DELETE FROM users WHERE id = ANY($1)",
+            &[&unpublished_deleted],
+        )
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "INSERT INTO users (name, email, department)
+             SELECT 'N' || i, 'n' || i || '@example.org', 'New' FROM generate_series(1, 7) i",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    config.max_in_flight = 50_000;
+    let reader = Reader::start(config).await.unwrap();
+    reader.wait_streaming().await.unwrap();
+    let rows_now = n - 10 - 5 + 7;
+    let recorded: i64 = admin
+        .query_one("SELECT rows FROM cdc_reader_snapshots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, rows_now);
+    let attempts: i64 = admin
+        .query_one("SELECT count(*) FROM cdc_reader_snapshot_attempts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        attempts, 0,
+        "the attempt record goes with the finished snapshot"
+    );
+
+    // Exactly: every current row once, plus the earlier images of the 10 changed rows, plus the
+    // earlier images, deletes and tombstones of the 10 deleted ones.
+    let expected = usize::try_from(rows_now + 10 + 30).unwrap();
+    let all = read_exactly(&stack, &topic, expected, WAIT).await.unwrap();
+    let seen = ids(&all);
+    for id in &changed {
+        assert_eq!(
+            seen[id], 2,
+            "changed row {id}: the earlier image and the new one"
+        );
+    }
+    for id in deleted.iter().chain(&unpublished_deleted) {
+        assert_eq!(
+            seen.get(id).copied().unwrap_or(0),
+            usize::from(deleted.contains(id))
+        );
+    }
+    for (id, count) in &seen {
+        if !changed.contains(id) {
+            assert_eq!(*count, 1, "row {id} once");
+        }
+    }
+    for id in &deleted {
+        let at = all
+            .iter()
+            .position(|r| {
+                r.key == Some(json!({"id": id})) && r.value.as_ref().is_some_and(|v| v["op"] == "d")
+            })
+            .unwrap_or_else(|| panic!("no delete for {id}"));
+        assert_eq!(all[at].value.as_ref().unwrap()["before"], json!({"id": id}));
+        assert_eq!(all[at + 1].key, Some(json!({"id": id})));
+        assert_eq!(
+            all[at + 1].value,
+            None,
+            "a tombstone follows the delete of {id}"
+        );
+    }
+    // Folding the topic by key gives the table.
+    let mut folded = std::collections::BTreeMap::new();
+    for r in &all {
+        let id = r.key.as_ref().unwrap()["id"].as_i64().unwrap();
+        match &r.value {
+            Some(v) if v["op"] == "d" => {
+                folded.remove(&id);
+            }
+            Some(v) => {
+                folded.insert(id, v["after"]["department"].as_str().unwrap().to_owned());
+            }
+            None => {}
+        }
+    }
+    let table: std::collections::BTreeMap<i64, String> = admin
+        .query("SELECT id, department FROM users", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(folded, table);
+    // The snapshot's final record says so.
+    let snapshot_marks: Vec<&str> = values(&all)
+        .iter()
+        .filter_map(|v| v["source"]["snapshot"].as_str())
+        .filter(|s| *s == "last")
+        .collect();
+    assert_eq!(snapshot_marks.len(), 1);
+    reader.stop().await.unwrap();
+}
+
+/// The snapshot reads what the publication sends, as the stream does: its column list, its row
+/// filter, no generated columns; and a table whose replica identity is an index without the
+/// primary key is keyed by that index, in the snapshot and the stream alike, so deletes have keys.
+#[tokio::test]
+async fn snapshot_and_stream_agree_on_columns_rows_and_keys() {
+    let stack = Stack::from_env();
+    let db = TestDb::create(&stack, "reader_shape", Some(schema::Database::UserDb))
+        .await
+        .unwrap();
+    let client = db.client().await.unwrap();
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE items (id int PRIMARY KEY, a int NOT NULL,
+                                 doubled int GENERATED ALWAYS AS (a * 2) STORED, secret text);
+             CREATE TABLE accounts (id int PRIMARY KEY, email text NOT NULL, note text,
+                                    twice text GENERATED ALWAYS AS (note || note) STORED);
+             CREATE UNIQUE INDEX accounts_email ON accounts (email);
+             ALTER TABLE accounts REPLICA IDENTITY USING INDEX accounts_email;
+             INSERT INTO items (id, a, secret) SELECT i, i, 's' FROM generate_series(1, 10) i;
+             INSERT INTO accounts (id, email, note) VALUES (1, 'a@x', 'n1'), (2, 'b@x', 'n2');
+             CREATE PUBLICATION \"{}\" FOR TABLE items (id, a) WHERE (a > 5), accounts;",
+            db.name
+        ))
+        .await
+        .unwrap();
+    let suffix = unique_suffix();
+    let (items, accounts) = (format!("t-items-{suffix}"), format!("t-accounts-{suffix}"));
+    let config = Reader::config(
+        &stack,
+        &db,
+        &["public.items", "public.accounts"],
+        &[
+            format!("public.items={items}"),
+            format!("public.accounts={accounts}"),
+        ],
+    );
+    let reader = Reader::start(config).await.unwrap();
+    reader.wait_streaming().await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO items (id, a, secret) VALUES (11, 11, 's'), (3003, 3, 's');
+             INSERT INTO accounts (id, email, note) VALUES (3, 'c@x', 'n3');
+             UPDATE accounts SET note = 'changed' WHERE id = 1;
+             DELETE FROM accounts WHERE id = 2;",
+        )
+        .await
+        .unwrap();
+
+    // items: rows 6..=10 as snapshot reads, 11 streamed; 3003 filtered out; {id, a} only.
+    let records = read_exactly(&stack, &items, 6, WAIT).await.unwrap();
+    let ops: Vec<(&Value, &Value)> = values(&records)
+        .iter()
+        .map(|v| (&v["op"], &v["after"]["id"]))
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            (&json!("r"), &json!(6)),
+            (&json!("r"), &json!(7)),
+            (&json!("r"), &json!(8)),
+            (&json!("r"), &json!(9)),
+            (&json!("r"), &json!(10)),
+            (&json!("c"), &json!(11)),
+        ]
+    );
+    for v in values(&records) {
+        let a = v["after"]["a"].clone();
+        assert_eq!(v["after"], json!({"id": v["after"]["id"], "a": a}), "{v}");
+    }
+
+    // accounts: keyed by email, in the snapshot and in the stream; no generated column.
+    let records = read_exactly(&stack, &accounts, 6, WAIT).await.unwrap();
+    let keys: Vec<(Option<&Value>, &Value)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.key.as_ref(),
+                r.value.as_ref().map_or(&Value::Null, |v| &v["op"]),
+            )
+        })
+        .collect();
+    let email = |e: &str| json!({ "email": e });
+    let (a, b, c) = (email("a@x"), email("b@x"), email("c@x"));
+    assert_eq!(
+        keys,
+        [
+            (Some(&a), &json!("r")),
+            (Some(&b), &json!("r")),
+            (Some(&c), &json!("c")),
+            (Some(&a), &json!("u")),
+            (Some(&b), &json!("d")),
+            (Some(&b), &Value::Null),
+        ]
+    );
+    let first = records[0].value.as_ref().unwrap();
+    assert_eq!(
+        first["after"],
+        json!({"id": 1, "email": "a@x", "note": "n1"})
+    );
+    let delete = records[4].value.as_ref().unwrap();
+    assert_eq!(delete["before"]["email"], "b@x");
+    reader.stop().await.unwrap();
 }
