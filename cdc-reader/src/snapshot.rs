@@ -43,6 +43,7 @@ use crate::decode::Lsn;
 use crate::envelope::{to_json_bytes, Record, RecordPosition, Settings};
 use crate::publish::{self, KafkaSettings, PublishError, Publisher};
 use crate::setup::{self, SetupError};
+use crate::telemetry::Metrics;
 use crate::values;
 
 /// Rows fetched per round trip.
@@ -119,6 +120,8 @@ pub struct Target<'a> {
     pub settings: &'a Settings,
     pub kafka: &'a KafkaSettings,
     pub max_in_flight: usize,
+    /// Acknowledged snapshot records count as published events.
+    pub metrics: &'a Metrics,
 }
 
 /// Creates the slot on the gated `repl` connection, publishes every row of the captured tables
@@ -172,6 +175,7 @@ pub async fn take(
     let started = Instant::now();
     let mut out = Out {
         publisher,
+        metrics: target.metrics,
         max_in_flight: target.max_in_flight,
         pending: None,
         rows: 0,
@@ -546,6 +550,7 @@ fn content_hash(after: &Row) -> u64 {
 /// `snapshot: "last"`; a delete is followed by its tombstone.
 struct Out<'a> {
     publisher: &'a mut Publisher,
+    metrics: &'a Metrics,
     max_in_flight: usize,
     pending: Option<(String, Vec<u8>, Envelope)>,
     /// Rows read; records sent; rows left out because an earlier attempt published them unchanged.
@@ -578,7 +583,16 @@ impl Out<'_> {
         }
         self.publisher.commit(consistent_point);
         while !self.publisher.is_idle() {
-            self.publisher.next_ack().await?;
+            self.ack().await?;
+        }
+        Ok(())
+    }
+
+    async fn ack(&mut self) -> Result<(), PublishError> {
+        if self.publisher.next_ack().await?.is_none() {
+            self.metrics
+                .events_published
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
     }
@@ -604,7 +618,7 @@ impl Out<'_> {
         };
         for record in std::iter::once(event).chain(tombstone) {
             while self.publisher.records_in_flight() >= self.max_in_flight {
-                self.publisher.next_ack().await?;
+                self.ack().await?;
             }
             self.publisher.send(record).await?;
             self.sent += 1;

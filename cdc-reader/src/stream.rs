@@ -207,6 +207,7 @@ async fn stream_with(
                 settings: &settings,
                 kafka: &config.kafka()?,
                 max_in_flight: config.max_in_flight,
+                metrics,
             };
             let Some(point) = snapshot::take(&mut repl, db, &target, publisher, shutdown).await?
             else {

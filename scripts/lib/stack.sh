@@ -192,9 +192,13 @@ port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # free_port: a TCP port on 127.0.0.1 nobody listens on right now.
 free_port() {
-  local port
+  local port low
+  # Below the kernel's ephemeral range, so that no outgoing connection takes the port between
+  # this check and the listener's bind (seen: a broker failing with "Address already in use").
+  low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  [ "$low" -gt 12000 ] 2>/dev/null || low=32768
   while :; do
-    port=$((20000 + RANDOM % 30000))
+    port=$((10000 + RANDOM % (low - 10000)))
     port_free "$port" && { echo "$port"; return; }
   done
 }
