@@ -96,7 +96,8 @@ impl std::fmt::Debug for Publisher {
     }
 }
 
-fn client_config(settings: &KafkaSettings) -> ClientConfig {
+/// The producer settings of the reader (public for the benchmark's produce limit).
+pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &settings.brokers)

@@ -8,8 +8,16 @@
 //! 2. **Steady load**: single-row updates committed at a fixed rate (default 1,000 changes/s, in
 //!    transactions of 10 every 10 ms) for S seconds; each change's latency is the time from the
 //!    return of its COMMIT to the `projected_at` of the view row that shows it.
+//! 3. **Big transactions** (`--big-tx`, default 1,000,000 inserts, after one of half that size):
+//!    the reader's and the projector's peak RSS after each, which must not grow with the
+//!    transaction's size.
+//! 4. **Limits**, with the services stopped: the *produce limit* (N records of the reader's record
+//!    size, produced with the reader's producer settings to a fresh topic, first send to last
+//!    acknowledgement) and the *apply limit* (the N final rows written into a fresh table shaped
+//!    like user_view, indexes included, with COPY in one transaction).
 //!
-//! Prints a report and, last, `BENCH {json}`.
+//! Prints a report and, last, `BENCH {json}`; with `CDC_BENCH_READER_JSON` (the BENCH object of
+//! bench-reader, as `scripts/bench` passes it) that line carries the reader's figures too.
 
 // A report printer: stdout is its output.
 #![allow(clippy::print_stdout)]
@@ -21,6 +29,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
 use e2e::{arg, connect, unique_suffix, workspace_binary, Stack, TestDb};
+use futures_util::{SinkExt, StreamExt};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 
 /// A service binary running as a child process.
 struct Service {
@@ -127,9 +137,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let changes = arg::<i64>("--changes", 200_000)?;
+    let changes = arg::<i64>("--changes", 1_000_000)?;
     let rate = arg::<i64>("--rate", 1000)?;
     let seconds = arg::<i64>("--seconds", 30)?;
+    let big_tx = arg::<i64>("--big-tx", 1_000_000)?;
     if changes < rate * seconds {
         bail!("--changes ({changes}) must be at least --rate × --seconds: each steady-load change updates a distinct user");
     }
@@ -274,8 +285,64 @@ async fn main() -> anyhow::Result<()> {
     );
     let (reader_cpu, reader_rss) = reader.usage();
     let (projector_cpu, projector_rss) = projector.usage();
+
+    // 3. Big transactions, half of `--big-tx` rows and then all of them: peak RSS after each,
+    //    which must not grow with the transaction's size.
+    let mut big = Vec::new();
+    for rows in [big_tx / 2, big_tx] {
+        if rows == 0 {
+            continue;
+        }
+        let before: i64 = views
+            .query_one("SELECT count(*) FROM user_view", &[])
+            .await?
+            .get(0);
+        users
+            .execute(
+                "INSERT INTO users (name, email, department, status)
+                 SELECT 'Big tx ' || i, 'big' || $2 || '-' || i || '@example.org',
+                        'Dept ' || (i % 20), 'ACTIVE'
+                 FROM generate_series(1, $1::bigint) i",
+                &[&rows, &rows.to_string()],
+            )
+            .await?;
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(900);
+        loop {
+            let count: i64 = views
+                .query_one("SELECT count(*) FROM user_view", &[])
+                .await?
+                .get(0);
+            if count >= before + rows {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the {rows}-row transaction did not reach user_view within 900 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        big.push((
+            rows,
+            started.elapsed().as_secs_f64(),
+            reader.usage().1,
+            projector.usage().1,
+        ));
+    }
     projector.stop().await?;
     reader.stop().await?;
+
+    // 4. The limits, with nothing else running.
+    let produce_rate = produce_limit(&stack, &topic, changes).await?;
+    let apply_rate = apply_limit(&users, &views, changes).await?;
+    let reader_json: serde_json::Value = std::env::var("CDC_BENCH_READER_JSON")
+        .ok()
+        .and_then(|j| serde_json::from_str(&j).ok())
+        .unwrap_or_default();
+    let recvlogical_rate = reader_json["pg_recvlogical_changes_per_s"].as_f64();
+    let slowest = [Some(produce_rate), Some(apply_rate), recvlogical_rate]
+        .into_iter()
+        .flatten()
+        .fold(f64::INFINITY, f64::min);
 
     println!("pipeline benchmark (commit in user_db → row in user_view)");
     println!(
@@ -293,22 +360,148 @@ async fn main() -> anyhow::Result<()> {
         "    commit → user_view latency  p50 {p50:8.1} ms   p99 {p99:8.1} ms   max {max:8.1} ms"
     );
     println!("  peak RSS: reader {reader_rss:.1} MB, projector {projector_rss:.1} MB");
+    for (rows, secs, r, p) in &big {
+        println!(
+            "  one transaction of {rows} inserts: in user_view after {secs:.2} s; peak RSS since start: reader {r:.1} MB, projector {p:.1} MB"
+        );
+    }
+    println!("  limits ({changes} changes, each measured alone):");
     println!(
-        "BENCH {}",
-        serde_json::json!({
-            "backlog_changes": changes,
-            "backlog_changes_per_s": backlog_rate.round(),
-            "backlog_s": (backlog_s * 100.0).round() / 100.0,
-            "steady_rate": rate,
-            "steady_changes": total,
-            "latency_p50_ms": (p50 * 10.0).round() / 10.0,
-            "latency_p99_ms": (p99 * 10.0).round() / 10.0,
-            "latency_max_ms": (max * 10.0).round() / 10.0,
-            "reader_peak_rss_mb": (reader_rss * 10.0).round() / 10.0,
-            "projector_peak_rss_mb": (projector_rss * 10.0).round() / 10.0,
-            "reader_cpu_s": reader_cpu,
-            "projector_cpu_s": projector_cpu,
-        })
+        "    produce: the reader's records, its producer settings  {produce_rate:10.0} records/s"
     );
+    println!("    apply: COPY of the final rows into a user_view copy    {apply_rate:10.0} rows/s");
+    if let Some(r) = recvlogical_rate {
+        println!("    decode: pg_recvlogical (bench-reader)                 {r:10.0} changes/s");
+    }
+    println!(
+        "  end to end {backlog_rate:.0} changes/s = {:.2}× the slowest limit ({slowest:.0}/s)",
+        backlog_rate / slowest
+    );
+    let round = |x: f64| x.round();
+    let tenth = |x: f64| (x * 10.0).round() / 10.0;
+    let mut bench = serde_json::json!({
+        "changes": changes,
+        "e2e_changes_per_s": round(backlog_rate),
+        "produce_limit_per_s": round(produce_rate),
+        "apply_limit_per_s": round(apply_rate),
+        "e2e_vs_slowest_limit": (backlog_rate / slowest * 100.0).round() / 100.0,
+        "latency_p50_ms": tenth(p50),
+        "latency_p99_ms": tenth(p99),
+        "reader_peak_rss_mb": tenth(reader_rss),
+        "projector_peak_rss_mb": tenth(projector_rss),
+    });
+    for (rows, secs, r, p) in &big {
+        bench[format!("reader_peak_rss_mb_after_{rows}_row_tx")] = tenth(*r).into();
+        bench[format!("projector_peak_rss_mb_after_{rows}_row_tx")] = tenth(*p).into();
+        bench[format!("tx_{rows}_rows_s")] = ((secs * 100.0).round() / 100.0).into();
+    }
+    for key in [
+        "reader_changes_per_s",
+        "pg_recvlogical_changes_per_s",
+        "reader_vs_recvlogical",
+    ] {
+        if let Some(v) = reader_json.get(key) {
+            bench[key] = v.clone();
+        }
+    }
+    let details = serde_json::json!({
+        "backlog_s": (backlog_s * 100.0).round() / 100.0,
+        "first_row_s": (first_row_s * 100.0).round() / 100.0,
+        "steady_rate": rate,
+        "steady_changes": total,
+        "latency_max_ms": tenth(max),
+        "reader_cpu_s": reader_cpu,
+        "projector_cpu_s": projector_cpu,
+    });
+    for (k, v) in details.as_object().into_iter().flatten() {
+        bench[k] = v.clone();
+    }
+    println!("BENCH {bench}");
     Ok(())
+}
+
+/// `n` records shaped like the reader's (the first record of `topic` as the value, keys like its
+/// keys), produced with the reader's producer settings to a fresh topic: first send to last
+/// acknowledgement.
+async fn produce_limit(stack: &Stack, topic: &str, n: i64) -> anyhow::Result<f64> {
+    let sample = e2e::read_topic(stack, topic, 1, Duration::from_secs(30)).await?;
+    let value = serde_json::to_vec(sample[0].value.as_ref().context("a tombstone first")?)?;
+    let settings = cdc_reader::publish::KafkaSettings {
+        brokers: stack.kafka_brokers.clone(),
+        overrides: Vec::new(),
+        topic_partitions: 1,
+    };
+    let limit_topic = format!("bench-produce-{}", unique_suffix());
+    cdc_reader::publish::ensure_topics(&settings, std::slice::from_ref(&limit_topic)).await?;
+    let producer: FutureProducer = cdc_reader::publish::client_config(&settings).create()?;
+    let started = Instant::now();
+    let mut acks = futures_util::stream::FuturesUnordered::new();
+    for i in 0..n {
+        let key = format!("{{\"id\":{}}}", i + 1);
+        loop {
+            match producer.send_result(
+                FutureRecord::to(&limit_topic)
+                    .key(key.as_bytes())
+                    .payload(&value)
+                    .partition(0),
+            ) {
+                Ok(ack) => {
+                    acks.push(ack);
+                    break;
+                }
+                // librdkafka's queue is full: wait for an acknowledgement.
+                Err((_, _)) => match acks.next().await {
+                    Some(ack) => {
+                        ack?.map_err(|(e, _)| e)?;
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(1)).await,
+                },
+            }
+        }
+    }
+    while let Some(ack) = acks.next().await {
+        ack?.map_err(|(e, _)| e)?;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The final rows of the first `n` users, written the fastest plain way: COPY into a fresh table
+/// shaped like user_view (its indexes included), in one transaction.
+async fn apply_limit(
+    users: &tokio_postgres::Client,
+    views: &tokio_postgres::Client,
+    n: i64,
+) -> anyhow::Result<f64> {
+    let out = users
+        .copy_out(&*format!(
+            "COPY (SELECT id, name, email, department, status, created_at, updated_at, \
+                          pg_current_wal_lsn(), 0 FROM users WHERE id <= {n} ORDER BY id) TO STDOUT"
+        ))
+        .await?;
+    let chunks: Vec<bytes::Bytes> = out
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    views
+        .batch_execute("CREATE TABLE apply_limit (LIKE user_view INCLUDING ALL)")
+        .await?;
+    let started = Instant::now();
+    views.batch_execute("BEGIN").await?;
+    let sink = views
+        .copy_in(
+            "COPY apply_limit (user_id, name, email, department, status, created_at, updated_at, \
+             source_lsn, source_seq) FROM STDIN",
+        )
+        .await?;
+    futures_util::pin_mut!(sink);
+    for chunk in chunks {
+        sink.send(chunk).await?;
+    }
+    let rows = sink.finish().await?;
+    views.batch_execute("COMMIT").await?;
+    let seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(rows == n as u64, "COPY wrote {rows} rows, not {n}");
+    views.batch_execute("DROP TABLE apply_limit").await?;
+    Ok(n as f64 / seconds)
 }

@@ -25,7 +25,7 @@ const TX_ROWS: i64 = 1000;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let changes = arg::<i64>("--changes", 100_000)?;
+    let changes = arg::<i64>("--changes", 1_000_000)?;
     let stack = Stack::from_env();
     let pg_bin = std::env::var("CDC_BENCH_PG_BIN").context("CDC_BENCH_PG_BIN")?;
     let reader_bin = std::env::var("CDC_BENCH_READER_BIN").context("CDC_BENCH_READER_BIN")?;
