@@ -54,6 +54,8 @@ fn sql(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
 pub struct Item {
     pub partition: i32,
     pub offset: i64,
+    /// The record's Kafka timestamp in ms (when the reader produced it), if it has one.
+    pub timestamp_ms: Option<i64>,
     /// `None` for a record that was dead-lettered: only its offset counts.
     pub change: Option<Change>,
 }
@@ -228,9 +230,11 @@ impl Store {
             drop_empty: p("DELETE FROM department_stats WHERE user_count = 0").await?,
             // GREATEST: an older owner of a partition finishing late never moves it backwards.
             offsets: p("INSERT INTO projector_offsets (consumer_group, topic, partition, \
-                                                       next_offset, source_lsn, updated_at) \
-                        SELECT $1, $2, p, o, l::pg_lsn, now() \
-                        FROM unnest($3::int[], $4::bigint[], $5::text[]) AS t(p, o, l) \
+                                                       next_offset, source_lsn, updated_at, \
+                                                       last_record_at) \
+                        SELECT $1, $2, p, o, l::pg_lsn, now(), to_timestamp(ts / 1000.0) \
+                        FROM unnest($3::int[], $4::bigint[], $5::text[], $6::bigint[]) \
+                             AS t(p, o, l, ts) \
                         ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET \
                           next_offset = GREATEST(projector_offsets.next_offset, \
                                                  excluded.next_offset), \
@@ -239,7 +243,9 @@ impl Store {
                                             THEN coalesce(excluded.source_lsn, \
                                                           projector_offsets.source_lsn) \
                                             ELSE projector_offsets.source_lsn END, \
-                          updated_at = excluded.updated_at")
+                          updated_at = excluded.updated_at, \
+                          last_record_at = coalesce(excluded.last_record_at, \
+                                                    projector_offsets.last_record_at)")
             .await?,
             truncate_rows: p("WITH gone AS (DELETE FROM user_view \
                                             WHERE (source_lsn, source_seq) <= ($1::pg_lsn, $2) \
@@ -336,10 +342,11 @@ impl Store {
         }
 
         // Offsets: the record after the last one of each partition in the batch.
-        let mut next: BTreeMap<i32, (i64, Option<u64>)> = BTreeMap::new();
+        let mut next: BTreeMap<i32, (i64, Option<u64>, Option<i64>)> = BTreeMap::new();
         for item in items {
-            let e = next.entry(item.partition).or_insert((0, None));
+            let e = next.entry(item.partition).or_insert((0, None, None));
             e.0 = e.0.max(item.offset + 1);
+            e.2 = e.2.max(item.timestamp_ms);
             if let Some(p) = item.change.as_ref().and_then(Change::position) {
                 e.1 = e.1.max(Some(p.commit_lsn));
                 outcome.last_lsn = outcome.last_lsn.max(Some(p.commit_lsn));
@@ -348,9 +355,10 @@ impl Store {
         let parts: Vec<i32> = next.keys().copied().collect();
         let offsets: Vec<i64> = next.values().map(|v| v.0).collect();
         let lsns: Vec<Option<String>> = next.values().map(|v| v.1.map(format_lsn)).collect();
+        let times: Vec<Option<i64>> = next.values().map(|v| v.2).collect();
         tx.execute(
             &s.offsets,
-            &[&self.group, &self.topic, &parts, &offsets, &lsns],
+            &[&self.group, &self.topic, &parts, &offsets, &lsns, &times],
         )
         .await
         .map_err(sql("storing offsets"))?;

@@ -200,6 +200,8 @@ const SEEK_PATIENCE: Duration = Duration::from_millis(500);
 struct Record {
     partition: i32,
     offset: i64,
+    /// The record's Kafka timestamp (when the reader produced it), in ms since the epoch.
+    timestamp_ms: Option<i64>,
     key: Option<Vec<u8>>,
     value: Option<Vec<u8>>,
     decoded: Result<Change, BadEvent>,
@@ -527,6 +529,7 @@ impl Projector<'_> {
         batch.push(Record {
             partition,
             offset,
+            timestamp_ms: message.timestamp().to_millis(),
             key,
             value,
             decoded,
@@ -738,6 +741,7 @@ impl Projector<'_> {
             .map(|r| Item {
                 partition: r.partition,
                 offset: r.offset,
+                timestamp_ms: r.timestamp_ms,
                 change: r.decoded.as_ref().ok().cloned(),
             })
             .collect();
@@ -819,6 +823,7 @@ impl Projector<'_> {
                     .map(|r| Item {
                         partition: r.partition,
                         offset: r.offset,
+                        timestamp_ms: r.timestamp_ms,
                         change: None,
                     })
                     .collect();

@@ -97,10 +97,17 @@ static USER_DB: &[Migration] = &[
         "0003_cdc_reader_snapshot_attempts.sql",
         "cdc_reader_snapshot_attempts"
     ),
+    migration!("user_db", 4, "0004_cdc_slot_status.sql", "cdc_slot_status"),
 ];
 static VIEW_DB: &[Migration] = &[
     migration!("materialized_view_db", 1, "0001_views.sql", "views"),
     migration!("materialized_view_db", 2, "0002_projector.sql", "projector"),
+    migration!(
+        "materialized_view_db",
+        3,
+        "0003_projector_status.sql",
+        "projector_status"
+    ),
 ];
 
 /// Why migrating failed.

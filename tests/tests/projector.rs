@@ -298,3 +298,82 @@ async fn a_projector_killed_mid_batch_neither_loses_nor_doubles() {
     child.wait().await.unwrap();
     p.reader.stop().await.unwrap();
 }
+
+/// `user_db.cdc_slot_status` and `materialized_view_db.projector_status` after a workload: the slot
+/// confirmed what was applied, and the projector's row says where it is and how fresh it was.
+#[tokio::test]
+async fn the_inspection_views_show_where_the_pipeline_is() {
+    let p = Pipeline::start("proj_status").await.unwrap();
+    let config = p.projector_config();
+    let group = config.group.clone();
+    let projector = Projector::start(config).await.unwrap();
+    let db = p.user_db.client().await.unwrap();
+    random_workload(&db, 20, 50).await.unwrap();
+    p.converged(WAIT).await.unwrap();
+    let records = e2e::read_topic(&p.stack, &p.topic, 1, WAIT).await.unwrap();
+    let last_lsn = records
+        .iter()
+        .rev()
+        .find_map(|r| r.value.as_ref()?["source"]["commit_lsn"].as_i64())
+        .unwrap();
+    let end = records.len() as i64;
+
+    // The projector: next offset = the topic's end, the last record's source LSN, fresh.
+    let views = p.view_db.client().await.unwrap();
+    let status = e2e::wait_for("the projector's status", WAIT, || {
+        let views = &views;
+        let group = &group;
+        async move {
+            let row = views
+                .query_opt(
+                    "SELECT partition, next_offset, \
+                            applied_source_lsn = '0/0'::pg_lsn + $2::bigint::numeric, \
+                            extract(epoch FROM freshness)::float8, \
+                            extract(epoch FROM since_last_apply)::float8 \
+                       FROM projector_status WHERE consumer_group = $1",
+                    &[group, &last_lsn],
+                )
+                .await?;
+            Ok(row.filter(|r| r.get::<_, i64>(1) == end))
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.get::<_, i32>(0), 0);
+    assert!(
+        status.get::<_, bool>(2),
+        "applied_source_lsn is the last record's"
+    );
+    let freshness: f64 = status.get(3);
+    assert!((0.0..30.0).contains(&freshness), "freshness {freshness} s");
+    assert!(status.get::<_, f64>(4) >= 0.0);
+
+    // The slot: active, snapshot done, confirmed past everything applied, lag within retained WAL.
+    let slot = e2e::wait_for("the slot to confirm the workload", WAIT, || {
+        let db = &db;
+        let slot = p.user_db.name.clone();
+        async move {
+            let row = db
+                .query_one(
+                    "SELECT active, initial_snapshot, lag_bytes, retained_wal_bytes, \
+                            confirmed_flush_lsn >= '0/0'::pg_lsn + $2::bigint::numeric \
+                       FROM cdc_slot_status WHERE slot_name = $1",
+                    &[&slot, &last_lsn],
+                )
+                .await?;
+            Ok(row.get::<_, bool>(4).then_some(row))
+        }
+    })
+    .await
+    .unwrap();
+    assert!(slot.get::<_, bool>(0), "the reader holds the slot");
+    assert_eq!(slot.get::<_, &str>(1), "done");
+    let (lag, retained): (i64, i64) = (slot.get(2), slot.get(3));
+    assert!(
+        0 <= lag && lag <= retained,
+        "lag {lag}, retained {retained}"
+    );
+
+    projector.stop().await.unwrap();
+    p.reader.stop().await.unwrap();
+}
