@@ -62,6 +62,13 @@ pub enum PublishError {
         #[source]
         source: KafkaError,
     },
+    #[error("reading {topic} [{partition}] back failed")]
+    ReadBack {
+        topic: String,
+        partition: i32,
+        #[source]
+        source: KafkaError,
+    },
 }
 
 /// Producer settings: brokers plus librdkafka properties that override the defaults.
@@ -432,9 +439,9 @@ fn reading_consumer(brokers: &str) -> Result<BaseConsumer<TracingContext>, Publi
 }
 
 /// Reads every record of each `(topic, partition)` from its offset to its end and folds it into
-/// `state` with `f` (in offset order within a partition): topic, key, value, position. The end is the high
-/// watermark seen at the start, and then nothing more for a moment (tansu 0.6 may report a
-/// watermark below its last batch).
+/// `state` with `f` (in offset order within a partition): topic, key, value, position. The end is
+/// the high watermark seen at the start, and then nothing more for a moment (tansu 0.6 may report
+/// a watermark below its last batch).
 pub async fn read_back<S, F>(
     settings: &KafkaSettings,
     starts: Vec<(String, i32, i64)>,
@@ -448,7 +455,7 @@ where
     let brokers = settings.brokers.clone();
     tokio::task::spawn_blocking(move || {
         let consumer = reading_consumer(&brokers)?;
-        let err = |topic: &str, partition: i32, source| PublishError::Tail {
+        let err = |topic: &str, partition: i32, source| PublishError::ReadBack {
             topic: topic.to_owned(),
             partition,
             source,
@@ -668,7 +675,8 @@ pub fn is_transient(err: &PublishError) -> bool {
         PublishError::Delivery(e)
         | PublishError::CreateTopic { source: e, .. }
         | PublishError::Metadata { source: e, .. }
-        | PublishError::Tail { source: e, .. } => {
+        | PublishError::Tail { source: e, .. }
+        | PublishError::ReadBack { source: e, .. } => {
             // rdkafka gives no code for a failed admin operation; its code is inside.
             let code = match e {
                 KafkaError::AdminOp(code) => Some(*code),

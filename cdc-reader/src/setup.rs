@@ -207,8 +207,6 @@ pub async fn primary_key(
     Ok((!names.is_empty()).then_some(names))
 }
 
-/// How far the slot is behind the current WAL: (confirmed flush lag, retained WAL) in bytes.
-/// The database's current WAL write position.
 /// The columns a snapshot row of table `oid` is keyed by, as streamed events of it are (see
 /// `envelope::event_key`): the primary key, unless the replica identity is an index that leaves
 /// part of it out, then that index's columns; without a primary key, the identity's columns
@@ -242,6 +240,7 @@ pub async fn event_key_columns(
     })
 }
 
+/// The database's current WAL write position.
 pub async fn current_wal_lsn(db: &Client) -> Result<Lsn, SetupError> {
     let row = db
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
@@ -250,6 +249,7 @@ pub async fn current_wal_lsn(db: &Client) -> Result<Lsn, SetupError> {
     Ok(parse_lsn(row.get::<_, &str>(0)).unwrap_or(0))
 }
 
+/// How far the slot is behind the current WAL: (confirmed flush lag, retained WAL) in bytes.
 pub async fn slot_lag(db: &Client, slot: &str) -> Result<Option<(i64, i64)>, SetupError> {
     let row = db
         .query_opt(

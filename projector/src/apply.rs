@@ -244,8 +244,11 @@ impl Store {
                                                           projector_offsets.source_lsn) \
                                             ELSE projector_offsets.source_lsn END, \
                           updated_at = excluded.updated_at, \
-                          last_record_at = coalesce(excluded.last_record_at, \
-                                                    projector_offsets.last_record_at)")
+                          last_record_at = CASE WHEN excluded.next_offset >= \
+                                                     projector_offsets.next_offset \
+                                                THEN coalesce(excluded.last_record_at, \
+                                                              projector_offsets.last_record_at) \
+                                                ELSE projector_offsets.last_record_at END")
             .await?,
             truncate_rows: p("WITH gone AS (DELETE FROM user_view \
                                             WHERE (source_lsn, source_seq) <= ($1::pg_lsn, $2) \
