@@ -209,6 +209,50 @@ pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
+/// 400 `unknown_field` for a key of `body` outside `accepted`, saying when it is one the server sets
+/// (`read_only`).
+pub fn check_fields(
+    body: &Map<String, Value>,
+    accepted: &[&str],
+    read_only: &[&str],
+) -> Result<(), ApiError> {
+    let Some(key) = body.keys().find(|k| !accepted.contains(&k.as_str())) else {
+        return Ok(());
+    };
+    let message = if read_only.contains(&key.as_str()) {
+        format!("field {key:?} is set by the server and cannot be written")
+    } else {
+        format!(
+            "unknown field {key:?}; accepted fields: {}",
+            accepted.join(", ")
+        )
+    };
+    Err(ApiError::bad_request("unknown_field", message).with_field(key.as_str()))
+}
+
+/// The value of a string field: `None` when absent, `Some(None)` when null, 400 `invalid_type`
+/// when neither a string nor null.
+pub fn string_field<'a>(
+    body: &'a Map<String, Value>,
+    field: &str,
+) -> Result<Option<Option<&'a str>>, ApiError> {
+    match body.get(field) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(Some(s))),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(other) => Err(ApiError::bad_request(
+            "invalid_type",
+            format!("{field} must be a string, got {}", json_type(other)),
+        )
+        .with_field(field)),
+    }
+}
+
+/// 422: a required field is missing.
+pub fn required(field: &str) -> ApiError {
+    ApiError::invalid(field, format!("{field} is required"))
+}
+
 /// The JSON type name of a value, for error messages.
 pub fn json_type(value: &Value) -> &'static str {
     match value {

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::http::{json_type, ApiError};
+use crate::http::{check_fields, json_type, required, string_field, ApiError};
 
 /// A post with its author's current data from user_view (null once the author is gone).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -76,20 +76,11 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
 /// Body of POST and PUT.
 pub fn parse_post(body: &Map<String, Value>) -> Result<PostFields, ApiError> {
-    if let Some(key) = body.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        let message = if READ_ONLY.contains(&key.as_str()) {
-            format!("field {key:?} is set by the server and cannot be written")
-        } else {
-            format!(
-                "unknown field {key:?}; accepted fields: {}",
-                FIELDS.join(", ")
-            )
-        };
-        return Err(ApiError::bad_request("unknown_field", message).with_field(key.as_str()));
-    }
+    check_fields(body, &FIELDS, &READ_ONLY)?;
     // Every type first, then every rule.
-    let title = string_field(body, "title")?;
-    let content = string_field(body, "content")?;
+    // Absent and null are both "missing" here (a 422).
+    let title = string_field(body, "title")?.flatten();
+    let content = string_field(body, "content")?.flatten();
     let author_id = match body.get("authorId") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => Some(n.as_i64().filter(|_| n.is_i64()).ok_or_else(|| {
@@ -149,26 +140,6 @@ pub fn parse_post(body: &Map<String, Value>) -> Result<PostFields, ApiError> {
         content: content.to_owned(),
         author_id,
     })
-}
-
-fn required(field: &str) -> ApiError {
-    ApiError::invalid(field, format!("{field} is required"))
-}
-
-/// A string field: `None` when absent or null (a 422 if required), 400 for another type.
-fn string_field<'a>(
-    body: &'a Map<String, Value>,
-    field: &str,
-) -> Result<Option<&'a str>, ApiError> {
-    match body.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(ApiError::bad_request(
-            "invalid_type",
-            format!("{field} must be a string, got {}", json_type(other)),
-        )
-        .with_field(field)),
-    }
 }
 
 /// A department from a path segment: percent-decoded UTF-8, 1 to 100 characters.

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::http::{json_type, ApiError};
+use crate::http::{check_fields, required, string_field, ApiError};
 
 /// A user as stored in `user_db.users` and returned by the API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -103,17 +103,7 @@ pub fn parse_replace(body: &Map<String, Value>) -> Result<UserFields, ApiError> 
 
 /// Body of PATCH: any subset of the fields; `null` is not a value any field accepts.
 pub fn parse_patch(body: &Map<String, Value>) -> Result<UserPatch, ApiError> {
-    if let Some(key) = body.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        let message = if READ_ONLY.contains(&key.as_str()) {
-            format!("field {key:?} is set by the server and cannot be written")
-        } else {
-            format!(
-                "unknown field {key:?}; accepted fields: {}",
-                FIELDS.join(", ")
-            )
-        };
-        return Err(ApiError::bad_request("unknown_field", message).with_field(key.as_str()));
-    }
+    check_fields(body, &FIELDS, &READ_ONLY)?;
     // Every type first, then every rule: a body with a wrong type anywhere is a 400 whatever the
     // order of its fields.
     let name = string_field(body, "name")?;
@@ -141,28 +131,6 @@ pub fn parse_patch(body: &Map<String, Value>) -> Result<UserPatch, ApiError> {
 
 fn non_null<'a>(field: &str, value: Option<&'a str>) -> Result<&'a str, ApiError> {
     value.ok_or_else(|| ApiError::invalid(field, format!("{field} must not be null")))
-}
-
-fn required(field: &str) -> ApiError {
-    ApiError::invalid(field, format!("{field} is required"))
-}
-
-/// The value of `field`: `None` when absent, `Some(None)` when null, 400 when neither a string nor
-/// null. (Null is a broken rule, a 422, reported when the values are validated.)
-fn string_field<'a>(
-    body: &'a Map<String, Value>,
-    field: &str,
-) -> Result<Option<Option<&'a str>>, ApiError> {
-    match body.get(field) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(Some(s))),
-        Some(Value::Null) => Ok(Some(None)),
-        Some(other) => Err(ApiError::bad_request(
-            "invalid_type",
-            format!("{field} must be a string, got {}", json_type(other)),
-        )
-        .with_field(field)),
-    }
 }
 
 /// Trimmed, 1..=max characters, no control characters.
