@@ -288,13 +288,40 @@ pub async fn run(stack: Stack, options: &Options) -> anyhow::Result<Summary> {
 
     // Idle: the slot keeps up with the WAL and does not hold on to it.
     tokio::time::sleep(options.idle).await;
-    // Writes to a table outside the publication move the WAL on.
+    // Writes to a table outside the publication move the WAL on; an idle reader confirms past
+    // them (from a keepalive) within a few status intervals. Measured then, or after 30 s.
     users
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS chaos_other (n int); INSERT INTO chaos_other VALUES (1);",
         )
         .await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let written: String = users
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let passed = crate::wait_for(
+        "the slot to pass the write elsewhere",
+        Duration::from_secs(30),
+        || {
+            let users = &users;
+            let (slot, written) = (&reader_config.slot, &written);
+            async move {
+                let row = users
+                    .query_one(
+                        "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots \
+                     WHERE slot_name = $1",
+                        &[slot, written],
+                    )
+                    .await?;
+                Ok(row.get::<_, Option<bool>>(0).unwrap_or(false).then_some(()))
+            }
+        },
+    )
+    .await;
+    if let Err(e) = passed {
+        // The lag check below reports it.
+        eprintln!("{e:#}");
+    }
     let row = users
         .query_one(
             "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, \

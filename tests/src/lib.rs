@@ -669,6 +669,43 @@ pub struct Received {
     pub offset: i64,
 }
 
+impl Received {
+    /// Key and value parsed as JSON.
+    fn of(m: &impl rdkafka::Message) -> anyhow::Result<Received> {
+        let json = |b: Option<&[u8]>| b.map(serde_json::from_slice).transpose();
+        Ok(Received {
+            key: json(m.key())?,
+            value: json(m.payload())?,
+            partition: m.partition(),
+            offset: m.offset(),
+        })
+    }
+}
+
+/// Writes `n` users (`Bench user i`, 20 departments, every fourth INACTIVE) in transactions of
+/// `per_tx` rows: the benchmarks' workload.
+pub async fn insert_bench_users(
+    client: &tokio_postgres::Client,
+    n: i64,
+    per_tx: i64,
+) -> anyhow::Result<()> {
+    let mut done = 0;
+    while done < n {
+        let rows = per_tx.min(n - done);
+        client
+            .execute(
+                "INSERT INTO users (name, email, department, status)
+                 SELECT 'Bench user ' || i, 'bench' || i || '@example.org', 'Dept ' || (i % 20),
+                        CASE WHEN i % 4 = 0 THEN 'INACTIVE' ELSE 'ACTIVE' END
+                 FROM generate_series($1::bigint, $2::bigint) i",
+                &[&(done + 1), &(done + rows)],
+            )
+            .await?;
+        done += rows;
+    }
+    Ok(())
+}
+
 /// Reads `topic` from the beginning until it has at least `n` records and everything the topic
 /// held at that point (so extra records show up too); fails after `timeout`.
 pub async fn read_topic(
@@ -678,7 +715,6 @@ pub async fn read_topic(
     timeout: Duration,
 ) -> anyhow::Result<Vec<Received>> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
-    use rdkafka::Message;
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &stack.kafka_brokers)
         .set("group.id", format!("t-read-{}", unique_suffix()))
@@ -699,13 +735,7 @@ pub async fn read_topic(
                         out.len()
                     )
                 })??;
-            let json = |b: Option<&[u8]>| b.map(serde_json::from_slice).transpose();
-            out.push(Received {
-                key: json(m.key())?,
-                value: json(m.payload())?,
-                partition: m.partition(),
-                offset: m.offset(),
-            });
+            out.push(Received::of(&m)?);
         }
         let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         let mut total = 0;
@@ -722,14 +752,7 @@ pub async fn read_topic(
             while let Ok(m) =
                 tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
             {
-                let m = m?;
-                let json = |b: Option<&[u8]>| b.map(serde_json::from_slice).transpose();
-                out.push(Received {
-                    key: json(m.key())?,
-                    value: json(m.payload())?,
-                    partition: m.partition(),
-                    offset: m.offset(),
-                });
+                out.push(Received::of(&m?)?);
             }
             return Ok(out);
         }

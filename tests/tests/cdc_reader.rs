@@ -590,8 +590,8 @@ async fn a_reader_killed_at_random_moments_publishes_every_change_once() {
         .unwrap();
     let topic = format!("t-users-{}", unique_suffix());
     let mut child = spawn_reader(&stack, &db, &topic);
-    // Kills during the initial snapshot are another test's matter (a snapshot is retaken whole);
-    // here they hit the stream.
+    // Kills during the initial snapshot are another test's matter (an interrupted snapshot
+    // resumes); here they hit the stream.
     let client = db.client().await.unwrap();
     e2e::wait_for("the initial snapshot", WAIT, || async {
         let n: i64 = client

@@ -30,6 +30,7 @@ use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
 use e2e::{arg, connect, unique_suffix, workspace_binary, Stack, TestDb};
 use futures_util::{SinkExt, StreamExt};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 /// A service binary running as a child process.
@@ -172,20 +173,7 @@ async fn main() -> anyhow::Result<()> {
     reader.stop().await?;
 
     let started = Instant::now();
-    let mut done = 0;
-    while done < changes {
-        let n = 1000.min(changes - done);
-        users
-            .execute(
-                "INSERT INTO users (name, email, department, status)
-                 SELECT 'Bench user ' || i, 'bench' || i || '@example.org', 'Dept ' || (i % 20),
-                        CASE WHEN i % 4 = 0 THEN 'INACTIVE' ELSE 'ACTIVE' END
-                 FROM generate_series($1::bigint, $2::bigint) i",
-                &[&(done + 1), &(done + n)],
-            )
-            .await?;
-        done += n;
-    }
+    e2e::insert_bench_users(&users, changes, 1000).await?;
     let write_s = started.elapsed().as_secs_f64();
 
     // 1. The backlog, end to end.
@@ -449,13 +437,15 @@ async fn produce_limit(stack: &Stack, topic: &str, n: i64) -> anyhow::Result<f64
                     acks.push(ack);
                     break;
                 }
-                // librdkafka's queue is full: wait for an acknowledgement.
-                Err((_, _)) => match acks.next().await {
-                    Some(ack) => {
-                        ack?.map_err(|(e, _)| e)?;
-                    }
-                    None => tokio::time::sleep(Duration::from_millis(1)).await,
-                },
+                // librdkafka's queue is full: wait for an acknowledgement to make room.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    let ack = acks
+                        .next()
+                        .await
+                        .context("librdkafka's queue is full with nothing in flight")?;
+                    ack?.map_err(|(e, _)| e)?;
+                }
+                Err((e, _)) => return Err(e.into()),
             }
         }
     }

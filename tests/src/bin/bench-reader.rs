@@ -44,20 +44,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The workload.
     let started = Instant::now();
-    let mut done = 0;
-    while done < changes {
-        let n = TX_ROWS.min(changes - done);
-        client
-            .execute(
-                "INSERT INTO users (name, email, department, status)
-                 SELECT 'Bench user ' || i, 'bench' || i || '@example.org', 'Dept ' || (i % 20),
-                        CASE WHEN i % 4 = 0 THEN 'INACTIVE' ELSE 'ACTIVE' END
-                 FROM generate_series($1::bigint, $2::bigint) i",
-                &[&(done + 1), &(done + n)],
-            )
-            .await?;
-        done += n;
-    }
+    e2e::insert_bench_users(&client, changes, TX_ROWS).await?;
     let write_s = started.elapsed().as_secs_f64();
     let end_lsn: String = client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
