@@ -96,21 +96,56 @@ impl Pending<'_> {
     }
 }
 
+/// What a [`Store`] writes to, and how.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Consumer group of the offsets it keeps in `projector_offsets`.
+    pub group: String,
+    pub topic: String,
+    /// `schema.table` the events come from (for truncates).
+    pub source_table: String,
+    /// The advisory lock a batch takes per partition: appliers of one group and topic with the
+    /// same key never interleave their batches (see [`Target::lock_key`]).
+    pub lock_key: String,
+    /// The schema of the view tables, when not the role's default (a rebuild's fresh tables).
+    pub schema: Option<String>,
+    /// A replay: every event is applied over whatever position the view row claims (the events
+    /// come in order, from a point the caller chose), and no offsets are written.
+    pub replay: bool,
+}
+
+impl Target {
+    /// The live projector's target: the default schema, offsets kept.
+    pub fn live(group: &str, topic: &str, source_table: &str) -> Target {
+        Target {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            source_table: source_table.to_owned(),
+            lock_key: Target::lock_key(group, topic),
+            schema: None,
+            replay: false,
+        }
+    }
+
+    /// The advisory lock key of the projector of `group` on `topic`; the second key is the
+    /// partition. Holding it (for every partition) keeps that projector's batches out.
+    pub fn lock_key(group: &str, topic: &str) -> String {
+        format!("projector {group} {topic}")
+    }
+}
+
 /// A connection to materialized_view_db with the projector's statements prepared on it.
 pub struct Store {
     client: Client,
     connection: tokio::task::JoinHandle<()>,
     s: Statements,
-    group: String,
-    topic: String,
-    source_table: String,
+    target: Target,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("group", &self.group)
-            .field("topic", &self.topic)
+            .field("target", &self.target)
             .finish_non_exhaustive()
     }
 }
@@ -141,12 +176,7 @@ struct Statements {
 }
 
 impl Store {
-    pub async fn connect(
-        url: &str,
-        group: &str,
-        topic: &str,
-        source_table: &str,
-    ) -> Result<Store, ApplyError> {
+    pub async fn connect(url: &str, target: &Target) -> Result<Store, ApplyError> {
         let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
             .await
             .map_err(ApplyError::Connect)?;
@@ -155,6 +185,13 @@ impl Store {
                 tracing::warn!(%error, "materialized_view_db connection ended");
             }
         });
+        if let Some(schema) = &target.schema {
+            // Before preparing: the statements' table names resolve through it.
+            client
+                .execute("SELECT set_config('search_path', $1, false)", &[schema])
+                .await
+                .map_err(sql("setting the search path"))?;
+        }
         let p = |text: &'static str| {
             let client = &client;
             async move {
@@ -280,9 +317,7 @@ impl Store {
             client,
             connection,
             s,
-            group: group.to_owned(),
-            topic: topic.to_owned(),
-            source_table: source_table.to_owned(),
+            target: target.clone(),
         })
     }
 
@@ -294,7 +329,10 @@ impl Store {
     pub async fn next_offset(&self, partition: i32) -> Result<Option<i64>, ApplyError> {
         let row = self
             .client
-            .query_opt(&self.s.read_offset, &[&self.group, &self.topic, &partition])
+            .query_opt(
+                &self.s.read_offset,
+                &[&self.target.group, &self.target.topic, &partition],
+            )
             .await
             .map_err(sql("reading the stored offset"))?;
         Ok(row.map(|r| r.get(0)))
@@ -310,8 +348,8 @@ impl Store {
             .map_err(sql("beginning a transaction"))?;
         let s = &self.s;
         let partitions: Vec<i32> = items.iter().map(|i| i.partition).collect();
-        let lock_key = format!("projector {} {}", self.group, self.topic);
-        tx.query_one(&s.lock, &[&lock_key, &partitions])
+        let t = &self.target;
+        tx.query_one(&s.lock, &[&t.lock_key, &partitions])
             .await
             .map_err(sql("locking the batch's partitions"))?;
 
@@ -327,19 +365,10 @@ impl Store {
             };
             let segment = &items[start..i];
             if !segment.is_empty() {
-                write_segment(
-                    &tx,
-                    s,
-                    &self.source_table,
-                    segment,
-                    start,
-                    &mut outcome,
-                    &mut bad,
-                )
-                .await?;
+                write_segment(&tx, s, t, segment, start, &mut outcome, &mut bad).await?;
             }
             if let Some(position) = truncate {
-                truncate_views(&tx, s, &self.source_table, position, &mut outcome).await?;
+                truncate_views(&tx, s, t, position, &mut outcome).await?;
             }
             start = i + 1;
         }
@@ -355,13 +384,16 @@ impl Store {
                 outcome.last_lsn = outcome.last_lsn.max(Some(p.commit_lsn));
             }
         }
+        if t.replay {
+            return Ok(Pending { tx, outcome, bad });
+        }
         let parts: Vec<i32> = next.keys().copied().collect();
         let offsets: Vec<i64> = next.values().map(|v| v.0).collect();
         let lsns: Vec<Option<String>> = next.values().map(|v| v.1.map(format_lsn)).collect();
         let times: Vec<Option<i64>> = next.values().map(|v| v.2).collect();
         tx.execute(
             &s.offsets,
-            &[&self.group, &self.topic, &parts, &offsets, &lsns, &times],
+            &[&t.group, &t.topic, &parts, &offsets, &lsns, &times],
         )
         .await
         .map_err(sql("storing offsets"))?;
@@ -395,11 +427,12 @@ async fn floor(
 async fn truncate_views(
     tx: &Transaction<'_>,
     s: &Statements,
-    table: &str,
+    t: &Target,
     position: Position,
     outcome: &mut Outcome,
 ) -> Result<(), ApplyError> {
-    if floor(tx, s, table).await?.is_some_and(|f| position <= f) {
+    let table = t.source_table.as_str();
+    if !t.replay && floor(tx, s, table).await?.is_some_and(|f| position <= f) {
         outcome.ignored += 1;
         return Ok(());
     }
@@ -424,7 +457,7 @@ async fn truncate_views(
 async fn write_segment(
     tx: &Transaction<'_>,
     s: &Statements,
-    table: &str,
+    t: &Target,
     segment: &[Item],
     first_index: usize,
     outcome: &mut Outcome,
@@ -455,7 +488,7 @@ async fn write_segment(
                 .await
                 .map_err(sql("reading deletions"))
         },
-        floor(tx, s, table),
+        floor(tx, s, &t.source_table),
     )?;
     let mut current = HashMap::with_capacity(rows.len() + deletions.len());
     for r in deletions {
@@ -484,7 +517,21 @@ async fn write_segment(
         .iter()
         .map(|i| i.change.clone().unwrap_or(Change::Tombstone))
         .collect();
-    let folded = encode::fold(&current, floor, &changes);
+    let folded = if t.replay {
+        // Whatever the rows claim, the replayed events come after it.
+        let unclaimed = Position {
+            commit_lsn: 0,
+            event_index: 0,
+        };
+        for c in current.values_mut() {
+            match c {
+                Current::Row(_, p) | Current::Deleted(p) => *p = unclaimed,
+            }
+        }
+        encode::fold(&current, None, &changes)
+    } else {
+        encode::fold(&current, floor, &changes)
+    };
     outcome.ignored += folded.ignored;
     bad.extend(folded.bad.into_iter().map(|(i, e)| (first_index + i, e)));
 

@@ -25,9 +25,10 @@ pub mod apply;
 pub mod config;
 pub mod dead_letter;
 pub mod encode;
+pub mod replay;
 pub mod telemetry;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,7 +43,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::{ApplyError, Item, Store};
+use crate::apply::{ApplyError, Item, Store, Target};
 use crate::dead_letter::{DeadLetters, Letter};
 use crate::encode::{BadEvent, Change};
 
@@ -249,25 +250,7 @@ async fn consume(
         &config.topic,
     )
     .map_err(Error::Kafka)?;
-    let mut kafka = ClientConfig::new();
-    kafka
-        .set("bootstrap.servers", &config.kafka_brokers)
-        .set("group.id", &config.group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        // Freshness: do not let a fetch wait long for more data (librdkafka's default is 500 ms,
-        // and not every broker answers a waiting fetch as soon as data arrives).
-        .set("fetch.wait.max.ms", "20")
-        // A projector killed without leaving the group holds its partitions until this expires
-        // (librdkafka's default is 45 s); a restarted one waits that long for them.
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .set("statistics.interval.ms", "5000");
-    for (k, v) in config.consumer_overrides()? {
-        kafka.set(k, v);
-    }
+    let kafka = consumer_config(config, &config.group)?;
     let context = Context {
         generation: AtomicU64::new(0),
         assigned: std::sync::Mutex::new(std::collections::BTreeSet::new()),
@@ -284,23 +267,36 @@ async fn consume(
             }
         }
     }
-    let (schema_name, table) = config.source_table()?;
-    let mut p = Projector {
-        config,
-        metrics,
-        shutdown,
-        consumer,
-        dead_letters,
-        store: None,
-        table: (schema_name, table),
-        positions: HashMap::new(),
-        positioned_generation: 0,
-        backoff: service::Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
-        dead_letter_topic_ready: false,
-    };
+    let target = Target::live(&config.group, &config.topic, &config.source_table);
+    let mut p = Projector::new(config, metrics, shutdown, consumer, target, None)?;
+    p.dead_letters = Some(dead_letters);
     tracing::info!(topic = %config.topic, group = %config.group,
         dead_letter_topic = %config.dead_letter_topic(), "projector consuming");
-    p.run().await
+    p.run().await.map(|_| ())
+}
+
+/// The consumer settings every projector (and replay) uses; `group` names the offsets it commits.
+fn consumer_config(config: &Config, group: &str) -> Result<ClientConfig, Error> {
+    let mut kafka = ClientConfig::new();
+    kafka
+        .set("bootstrap.servers", &config.kafka_brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        // Freshness: do not let a fetch wait long for more data (librdkafka's default is 500 ms,
+        // and not every broker answers a waiting fetch as soon as data arrives).
+        .set("fetch.wait.max.ms", "20")
+        // A projector killed without leaving the group holds its partitions until this expires
+        // (librdkafka's default is 45 s); a restarted one waits that long for them.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("statistics.interval.ms", "5000");
+    for (k, v) in config.consumer_overrides()? {
+        kafka.set(k, v);
+    }
+    Ok(kafka)
 }
 
 /// Takes every partition of the topic (waiting for the topic to exist), without a group; the loop
@@ -321,17 +317,7 @@ async fn assign_all(
                     .flat_map(|t| t.partitions().iter().map(|p| p.id()))
                     .collect();
                 if !partitions.is_empty() {
-                    let mut tpl = TopicPartitionList::new();
-                    for p in &partitions {
-                        tpl.add_partition_offset(&config.topic, *p, Offset::Beginning)
-                            .map_err(Error::Kafka)?;
-                    }
-                    consumer.assign(&tpl).map_err(Error::Kafka)?;
-                    let context = consumer.context();
-                    if let Ok(mut a) = context.assigned.lock() {
-                        a.extend(partitions.iter().copied());
-                    }
-                    context.generation.fetch_add(1, Ordering::SeqCst);
+                    assign(consumer, &config.topic, &partitions)?;
                     tracing::info!(
                         ?partitions,
                         "took every partition of the topic (assignment: all)"
@@ -348,14 +334,50 @@ async fn assign_all(
     }
 }
 
+/// Takes `partitions` of `topic` without a group; the loop then positions them as after a
+/// rebalance.
+fn assign(
+    consumer: &StreamConsumer<Context>,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<(), Error> {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .map_err(Error::Kafka)?;
+    }
+    consumer.assign(&tpl).map_err(Error::Kafka)?;
+    let context = consumer.context();
+    if let Ok(mut a) = context.assigned.lock() {
+        a.extend(partitions.iter().copied());
+    }
+    context.generation.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+/// What a replay reads: each partition from `start` up to, not including, `stop`.
+#[derive(Debug, Clone, Default)]
+struct Bounds {
+    start: BTreeMap<i32, i64>,
+    stop: BTreeMap<i32, i64>,
+    /// Partitions found at their end before `stop` (a gap in the offsets at the end).
+    ended: BTreeSet<i32>,
+}
+
 struct Projector<'a> {
     config: &'a Config,
     metrics: &'a Arc<Metrics>,
     shutdown: &'a CancellationToken,
     consumer: StreamConsumer<Context>,
-    dead_letters: DeadLetters,
+    /// `None` in a replay: what cannot be applied was dead-lettered when first consumed; it is
+    /// reported, not sent again.
+    dead_letters: Option<DeadLetters>,
     store: Option<Store>,
+    target: Target,
+    /// Schema and table the events must come from.
     table: (String, String),
+    /// A replay's range; `None` for the live projector, which runs from its stored offsets on.
+    bounds: Option<Bounds>,
     /// Where each partition stands.
     positions: HashMap<i32, Cursor>,
     /// The rebalance generation the partitions were last positioned for.
@@ -364,11 +386,41 @@ struct Projector<'a> {
     dead_letter_topic_ready: bool,
 }
 
+impl<'a> Projector<'a> {
+    fn new(
+        config: &'a Config,
+        metrics: &'a Arc<Metrics>,
+        shutdown: &'a CancellationToken,
+        consumer: StreamConsumer<Context>,
+        target: Target,
+        bounds: Option<Bounds>,
+    ) -> Result<Projector<'a>, Error> {
+        let table = config.source_table()?;
+        Ok(Projector {
+            config,
+            metrics,
+            shutdown,
+            consumer,
+            dead_letters: None,
+            store: None,
+            target,
+            table,
+            bounds,
+            positions: HashMap::new(),
+            positioned_generation: 0,
+            backoff: service::Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+            dead_letter_topic_ready: false,
+        })
+    }
+}
+
 /// How long a batch in hand may take to apply once shutdown was asked for.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 impl Projector<'_> {
-    async fn run(&mut self) -> Result<(), Error> {
+    /// Consumes and applies until shutdown (Ok(false)) or, in a replay, until every partition
+    /// reached its stop (Ok(true)).
+    async fn run(&mut self) -> Result<bool, Error> {
         let max = self.config.batch_max_events as usize;
         let mut batch: Vec<Record> = Vec::with_capacity(max);
         self.metrics.set_state(telemetry::State::Running);
@@ -377,6 +429,9 @@ impl Projector<'_> {
         'consume: loop {
             if !self.reposition(&mut batch).await? {
                 break 'consume;
+            }
+            if self.reached_stop() {
+                return Ok(true);
             }
             let first = tokio::select! {
                 biased;
@@ -399,7 +454,7 @@ impl Projector<'_> {
                 self.take(next, &mut batch).await?;
             }
             if !self.flush(&mut batch).await? {
-                return Ok(());
+                return Ok(false);
             }
         }
         // Apply what is in hand, within a limit; whatever is not committed is read again next time.
@@ -413,7 +468,33 @@ impl Projector<'_> {
                 ),
             }
         }
-        Ok(())
+        Ok(false)
+    }
+
+    /// In a replay: whether every partition reached its stop.
+    fn reached_stop(&self) -> bool {
+        let Some(b) = &self.bounds else {
+            return false;
+        };
+        b.stop.iter().all(|(p, stop)| {
+            b.ended.contains(p) || self.positions.get(p).is_some_and(|c| c.next >= *stop)
+        })
+    }
+
+    /// In a replay, before reading on to a further stop: re-reads every partition from where it
+    /// stands (records past the last stop were fetched and dropped).
+    async fn resume(&mut self, stop: BTreeMap<i32, i64>) {
+        if let Some(b) = &mut self.bounds {
+            b.stop = stop;
+            b.ended.clear();
+        }
+        let cursors: Vec<(i32, Cursor)> = self.positions.iter().map(|(p, c)| (*p, *c)).collect();
+        for (partition, cursor) in cursors {
+            let Some((low, _)) = self.watermarks(partition).await else {
+                return;
+            };
+            self.seek(partition, cursor, cursor.next, low).await;
+        }
     }
 
     /// After a rebalance: applies what is in hand (it belongs to the old assignment), then moves
@@ -428,15 +509,19 @@ impl Projector<'_> {
         }
         self.positions.clear();
         for partition in self.consumer.context().assigned() {
-            let Some(stored) = self.stored_offset(partition).await? else {
-                return Ok(false);
+            let start = match &self.bounds {
+                Some(b) => b.start.get(&partition).copied(),
+                None => match self.stored_offset(partition).await? {
+                    Some(stored) => stored,
+                    None => return Ok(false),
+                },
             };
             let Some((low, _)) = self.watermarks(partition).await else {
                 return Ok(false);
             };
             // Nothing stored: the views have nothing of this partition yet, start at its
             // beginning (whatever Kafka's committed offset says).
-            let next = stored.unwrap_or(low);
+            let next = start.unwrap_or(low);
             tracing::info!(
                 partition,
                 next,
@@ -461,6 +546,10 @@ impl Projector<'_> {
     ) -> Result<(), Error> {
         let message = match message {
             Ok(m) => m,
+            Err(KafkaError::PartitionEOF(partition)) => {
+                self.at_end(partition).await;
+                return Ok(());
+            }
             Err(e) => {
                 // librdkafka retries by itself; this is for the operator (and a short pause).
                 tracing::warn!(error = %e, "consuming failed");
@@ -478,6 +567,14 @@ impl Projector<'_> {
             _ => return Ok(()),
         };
         let next = cursor.next;
+        if self
+            .bounds
+            .as_ref()
+            .is_some_and(|b| b.stop.get(&partition).is_none_or(|stop| offset >= *stop))
+        {
+            // Past the replay's range (read again by the next range, if any).
+            return Ok(());
+        }
         if offset < next {
             tracing::debug!(partition, offset, next, "skipping a record already applied");
             let seek = cursor.seek.map(|s| Seek { seen: true, ..s });
@@ -535,6 +632,24 @@ impl Projector<'_> {
             decoded,
         });
         Ok(())
+    }
+
+    /// A replay's partition read to its end: when the broker holds nothing from the cursor on,
+    /// the rest of the range is a gap in the offsets and the partition is done.
+    async fn at_end(&mut self, partition: i32) {
+        let Some(cursor) = self.positions.get(&partition).copied() else {
+            return;
+        };
+        if self.bounds.is_none() || cursor.seek.is_some_and(|s| !s.seen) {
+            return;
+        }
+        if let Some((_, high)) = self.watermarks(partition).await {
+            if high <= cursor.next {
+                if let Some(b) = &mut self.bounds {
+                    b.ended.insert(partition);
+                }
+            }
+        }
     }
 
     /// Re-reads `partition` from `from` (clamped to `low`..=`cursor.next`). Records deleted by
@@ -608,7 +723,14 @@ impl Projector<'_> {
             let Some((low, high)) = self.watermarks(partition).await else {
                 return;
             };
-            if high > cursor.next {
+            // A replay knows its stop holds records even when the broker's high watermark says
+            // otherwise (tansu 0.6 leaves the last batch out of it, and serves nothing from
+            // there, until another batch arrives).
+            let stop = self
+                .bounds
+                .as_ref()
+                .and_then(|b| b.stop.get(&partition).copied());
+            if high > cursor.next || stop.is_some_and(|s| s > cursor.next) {
                 let back = (cursor.next - seek.from).max(500) * 2;
                 tracing::debug!(
                     partition,
@@ -668,7 +790,7 @@ impl Projector<'_> {
     }
 
     async fn connected(&mut self) -> Result<&mut Store, ApplyError> {
-        connected(&mut self.store, self.config, &self.table).await
+        connected(&mut self.store, &self.config.database_url, &self.target).await
     }
 
     /// Logs a failure and waits before the retry. Ok(false) when shutdown came first; an error
@@ -746,7 +868,7 @@ impl Projector<'_> {
             })
             .collect();
         self.ensure_dead_letter_topic().await?;
-        let store = connected(&mut self.store, self.config, &self.table).await?;
+        let store = connected(&mut self.store, &self.config.database_url, &self.target).await?;
         let pending = store.apply(&items).await?;
         let mut letters: Vec<Letter<'_>> = records
             .iter()
@@ -762,10 +884,10 @@ impl Projector<'_> {
                 .map(|(i, e)| letter(&records[*i], e.kind(), e.to_string())),
         );
         if !letters.is_empty() {
-            self.dead_letters
-                .send_all(&letters)
-                .await
-                .map_err(BatchError::DeadLetter)?;
+            match &self.dead_letters {
+                Some(d) => d.send_all(&letters).await.map_err(BatchError::DeadLetter)?,
+                None => not_applied(&letters),
+            }
         }
         let dead = letters.len();
         let outcome = pending.commit().await?;
@@ -792,12 +914,13 @@ impl Projector<'_> {
     }
 
     async fn ensure_dead_letter_topic(&mut self) -> Result<(), BatchError> {
-        if !self.dead_letter_topic_ready {
-            self.dead_letters
-                .ensure_topic(&self.config.kafka_brokers)
-                .await
-                .map_err(BatchError::DeadLetter)?;
-            self.dead_letter_topic_ready = true;
+        if let Some(d) = &self.dead_letters {
+            if !self.dead_letter_topic_ready {
+                d.ensure_topic(&self.config.kafka_brokers)
+                    .await
+                    .map_err(BatchError::DeadLetter)?;
+                self.dead_letter_topic_ready = true;
+            }
         }
         Ok(())
     }
@@ -814,10 +937,10 @@ impl Projector<'_> {
                     .iter()
                     .map(|r| letter(r, "database_refused", reason.clone()))
                     .collect();
-                self.dead_letters
-                    .send_all(&letters)
-                    .await
-                    .map_err(BatchError::DeadLetter)?;
+                match &self.dead_letters {
+                    Some(d) => d.send_all(&letters).await.map_err(BatchError::DeadLetter)?,
+                    None => not_applied(&letters),
+                }
                 let items: Vec<Item> = records
                     .iter()
                     .map(|r| Item {
@@ -827,7 +950,8 @@ impl Projector<'_> {
                         change: None,
                     })
                     .collect();
-                let store = connected(&mut self.store, self.config, &self.table).await?;
+                let store =
+                    connected(&mut self.store, &self.config.database_url, &self.target).await?;
                 store.apply(&items).await?.commit().await?;
                 Ok::<_, BatchError>(())
             };
@@ -861,9 +985,15 @@ impl Projector<'_> {
         let mut tpl = TopicPartitionList::new();
         for (p, o) in &next {
             self.metrics.set_applied(*p, *o);
+            if self.bounds.is_some() {
+                continue;
+            }
             if let Err(e) = tpl.add_partition_offset(&self.config.topic, *p, Offset::Offset(*o)) {
                 tracing::debug!(error = %e, "building the offset list failed");
             }
+        }
+        if tpl.count() == 0 {
+            return;
         }
         if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(error = %e, "committing offsets to Kafka failed (lag tools only)");
@@ -875,21 +1005,22 @@ impl Projector<'_> {
 /// connection was lost.
 async fn connected<'s>(
     slot: &'s mut Option<Store>,
-    config: &Config,
-    (schema_name, table): &(String, String),
+    url: &str,
+    target: &Target,
 ) -> Result<&'s mut Store, ApplyError> {
     if slot.as_ref().is_none_or(Store::is_closed) {
         *slot = None;
-        let store = Store::connect(
-            &config.database_url,
-            &config.group,
-            &config.topic,
-            &format!("{schema_name}.{table}"),
-        )
-        .await?;
-        *slot = Some(store);
+        *slot = Some(Store::connect(url, target).await?);
     }
     Ok(slot.as_mut().expect("connected just above"))
+}
+
+/// A replay does not dead-letter again what the projector dead-lettered when it first met it.
+fn not_applied(letters: &[Letter<'_>]) {
+    for l in letters {
+        tracing::warn!(partition = l.partition, offset = l.offset, kind = l.kind, error = %l.error,
+            "replay: an event that cannot be applied (dead-lettered when it was first consumed)");
+    }
 }
 
 fn letter<'a>(r: &'a Record, kind: &'static str, error: String) -> Letter<'a> {

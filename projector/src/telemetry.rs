@@ -120,6 +120,14 @@ impl Metrics {
         }
     }
 
+    /// The next offset to apply per partition, as far as this process applied.
+    pub fn applied(&self) -> BTreeMap<i32, i64> {
+        self.partitions
+            .lock()
+            .map(|p| p.applied.clone())
+            .unwrap_or_default()
+    }
+
     /// Records in the topic not yet applied, per partition (where both ends are known).
     pub fn lag(&self) -> Vec<(i32, i64)> {
         let Ok(p) = self.partitions.lock() else {

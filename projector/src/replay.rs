@@ -1,0 +1,797 @@
+//! `projector replay`: re-applies the topic from a point, while the projector keeps running.
+//!
+//! - **Repair** (default): the replay takes the live projector's partition locks (the advisory
+//!   locks every batch takes), so the projector pauses after its current batch; it recomputes
+//!   `department_stats` from `user_view`, then re-applies every event from the start offsets up to
+//!   where the projector stands, over whatever position the view rows claim; then hands the
+//!   partitions back. A row damaged by hand is restored to what its events say.
+//! - **Rebuild** (`--rebuild`): fresh, empty copies of the view tables in the schema
+//!   `projector_rebuild` are filled from the start offsets while the projector keeps the live
+//!   tables current; once the copies have caught up, the live projector is paused, the copies catch
+//!   up to its offsets and are swapped in, in one transaction. Readers see the old tables or the
+//!   new ones, never a half-built one.
+//!
+//! A replay writes no offsets: the live projector's `projector_offsets` stay what they are, and
+//! its position guard makes whatever it applies after the hand-back exact. Events that cannot be
+//! applied are reported, not dead-lettered again. Two replays of one group and topic never run at
+//! once.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use change_event::{format_lsn, Position};
+use chrono::{DateTime, Utc};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::Target;
+use crate::{assign, consumer_config, encode, Bounds, Config, Context, Metrics, Projector};
+
+/// Where a replay starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum From {
+    /// Every partition from its first record.
+    Earliest,
+    /// The listed partitions from these offsets (the others are left alone).
+    Offsets(Vec<(i32, i64)>),
+    /// Every partition from its first record with a Kafka timestamp at or after this.
+    Timestamp(DateTime<Utc>),
+    /// Every partition from its first event whose source commit LSN is at or after this.
+    Lsn(u64),
+}
+
+impl std::fmt::Display for From {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            From::Earliest => write!(f, "the earliest offsets"),
+            From::Offsets(o) => {
+                let list: Vec<String> = o.iter().map(|(p, o)| format!("{p}:{o}")).collect();
+                write!(f, "offsets {}", list.join(","))
+            }
+            From::Timestamp(t) => write!(f, "timestamp {}", t.to_rfc3339()),
+            From::Lsn(l) => write!(f, "LSN {}", format_lsn(*l)),
+        }
+    }
+}
+
+/// Parses `--offset`'s `PARTITION:OFFSET[,...]`.
+pub fn parse_offsets(text: &str) -> Result<Vec<(i32, i64)>, String> {
+    let mut out: Vec<(i32, i64)> = Vec::new();
+    for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (p, o) = entry
+            .split_once(':')
+            .ok_or_else(|| format!("{entry:?} is not PARTITION:OFFSET"))?;
+        let p: i32 = p
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p| *p >= 0)
+            .ok_or_else(|| format!("{entry:?}: the partition is not a number ≥ 0"))?;
+        let o: i64 = o
+            .trim()
+            .parse()
+            .ok()
+            .filter(|o| *o >= 0)
+            .ok_or_else(|| format!("{entry:?}: the offset is not a number ≥ 0"))?;
+        if out.iter().any(|(q, _)| *q == p) {
+            return Err(format!("partition {p} is listed twice"));
+        }
+        out.push((p, o));
+    }
+    if out.is_empty() {
+        return Err("no PARTITION:OFFSET given".into());
+    }
+    Ok(out)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("Kafka: {what}")]
+    Kafka {
+        what: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("the topic {0} does not exist or has no partitions")]
+    NoTopic(String),
+    #[error("partition {0} does not exist in the topic (it has {1})")]
+    NoPartition(i32, usize),
+    #[error(
+        "offset {offset} of partition {partition} is outside what the topic holds ({low}..{high})"
+    )]
+    OffsetOutOfRange {
+        partition: i32,
+        offset: i64,
+        low: i64,
+        high: i64,
+    },
+    #[error("the broker sent nothing more from partition {partition} after offset {offset} (its end is {high})")]
+    Stalled {
+        partition: i32,
+        offset: i64,
+        high: i64,
+    },
+    #[error("materialized_view_db: {what}")]
+    Sql {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("another replay of group {0} on topic {1} is running")]
+    Busy(String, String),
+    #[error("the projector's replay failed")]
+    Projector(#[source] Box<crate::Error>),
+    #[error("stopped before the replay was done; the live views are as they were{0}")]
+    Interrupted(&'static str),
+}
+
+fn sql(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ReplayError {
+    move |source| ReplayError::Sql { what, source }
+}
+
+fn kafka(what: impl Into<String>) -> impl FnOnce(KafkaError) -> ReplayError {
+    let what = what.into();
+    move |source| ReplayError::Kafka { what, source }
+}
+
+/// What a replay will do, for the confirmation prompt.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub group: String,
+    pub topic: String,
+    pub from: From,
+    pub rebuild: bool,
+    /// Per partition: (start offset, stop offset as of now).
+    pub ranges: BTreeMap<i32, (i64, i64)>,
+}
+
+impl Plan {
+    pub fn events(&self) -> i64 {
+        self.ranges.values().map(|(a, b)| (b - a).max(0)).sum()
+    }
+}
+
+impl std::fmt::Display for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ranges: Vec<String> = self
+            .ranges
+            .iter()
+            .map(|(p, (a, b))| format!("{p}:{a}..{b}"))
+            .collect();
+        if self.rebuild {
+            writeln!(
+                f,
+                "Rebuild the views of group {} from {} of {}: fresh tables are filled from \
+                 partition:offsets {}, then swapped in for the live ones.",
+                self.group,
+                self.from,
+                self.topic,
+                ranges.join(" ")
+            )?;
+            if self.from != From::Earliest {
+                writeln!(
+                    f,
+                    "The rebuilt views hold only what the events from there say: users whose \
+                     last change came earlier will be missing."
+                )?;
+            }
+        } else {
+            writeln!(
+                f,
+                "Re-apply the events of {} for group {} from {} (partition:offsets {}) over the \
+                 live views; the projector pauses meanwhile.",
+                self.topic,
+                self.group,
+                self.from,
+                ranges.join(" ")
+            )?;
+        }
+        write!(f, "About {} events.", self.events())
+    }
+}
+
+/// How far a running replay is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub done: i64,
+    pub total: i64,
+}
+
+/// What a finished replay did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Events read and applied (or found inapplicable).
+    pub events: u64,
+    pub upserted: u64,
+    pub deleted: u64,
+    /// Events that cannot be applied (reported in the log).
+    pub not_applied: u64,
+}
+
+/// The schema a rebuild fills before the swap.
+pub const REBUILD_SCHEMA: &str = "projector_rebuild";
+/// The schema the replaced tables pass through during the swap.
+const RETIRED_SCHEMA: &str = "projector_retired";
+/// The tables a rebuild replaces: the views and the positions that guard them.
+const VIEW_TABLES: [&str; 4] = [
+    "user_view",
+    "department_stats",
+    "user_view_deletions",
+    "projector_truncations",
+];
+
+/// Runs a replay. `confirm` sees the plan first and may refuse it (then `Ok(None)`); `progress`
+/// is called about once a second.
+pub async fn replay(
+    config: &Config,
+    from: From,
+    rebuild: bool,
+    confirm: impl FnOnce(&Plan) -> bool,
+    progress: impl Fn(Progress) + Send + 'static,
+    shutdown: &CancellationToken,
+) -> Result<Option<Summary>, ReplayError> {
+    config.validate()?;
+    let metrics = Metrics::new();
+    let mut settings = consumer_config(config, &format!("{}.replay", config.group))
+        .map_err(|e| ReplayError::Projector(Box::new(e)))?;
+    settings.set("enable.partition.eof", "true");
+    let consumer: StreamConsumer<Context> = settings
+        .create_with_context(Context {
+            generation: AtomicU64::new(0),
+            assigned: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            metrics: metrics.clone(),
+            topic: config.topic.clone(),
+        })
+        .map_err(kafka("creating a consumer"))?;
+    let partitions = topic_partitions(&consumer, &config.topic)?;
+    let mut marks = BTreeMap::new();
+    for p in &partitions {
+        let w = consumer
+            .fetch_watermarks(&config.topic, *p, Duration::from_secs(10))
+            .map_err(kafka(format!("reading the offsets of partition {p}")))?;
+        marks.insert(*p, w);
+    }
+    let db = connect(&config.database_url).await?;
+    let live_offsets = stored_offsets(&db, config).await?;
+    for (p, (_, high)) in marks.iter_mut() {
+        // The projector's position is in the topic even where the broker's high watermark lags
+        // behind it (tansu 0.6 leaves the last batch out).
+        *high = (*high).max(live_offsets.get(p).copied().unwrap_or(0));
+    }
+    let start = start_offsets(config, &from, &marks).await?;
+
+    let replay_lock = Target::lock_key(&format!("{} replay", config.group), &config.topic);
+    let free: bool = db
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext($1), -1)",
+            &[&replay_lock],
+        )
+        .await
+        .map_err(sql("taking the replay lock"))?
+        .get(0);
+    if !free {
+        return Err(ReplayError::Busy(
+            config.group.clone(),
+            config.topic.clone(),
+        ));
+    }
+    let stop_of = |live: &BTreeMap<i32, i64>, p: i32, start: i64| {
+        let high = marks[&p].1;
+        let stop = if rebuild {
+            high
+        } else {
+            live.get(&p).copied().unwrap_or(high)
+        };
+        stop.max(start)
+    };
+    let plan = Plan {
+        group: config.group.clone(),
+        topic: config.topic.clone(),
+        from: from.clone(),
+        rebuild,
+        ranges: start
+            .iter()
+            .map(|(p, s)| (*p, (*s, stop_of(&live_offsets, *p, *s))))
+            .collect(),
+    };
+    if !confirm(&plan) {
+        return Ok(None);
+    }
+
+    let ranges = Arc::new(std::sync::Mutex::new(plan.ranges.clone()));
+    let reporter = spawn_progress(metrics.clone(), ranges.clone(), progress);
+    let target = Target {
+        group: config.group.clone(),
+        topic: config.topic.clone(),
+        source_table: config.source_table.clone(),
+        lock_key: replay_lock.clone(),
+        schema: None,
+        replay: true,
+    };
+    let partitions: Vec<i32> = start.keys().copied().collect();
+    assign(&consumer, &config.topic, &partitions)
+        .map_err(|e| ReplayError::Projector(Box::new(e)))?;
+    let result = if rebuild {
+        run_rebuild(
+            config, &db, &metrics, shutdown, consumer, target, &start, &marks, &ranges,
+        )
+        .await
+    } else {
+        run_repair(
+            config, &db, &metrics, shutdown, consumer, target, &start, &marks, &ranges,
+        )
+        .await
+    };
+    reporter.abort();
+    if let Err(e) = db.execute("SELECT pg_advisory_unlock_all()", &[]).await {
+        tracing::debug!(error = %e, "releasing the locks failed (they go with the connection)");
+    }
+    result?;
+    Ok(Some(Summary {
+        events: metrics.events.load(Ordering::Relaxed),
+        upserted: metrics.upserted.load(Ordering::Relaxed),
+        deleted: metrics.deleted.load(Ordering::Relaxed),
+        not_applied: metrics.dead_lettered.load(Ordering::Relaxed),
+    }))
+}
+
+type Ranges = Arc<std::sync::Mutex<BTreeMap<i32, (i64, i64)>>>;
+
+#[allow(clippy::too_many_arguments)]
+async fn run_repair(
+    config: &Config,
+    db: &Client,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+    consumer: StreamConsumer<Context>,
+    target: Target,
+    start: &BTreeMap<i32, i64>,
+    marks: &BTreeMap<i32, (i64, i64)>,
+    ranges: &Ranges,
+) -> Result<(), ReplayError> {
+    // Pause the live projector: its batches take these locks.
+    pause_live(db, config, marks).await?;
+    let live = stored_offsets(db, config).await?;
+    let stop: BTreeMap<i32, i64> = start
+        .iter()
+        .map(|(p, s)| (*p, live.get(p).copied().unwrap_or(marks[p].1).max(*s)))
+        .collect();
+    set_ranges(ranges, start, &stop);
+    // Hand edits may have put department_stats out of step with user_view; the replay's changes
+    // are counted from what user_view holds.
+    recount_departments(db, None).await?;
+    let bounds = Bounds {
+        start: start.clone(),
+        stop,
+        ended: Default::default(),
+    };
+    let mut p = Projector::new(config, metrics, shutdown, consumer, target, Some(bounds))
+        .map_err(|e| ReplayError::Projector(Box::new(e)))?;
+    match p.run().await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ReplayError::Interrupted(
+            " but for the events re-applied so far (run the replay again)",
+        )),
+        Err(e) => Err(ReplayError::Projector(Box::new(e))),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_rebuild(
+    config: &Config,
+    db: &Client,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+    consumer: StreamConsumer<Context>,
+    target: Target,
+    start: &BTreeMap<i32, i64>,
+    marks: &BTreeMap<i32, (i64, i64)>,
+    ranges: &Ranges,
+) -> Result<(), ReplayError> {
+    let live_schema: String = db
+        .query_one(
+            "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid = 'user_view'::regclass",
+            &[],
+        )
+        .await
+        .map_err(sql("finding the view tables"))?
+        .get(0);
+    let mut create =
+        format!("DROP SCHEMA IF EXISTS {REBUILD_SCHEMA} CASCADE; CREATE SCHEMA {REBUILD_SCHEMA};");
+    for t in VIEW_TABLES {
+        create.push_str(&format!(
+            " CREATE TABLE {REBUILD_SCHEMA}.{t} (LIKE {live}.{t} INCLUDING ALL);",
+            live = quote(&live_schema)
+        ));
+    }
+    db.batch_execute(&create)
+        .await
+        .map_err(sql("creating the rebuild's tables"))?;
+    let target = Target {
+        // The offsets table (never written by a replay) still resolves, to the live one.
+        schema: Some(format!("{REBUILD_SCHEMA}, {}", quote(&live_schema))),
+        ..target
+    };
+    let outcome = async {
+        let stop: BTreeMap<i32, i64> = start
+            .iter()
+            .map(|(p, s)| (*p, marks[p].1.max(*s)))
+            .collect();
+        set_ranges(ranges, start, &stop);
+        let bounds = Bounds {
+            start: start.clone(),
+            stop,
+            ended: Default::default(),
+        };
+        let mut p = Projector::new(config, metrics, shutdown, consumer, target, Some(bounds))
+            .map_err(|e| ReplayError::Projector(Box::new(e)))?;
+        // 1. From the start to the end of the topic as it was; 2. on to its end now, while the
+        // projector keeps the live tables current; 3. with the projector paused, on to where it
+        // stands; then the swap.
+        for phase in 0..3 {
+            if phase > 0 {
+                let high = high_watermarks(&p.consumer, &config.topic, start.keys())?;
+                let mut stop: BTreeMap<i32, i64> = BTreeMap::new();
+                if phase == 2 {
+                    pause_live(db, config, marks).await?;
+                    let live = stored_offsets(db, config).await?;
+                    for (part, next) in p.positions.iter() {
+                        stop.insert(*part, live.get(part).copied().unwrap_or(0).max(next.next));
+                    }
+                } else {
+                    for (part, next) in p.positions.iter() {
+                        stop.insert(*part, high.get(part).copied().unwrap_or(0).max(next.next));
+                    }
+                }
+                set_ranges(ranges, start, &stop);
+                p.resume(stop).await;
+            }
+            match p.run().await {
+                Ok(true) => {}
+                Ok(false) => return Err(ReplayError::Interrupted("")),
+                Err(e) => return Err(ReplayError::Projector(Box::new(e))),
+            }
+        }
+        swap(db, &live_schema).await
+    }
+    .await;
+    if outcome.is_err() {
+        if let Err(e) = db
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {REBUILD_SCHEMA} CASCADE"))
+            .await
+        {
+            tracing::warn!(error = %e, "dropping the rebuild's tables failed");
+        }
+    }
+    outcome
+}
+
+/// Replaces the live view tables by the rebuilt ones, in one transaction.
+async fn swap(db: &Client, live_schema: &str) -> Result<(), ReplayError> {
+    let live = quote(live_schema);
+    let mut text = format!(
+        "BEGIN; SET LOCAL lock_timeout = '10s'; DROP SCHEMA IF EXISTS {RETIRED_SCHEMA} CASCADE; \
+         CREATE SCHEMA {RETIRED_SCHEMA};"
+    );
+    for t in VIEW_TABLES {
+        text.push_str(&format!(
+            " ALTER TABLE {live}.{t} SET SCHEMA {RETIRED_SCHEMA};"
+        ));
+    }
+    for t in VIEW_TABLES {
+        text.push_str(&format!(
+            " ALTER TABLE {REBUILD_SCHEMA}.{t} SET SCHEMA {live};"
+        ));
+    }
+    text.push_str(&format!(
+        " DROP SCHEMA {RETIRED_SCHEMA} CASCADE; DROP SCHEMA {REBUILD_SCHEMA} CASCADE; COMMIT;"
+    ));
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let Err(e) = db.batch_execute(&text).await else {
+            return Ok(());
+        };
+        if let Err(e) = db.batch_execute("ROLLBACK").await {
+            tracing::debug!(error = %e, "rolling back the swap failed");
+        }
+        // Readers hold the tables for a moment: a lock timeout or a deadlock passes.
+        let code = e.as_db_error().map(|d| d.code().code().to_owned());
+        if !matches!(code.as_deref(), Some("55P03" | "40P01")) || attempt >= 5 {
+            return Err(ReplayError::Sql {
+                what: "swapping in the rebuilt tables",
+                source: e,
+            });
+        }
+        tracing::warn!(error = %e, attempt, "swapping in the rebuilt tables waited too long; retrying");
+        tokio::time::sleep(Duration::from_millis(500) * attempt).await;
+    }
+}
+
+/// Takes the live projector's partition locks for the session: its next batch waits for them.
+async fn pause_live(
+    db: &Client,
+    config: &Config,
+    marks: &BTreeMap<i32, (i64, i64)>,
+) -> Result<(), ReplayError> {
+    let partitions: Vec<i32> = marks.keys().copied().collect();
+    db.query_one(
+        "SELECT count(pg_advisory_lock(hashtext($1), p)) \
+         FROM (SELECT DISTINCT unnest($2::int[]) AS p ORDER BY 1) AS ps",
+        &[&Target::lock_key(&config.group, &config.topic), &partitions],
+    )
+    .await
+    .map_err(sql("pausing the projector (taking its partition locks)"))?;
+    Ok(())
+}
+
+/// `department_stats` := the counts of `user_view` (in `schema`, else the default one).
+async fn recount_departments(db: &Client, schema: Option<&str>) -> Result<(), ReplayError> {
+    let q = |t: &str| schema.map_or(t.to_owned(), |s| format!("{}.{t}", quote(s)));
+    db.batch_execute(&format!(
+        "BEGIN; DELETE FROM {stats}; \
+         INSERT INTO {stats} (department, user_count, active_users, inactive_users, last_updated) \
+         SELECT department, count(*), count(*) FILTER (WHERE status = 'ACTIVE'), \
+                count(*) FILTER (WHERE status <> 'ACTIVE'), now() \
+         FROM {view} GROUP BY department; COMMIT",
+        stats = q("department_stats"),
+        view = q("user_view"),
+    ))
+    .await
+    .map_err(sql("recounting department_stats"))
+}
+
+async fn connect(url: &str) -> Result<Client, ReplayError> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(sql("connecting"))?;
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            tracing::warn!(%error, "materialized_view_db connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// The live projector's stored offsets.
+async fn stored_offsets(db: &Client, config: &Config) -> Result<BTreeMap<i32, i64>, ReplayError> {
+    let rows = db
+        .query(
+            "SELECT partition, next_offset FROM projector_offsets \
+             WHERE consumer_group = $1 AND topic = $2",
+            &[&config.group, &config.topic],
+        )
+        .await
+        .map_err(sql("reading the projector's offsets"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+fn set_ranges(ranges: &Ranges, start: &BTreeMap<i32, i64>, stop: &BTreeMap<i32, i64>) {
+    if let Ok(mut r) = ranges.lock() {
+        *r = start
+            .iter()
+            .map(|(p, s)| (*p, (*s, stop.get(p).copied().unwrap_or(*s))))
+            .collect();
+    }
+}
+
+fn spawn_progress(
+    metrics: Arc<Metrics>,
+    ranges: Ranges,
+    progress: impl Fn(Progress) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let applied = metrics.applied();
+            let Ok(r) = ranges.lock().map(|r| r.clone()) else {
+                return;
+            };
+            let (mut done, mut total) = (0, 0);
+            for (p, (start, stop)) in r {
+                total += (stop - start).max(0);
+                done += (applied.get(&p).copied().unwrap_or(start).min(stop) - start).max(0);
+            }
+            progress(Progress { done, total });
+        }
+    })
+}
+
+fn topic_partitions(
+    consumer: &StreamConsumer<Context>,
+    topic: &str,
+) -> Result<Vec<i32>, ReplayError> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(kafka("reading the topic's partitions"))?;
+    let mut partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    partitions.sort_unstable();
+    if partitions.is_empty() {
+        return Err(ReplayError::NoTopic(topic.to_owned()));
+    }
+    Ok(partitions)
+}
+
+fn high_watermarks<'a>(
+    consumer: &StreamConsumer<Context>,
+    topic: &str,
+    partitions: impl Iterator<Item = &'a i32>,
+) -> Result<BTreeMap<i32, i64>, ReplayError> {
+    partitions
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, *p, Duration::from_secs(10))
+                .map(|(_, high)| (*p, high))
+                .map_err(kafka(format!("reading the offsets of partition {p}")))
+        })
+        .collect()
+}
+
+/// The offset each replayed partition starts from.
+async fn start_offsets(
+    config: &Config,
+    from: &From,
+    marks: &BTreeMap<i32, (i64, i64)>,
+) -> Result<BTreeMap<i32, i64>, ReplayError> {
+    match from {
+        From::Earliest => Ok(marks.iter().map(|(p, (low, _))| (*p, *low)).collect()),
+        From::Offsets(list) => list
+            .iter()
+            .map(|(p, o)| {
+                let (low, high) = *marks
+                    .get(p)
+                    .ok_or(ReplayError::NoPartition(*p, marks.len()))?;
+                if *o < low || *o > high {
+                    return Err(ReplayError::OffsetOutOfRange {
+                        partition: *p,
+                        offset: *o,
+                        low,
+                        high,
+                    });
+                }
+                Ok((*p, *o))
+            })
+            .collect(),
+        From::Timestamp(t) => {
+            let ms = t.timestamp_millis();
+            scan(config, marks, |record_ms, _| {
+                record_ms.is_some_and(|r| r >= ms)
+            })
+            .await
+        }
+        From::Lsn(lsn) => {
+            let at = Position {
+                commit_lsn: *lsn,
+                event_index: 0,
+            };
+            scan(config, marks, |_, position| {
+                position.is_some_and(|p| p >= at)
+            })
+            .await
+        }
+    }
+}
+
+/// Reads every partition from its start to the first record `found(timestamp_ms, position)`
+/// accepts (records without a position, the tombstones, are passed over): its offset, else the
+/// partition's end. Linear, so it costs one read of the topic up to there.
+async fn scan(
+    config: &Config,
+    marks: &BTreeMap<i32, (i64, i64)>,
+    found: impl Fn(Option<i64>, Option<Position>) -> bool,
+) -> Result<BTreeMap<i32, i64>, ReplayError> {
+    let table = config.source_table()?;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka_brokers)
+        .set("group.id", format!("{}.replay-scan", config.group))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(kafka("creating a consumer"))?;
+    let mut tpl = TopicPartitionList::new();
+    let mut result = BTreeMap::new();
+    let mut todo = BTreeMap::new();
+    for (p, (low, high)) in marks {
+        if low >= high {
+            result.insert(*p, *high);
+        } else {
+            tpl.add_partition_offset(&config.topic, *p, Offset::Offset(*low))
+                .map_err(kafka("building the partition list"))?;
+            todo.insert(*p, (*low, *high));
+        }
+    }
+    if todo.is_empty() {
+        return Ok(result);
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(kafka("assigning partitions"))?;
+    while !todo.is_empty() {
+        let message = match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading the topic failed; retrying");
+                continue;
+            }
+            Err(_) => {
+                let (p, (next, high)) = todo
+                    .iter()
+                    .next()
+                    .map(|(p, r)| (*p, *r))
+                    .unwrap_or_default();
+                return Err(ReplayError::Stalled {
+                    partition: p,
+                    offset: next,
+                    high,
+                });
+            }
+        };
+        let p = message.partition();
+        let Some((_, high)) = todo.get(&p).copied() else {
+            continue;
+        };
+        let position = encode::decode(message.key(), message.payload(), (&table.0, &table.1))
+            .ok()
+            .and_then(|c| c.position());
+        let offset = message.offset();
+        if found(message.timestamp().to_millis(), position) {
+            result.insert(p, offset);
+            todo.remove(&p);
+        } else if offset + 1 >= high {
+            result.insert(p, high);
+            todo.remove(&p);
+        } else {
+            todo.insert(p, (offset + 1, high));
+        }
+    }
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_parse_strictly() {
+        assert_eq!(parse_offsets("0:10, 2:0"), Ok(vec![(0, 10), (2, 0)]));
+        assert!(parse_offsets("0:10,0:11").is_err());
+        assert!(parse_offsets("0").is_err());
+        assert!(parse_offsets("-1:5").is_err());
+        assert!(parse_offsets("1:x").is_err());
+        assert!(parse_offsets("").is_err());
+    }
+
+    #[test]
+    fn the_plan_says_what_happens() {
+        let plan = Plan {
+            group: "g".into(),
+            topic: "t".into(),
+            from: From::Offsets(vec![(0, 5)]),
+            rebuild: true,
+            ranges: BTreeMap::from([(0, (5, 15)), (1, (3, 3))]),
+        };
+        let text = plan.to_string();
+        assert!(text.contains("0:5..15"), "{text}");
+        assert!(text.contains("will be missing"), "{text}");
+        assert!(text.ends_with("About 10 events."), "{text}");
+    }
+}

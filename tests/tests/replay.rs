@@ -1,0 +1,337 @@
+//! `projector replay` against a real PostgreSQL and broker, with the projector running throughout:
+//! a rebuild from the earliest offsets restores damaged views while the post API answers, and
+//! repairs from an LSN, an offset and a timestamp re-apply exactly the events from there.
+
+// Helpers of a test binary: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use e2e::{insert_bench_users, Pipeline, PostApi, Projector};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Runs `projector replay ARGS --yes` for `config`'s group, topic and database; (success, stderr).
+/// Fails after two minutes with what it printed so far.
+async fn replay(config: &projector::Config, args: &[&str]) -> (bool, String) {
+    let log = std::env::temp_dir().join(format!("replay-{}.log", e2e::unique_suffix()));
+    let mut child = tokio::process::Command::new(e2e::workspace_binary("projector").unwrap())
+        .arg("replay")
+        .args(args)
+        .arg("--yes")
+        .env("VIEW_DB_URL", &config.database_url)
+        .env("KAFKA_BROKERS", &config.kafka_brokers)
+        .env("PROJECTOR_TOPIC", &config.topic)
+        .env("PROJECTOR_GROUP", &config.group)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(120), child.wait()).await;
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let status =
+        status.unwrap_or_else(|_| panic!("replay {args:?} still running after 2 min: {stderr}"));
+    (status.unwrap().success(), stderr)
+}
+
+/// The end offset of each partition of `topic`.
+fn end_offsets(brokers: &str, topic: &str) -> BTreeMap<i32, i64> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .unwrap();
+            (p.id(), high)
+        })
+        .collect()
+}
+
+/// Names of `user_view` by id.
+async fn view_names(view: &tokio_postgres::Client) -> BTreeMap<i64, String> {
+    view.query("SELECT user_id, name FROM user_view", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_rebuild_from_earliest_restores_a_damaged_view_while_the_post_api_answers() {
+    let p = Pipeline::start("replay_rebuild").await.unwrap();
+    let projector = Projector::start(p.projector_config()).await.unwrap();
+    let users = p.user_db.client().await.unwrap();
+    let view = p.view_db.client().await.unwrap();
+    insert_bench_users(&users, 20_000, 2_000).await.unwrap();
+    p.converged(WAIT).await.unwrap();
+
+    // Damage the view: rows gone, rows altered, counts made to match.
+    view.batch_execute(
+        "DELETE FROM user_view WHERE user_id % 100 = 0;
+         UPDATE user_view SET name = 'damaged', department = 'Nowhere' WHERE user_id % 100 = 1;
+         DELETE FROM department_stats;
+         INSERT INTO department_stats (department, user_count, active_users, inactive_users)
+         SELECT department, count(*), count(*) FILTER (WHERE status = 'ACTIVE'),
+                count(*) FILTER (WHERE status <> 'ACTIVE')
+         FROM user_view GROUP BY department;",
+    )
+    .await
+    .unwrap();
+    let damaged_rows: i64 = view
+        .query_one("SELECT count(*) FROM user_view", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(damaged_rows, 19_800);
+
+    // Readers throughout: every answer is the old view or the rebuilt one, never a partial one.
+    let api = PostApi::start(&p.view_db.url).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        let url = api.url("/api/posts/stats/departments");
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut totals = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let r = http.get(&url).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                let body: Value = r.json().await.unwrap();
+                let total: i64 = body
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d["userCount"].as_i64().unwrap())
+                    .sum();
+                totals.push(total);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            totals
+        })
+    };
+    // The source keeps changing during the rebuild (totals unchanged: status flips of rows the
+    // damage left alone).
+    let writer = {
+        let stop = stop.clone();
+        let users = p.user_db.client().await.unwrap();
+        tokio::spawn(async move {
+            let mut i = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 37;
+                if (i % 20_000 + 1) % 100 <= 1 {
+                    continue;
+                }
+                users
+                    .execute(
+                        "UPDATE users SET status = CASE status WHEN 'ACTIVE' THEN 'INACTIVE' \
+                         ELSE 'ACTIVE' END, updated_at = now() WHERE id = $1",
+                        &[&(i % 20_000 + 1)],
+                    )
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+
+    let (ok, stderr) = replay(&projector.config, &["--earliest", "--rebuild"]).await;
+    assert!(ok, "the rebuild failed: {stderr}");
+    assert!(stderr.contains("replay done"), "{stderr}");
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let totals = reader.await.unwrap();
+    p.converged(WAIT).await.unwrap();
+
+    assert!(totals.len() > 10, "only {} answers", totals.len());
+    // The damaged view's 19,800 users until the swap, the rebuilt 20,000 after it.
+    let unexpected: Vec<&i64> = totals
+        .iter()
+        .filter(|t| **t != 19_800 && **t != 20_000)
+        .collect();
+    assert!(unexpected.is_empty(), "readers saw totals {unexpected:?}");
+    assert_eq!(totals.first(), Some(&19_800));
+    assert_eq!(totals.last(), Some(&20_000));
+    let leftovers: i64 = view
+        .query_one(
+            "SELECT count(*) FROM pg_namespace \
+             WHERE nspname IN ('projector_rebuild', 'projector_retired')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leftovers, 0, "the rebuild left its schemas behind");
+    // The projector goes on with the new tables.
+    users
+        .execute(
+            "UPDATE users SET name = 'after the rebuild' WHERE id = 5",
+            &[],
+        )
+        .await
+        .unwrap();
+    p.converged(WAIT).await.unwrap();
+    projector.stop().await.unwrap();
+    api.stop().await.unwrap();
+    p.reader.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_replay_from_an_lsn_repairs_rows_changed_after_it_and_no_others() {
+    let p = Pipeline::start("replay_lsn").await.unwrap();
+    let projector = Projector::start(p.projector_config()).await.unwrap();
+    let users = p.user_db.client().await.unwrap();
+    let view = p.view_db.client().await.unwrap();
+    insert_bench_users(&users, 200, 200).await.unwrap();
+    p.converged(WAIT).await.unwrap();
+    let lsn: String = users
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    users
+        .execute(
+            "UPDATE users SET name = 'changed ' || id, department = 'Moved' WHERE id <= 20",
+            &[],
+        )
+        .await
+        .unwrap();
+    p.converged(WAIT).await.unwrap();
+
+    // Damage rows changed after the LSN (1..=10) and rows not changed since (101..=110).
+    view.batch_execute(
+        "UPDATE user_view SET name = 'damaged', department = 'Nowhere', status = 'INACTIVE' \
+         WHERE user_id <= 10 OR user_id BETWEEN 101 AND 110",
+    )
+    .await
+    .unwrap();
+
+    let (ok, stderr) = replay(&projector.config, &["--lsn", &lsn]).await;
+    assert!(ok, "the replay failed: {stderr}");
+    let names = view_names(&view).await;
+    for id in 1..=20 {
+        assert_eq!(names[&id], format!("changed {id}"), "user {id}");
+    }
+    for id in 101..=110 {
+        assert_eq!(
+            names[&id], "damaged",
+            "user {id} changed before the LSN: not replayed"
+        );
+    }
+    // The counts follow the view as it now is.
+    let mismatched: i64 = view
+        .query_one(
+            "SELECT count(*) FROM (SELECT department, count(*) AS u FROM user_view \
+             GROUP BY department) v FULL JOIN department_stats s USING (department) \
+             WHERE v.u IS DISTINCT FROM s.user_count",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mismatched, 0);
+    // The projector got its partitions back.
+    users
+        .execute("UPDATE users SET name = 'later' WHERE id = 150", &[])
+        .await
+        .unwrap();
+    e2e::wait_for("the projector to apply after the replay", WAIT, || async {
+        Ok(view_names(&view)
+            .await
+            .get(&150)
+            .is_some_and(|n| n == "later")
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+    projector.stop().await.unwrap();
+    p.reader.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn replays_from_offsets_and_from_a_timestamp_re_apply_what_came_from_there() {
+    let p = Pipeline::start("replay_offset").await.unwrap();
+    let projector = Projector::start(p.projector_config()).await.unwrap();
+    let users = p.user_db.client().await.unwrap();
+    let view = p.view_db.client().await.unwrap();
+    insert_bench_users(&users, 300, 300).await.unwrap();
+    p.converged(WAIT).await.unwrap();
+    let before_update = end_offsets(&p.stack.kafka_brokers, &p.topic);
+    let after_insert = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    users
+        .execute("UPDATE users SET name = 'second ' || id", &[])
+        .await
+        .unwrap();
+    p.converged(WAIT).await.unwrap();
+    let damage = "UPDATE user_view SET name = 'damaged'";
+
+    // From the offsets where the updates begin: every row is back.
+    view.batch_execute(damage).await.unwrap();
+    let offsets: Vec<String> = before_update
+        .iter()
+        .map(|(p, o)| format!("{p}:{o}"))
+        .collect();
+    let (ok, stderr) = replay(&projector.config, &["--offset", &offsets.join(",")]).await;
+    assert!(ok, "the replay failed: {stderr}");
+    p.converged(WAIT).await.unwrap();
+
+    // From a time after the inserts: the same.
+    view.batch_execute(damage).await.unwrap();
+    let (ok, stderr) = replay(
+        &projector.config,
+        &["--timestamp", &after_insert.to_rfc3339()],
+    )
+    .await;
+    assert!(ok, "the replay failed: {stderr}");
+    p.converged(WAIT).await.unwrap();
+
+    // From where the projector stands (the topic's end): nothing to re-apply, the damage stays.
+    view.batch_execute(damage).await.unwrap();
+    let offsets: Vec<String> = view
+        .query(
+            "SELECT partition || ':' || next_offset FROM projector_offsets WHERE topic = $1",
+            &[&p.topic],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let (ok, stderr) = replay(&projector.config, &["--offset", &offsets.join(",")]).await;
+    assert!(ok, "the replay failed: {stderr}");
+    assert!(view_names(&view).await.values().all(|n| n == "damaged"));
+
+    // Bad requests are refused with a reason.
+    let (ok, stderr) = replay(&projector.config, &["--offset", "99:0"]).await;
+    assert!(
+        !ok && stderr.contains("partition 99 does not exist"),
+        "{stderr}"
+    );
+    let (ok, stderr) = replay(&projector.config, &["--offset", "0:999999999"]).await;
+    assert!(
+        !ok && stderr.contains("outside what the topic holds"),
+        "{stderr}"
+    );
+    projector.stop().await.unwrap();
+    p.reader.stop().await.unwrap();
+}
