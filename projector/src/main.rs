@@ -52,9 +52,10 @@ struct FromArgs {
     /// Every partition from its first record.
     #[arg(long)]
     earliest: bool,
-    /// The listed partitions from these offsets; the other partitions are left alone.
-    #[arg(long, value_name = "PARTITION:OFFSET[,...]", value_parser = parse_offsets)]
-    offset: Option<Offsets>,
+    /// The listed partitions from these offsets, the others left alone; or, as a bare OFFSET,
+    /// every partition from that offset.
+    #[arg(long, value_name = "PARTITION:OFFSET[,...]|OFFSET", value_parser = replay::parse_offset_arg)]
+    offset: Option<From>,
     /// Every partition from its first record produced at or after this time.
     #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
     timestamp: Option<chrono::DateTime<chrono::Utc>>,
@@ -66,19 +67,12 @@ struct FromArgs {
 impl FromArgs {
     fn from(&self) -> From {
         match (&self.offset, self.timestamp, self.lsn) {
-            (Some(o), _, _) => From::Offsets(o.0.clone()),
+            (Some(o), _, _) => o.clone(),
             (_, Some(t), _) => From::Timestamp(t),
             (_, _, Some(l)) => From::Lsn(l),
             _ => From::Earliest,
         }
     }
-}
-
-#[derive(Debug, Clone)]
-struct Offsets(Vec<(i32, i64)>);
-
-fn parse_offsets(text: &str) -> Result<Offsets, String> {
-    replay::parse_offsets(text).map(Offsets)
 }
 
 fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {

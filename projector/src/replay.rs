@@ -40,6 +40,8 @@ pub enum From {
     Earliest,
     /// The listed partitions from these offsets (the others are left alone).
     Offsets(Vec<(i32, i64)>),
+    /// Every partition from this offset.
+    Offset(i64),
     /// Every partition from its first record with a Kafka timestamp at or after this.
     Timestamp(DateTime<Utc>),
     /// Every partition from its first event whose source commit LSN is at or after this.
@@ -54,13 +56,23 @@ impl std::fmt::Display for From {
                 let list: Vec<String> = o.iter().map(|(p, o)| format!("{p}:{o}")).collect();
                 write!(f, "offsets {}", list.join(","))
             }
+            From::Offset(o) => write!(f, "offset {o} of every partition"),
             From::Timestamp(t) => write!(f, "timestamp {}", t.to_rfc3339()),
             From::Lsn(l) => write!(f, "LSN {}", format_lsn(*l)),
         }
     }
 }
 
-/// Parses `--offset`'s `PARTITION:OFFSET[,...]`.
+/// Parses `--offset`: `PARTITION:OFFSET[,...]`, or one `OFFSET` for every partition.
+pub fn parse_offset_arg(text: &str) -> Result<From, String> {
+    match text.trim().parse::<i64>() {
+        Ok(o) if o >= 0 => Ok(From::Offset(o)),
+        Ok(_) => Err(format!("{text:?}: the offset is not a number ≥ 0")),
+        Err(_) => parse_offsets(text).map(From::Offsets),
+    }
+}
+
+/// Parses `PARTITION:OFFSET[,...]`.
 pub fn parse_offsets(text: &str) -> Result<Vec<(i32, i64)>, String> {
     let mut out: Vec<(i32, i64)> = Vec::new();
     for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
@@ -654,23 +666,12 @@ async fn start_offsets(
 ) -> Result<BTreeMap<i32, i64>, ReplayError> {
     match from {
         From::Earliest => Ok(marks.iter().map(|(p, (low, _))| (*p, *low)).collect()),
-        From::Offsets(list) => list
+        // Each partition from there, or from as near as it holds.
+        From::Offset(o) => Ok(marks
             .iter()
-            .map(|(p, o)| {
-                let (low, high) = *marks
-                    .get(p)
-                    .ok_or(ReplayError::NoPartition(*p, marks.len()))?;
-                if *o < low || *o > high {
-                    return Err(ReplayError::OffsetOutOfRange {
-                        partition: *p,
-                        offset: *o,
-                        low,
-                        high,
-                    });
-                }
-                Ok((*p, *o))
-            })
-            .collect(),
+            .map(|(p, (low, high))| (*p, (*o).clamp(*low, *high)))
+            .collect()),
+        From::Offsets(list) => checked_offsets(list, marks),
         From::Timestamp(t) => {
             let ms = t.timestamp_millis();
             scan(config, marks, |record_ms, _| {
@@ -689,6 +690,29 @@ async fn start_offsets(
             .await
         }
     }
+}
+
+/// `list`, when every partition exists and every offset is one the topic holds.
+fn checked_offsets(
+    list: &[(i32, i64)],
+    marks: &BTreeMap<i32, (i64, i64)>,
+) -> Result<BTreeMap<i32, i64>, ReplayError> {
+    list.iter()
+        .map(|(p, o)| {
+            let (low, high) = *marks
+                .get(p)
+                .ok_or(ReplayError::NoPartition(*p, marks.len()))?;
+            if *o < low || *o > high {
+                return Err(ReplayError::OffsetOutOfRange {
+                    partition: *p,
+                    offset: *o,
+                    low,
+                    high,
+                });
+            }
+            Ok((*p, *o))
+        })
+        .collect()
 }
 
 /// Reads every partition from its start to the first record `found(timestamp_ms, position)`
@@ -772,6 +796,9 @@ mod tests {
 
     #[test]
     fn offsets_parse_strictly() {
+        assert_eq!(parse_offset_arg("17"), Ok(From::Offset(17)));
+        assert_eq!(parse_offset_arg("1:17"), Ok(From::Offsets(vec![(1, 17)])));
+        assert!(parse_offset_arg("-3").is_err());
         assert_eq!(parse_offsets("0:10, 2:0"), Ok(vec![(0, 10), (2, 0)]));
         assert!(parse_offsets("0:10,0:11").is_err());
         assert!(parse_offsets("0").is_err());

@@ -335,3 +335,111 @@ async fn replays_from_offsets_and_from_a_timestamp_re_apply_what_came_from_there
     projector.stop().await.unwrap();
     p.reader.stop().await.unwrap();
 }
+
+/// Runs `scripts/kafka-replay.sh ARGS` with the workspace's binaries; (success, stdout, stderr).
+async fn kafka_replay(view_db_url: &str, args: &[&str]) -> (bool, String, String) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = e2e::workspace_binary("projector").unwrap();
+    let run = tokio::process::Command::new("bash")
+        .arg(root.join("scripts/kafka-replay.sh"))
+        .args(args)
+        .env("CDC_BIN_DIR", bin.parent().unwrap())
+        .env("VIEW_DB_URL", view_db_url)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .unwrap_or_else(|_| panic!("kafka-replay.sh {args:?} still running after 2 min"))
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn kafka_replay_sh_prints_the_topic_and_replays_a_group() {
+    let p = Pipeline::start("replay_script").await.unwrap();
+    let projector = Projector::start(p.projector_config()).await.unwrap();
+    let users = p.user_db.client().await.unwrap();
+    let view = p.view_db.client().await.unwrap();
+    insert_bench_users(&users, 50, 50).await.unwrap();
+    let brokers = p.stack.kafka_brokers.as_str();
+    let topic = p.topic.as_str();
+    // The print mode stops at the high watermark, which tansu 0.6 keeps behind its latest
+    // batches: later writes until it covers the 50 inserts.
+    e2e::wait_for("the high watermark to cover the inserts", WAIT, || async {
+        users
+            .execute(
+                "UPDATE users SET name = 'renamed ' || now() WHERE id = 1",
+                &[],
+            )
+            .await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok((end_offsets(brokers, topic)[&0] > 50).then_some(()))
+    })
+    .await
+    .unwrap();
+    p.converged(WAIT).await.unwrap();
+
+    // Print mode: partition:offset, key and value of each record, then exit.
+    let (ok, stdout, stderr) = kafka_replay(
+        &p.view_db.url,
+        &["-t", topic, "-s", brokers, "-o", "earliest"],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.len() >= 50, "{} lines: {stdout}", lines.len());
+    for (i, line) in lines.iter().take(50).enumerate() {
+        let fields: Vec<&str> = line.split('\t').collect();
+        assert_eq!(fields[0], format!("0:{i}"), "{line}");
+        let key: Value = serde_json::from_str(fields[1]).unwrap();
+        let value: Value = serde_json::from_str(fields[2]).unwrap();
+        assert_eq!(key["id"], value["after"]["id"], "{line}");
+        assert_eq!(value["op"], "c", "{line}");
+    }
+
+    // -r without -y and without a terminal to ask on: refused, nothing done.
+    view.batch_execute("UPDATE user_view SET name = 'damaged'")
+        .await
+        .unwrap();
+    let group = projector.config.group.as_str();
+    let (ok, _, stderr) = kafka_replay(
+        &p.view_db.url,
+        &["-t", topic, "-s", brokers, "-o", "earliest", "-r", group],
+    )
+    .await;
+    assert!(!ok && stderr.contains("pass --yes"), "{stderr}");
+    assert!(view_names(&view).await.values().all(|n| n == "damaged"));
+
+    // -r from earliest: a rebuild.
+    let (ok, _, stderr) = kafka_replay(
+        &p.view_db.url,
+        &[
+            "-t", topic, "-s", brokers, "-o", "earliest", "-r", group, "-y",
+        ],
+    )
+    .await;
+    assert!(ok && stderr.contains("Rebuild the views"), "{stderr}");
+    p.converged(WAIT).await.unwrap();
+
+    // -r from an offset of one partition: a repair from there.
+    view.batch_execute("UPDATE user_view SET name = 'damaged' WHERE user_id = 1")
+        .await
+        .unwrap();
+    let (ok, _, stderr) = kafka_replay(
+        &p.view_db.url,
+        &[
+            "-t", topic, "-s", brokers, "-o", "50", "-p", "0", "-r", group, "-y",
+        ],
+    )
+    .await;
+    assert!(ok && stderr.contains("Re-apply"), "{stderr}");
+    p.converged(WAIT).await.unwrap();
+    projector.stop().await.unwrap();
+    p.reader.stop().await.unwrap();
+}
