@@ -71,6 +71,12 @@ pub struct Config {
     #[arg(long, env = "CDC_READER_SNAPSHOT", value_enum, default_value_t = SnapshotMode::Initial)]
     pub snapshot: SnapshotMode,
 
+    /// Keep the slot's confirmed position up to this many bytes of WAL behind what Kafka has, so
+    /// that `cdc-reader replay --from-lsn` can reach back that far (PostgreSQL keeps that much WAL
+    /// more). 0: confirm everything Kafka has.
+    #[arg(long, env = "CDC_READER_WAL_REPLAY_WINDOW_BYTES", default_value_t = 0)]
+    pub wal_replay_window_bytes: u64,
+
     /// Address of the /health and /metrics endpoint.
     #[arg(long, env = "CDC_READER_HTTP_LISTEN", default_value = "127.0.0.1:9101")]
     pub http_listen: SocketAddr,
@@ -85,6 +91,7 @@ impl std::fmt::Debug for Config {
             .field("tables", &self.tables)
             .field("topics", &self.topics)
             .field("kafka_brokers", &self.kafka_brokers)
+            .field("wal_replay_window_bytes", &self.wal_replay_window_bytes)
             .field("http_listen", &self.http_listen)
             .finish_non_exhaustive()
     }

@@ -13,12 +13,14 @@
 //! - [`stream`]: the replication session and the progress rule (what may be confirmed, when).
 //! - [`snapshot`]: the initial snapshot under the slot's exported snapshot, as `op: "r"` events.
 //! - [`setup`]: publication, slot and catalog lookups over plain SQL.
+//! - [`replay`]: streaming again from an earlier LSN, asked through `cdc_reader_replays`.
 //! - [`config`], [`telemetry`]: flags, `/health` and `/metrics`.
 
 pub mod config;
 pub mod decode;
 pub mod envelope;
 pub mod publish;
+pub mod replay;
 pub mod setup;
 pub mod snapshot;
 pub mod stream;
@@ -67,6 +69,11 @@ pub async fn run(
         let before = resume.acknowledged;
         match stream::session(&config, &metrics, &mut resume, &shutdown).await {
             Ok(()) => break Ok(()),
+            Err(stream::SessionError::Rewind(from)) => {
+                // A replay: the next session streams from there (the slot still has it).
+                resume.acknowledged = from;
+                resume.replay_sent_base = Some(metrics.events_published.load(Ordering::Relaxed));
+            }
             Err(e) if e.is_transient() => {
                 let error = service::error_chain(&e);
                 tracing::warn!(%error, acknowledged = %setup::lsn_text(resume.acknowledged),

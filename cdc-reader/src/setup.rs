@@ -44,7 +44,7 @@ impl SetupError {
     }
 }
 
-fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
+pub(crate) fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
     move |source| SetupError::Postgres { what, source }
 }
 

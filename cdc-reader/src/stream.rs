@@ -49,6 +49,9 @@ pub enum SessionError {
     Envelope(#[from] EnvelopeError),
     #[error("the initial snapshot failed")]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// Not a failure: a replay was asked for; the next session streams from this LSN.
+    #[error("a replay from {} was asked for", setup::lsn_text(*.0))]
+    Rewind(Lsn),
 }
 
 impl SessionError {
@@ -71,6 +74,7 @@ impl SessionError {
             ),
             SessionError::Publish(e) => publish::is_transient(e),
             SessionError::Snapshot(e) => e.is_transient(),
+            SessionError::Rewind(_) => true,
             SessionError::Config(_)
             | SessionError::Url(_)
             | SessionError::Decode(_)
@@ -83,6 +87,8 @@ impl SessionError {
 #[derive(Debug, Default)]
 pub struct Resume {
     pub acknowledged: Lsn,
+    /// While a replay runs: `events_published` when it started.
+    pub replay_sent_base: Option<u64>,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -228,13 +234,19 @@ async fn stream_with(
     metrics.set_state(State::Streaming);
 
     let mut builder = Builder::new(settings);
+    // The slot is told a position `window` bytes behind what Kafka has (never backwards: the
+    // server ignores that), so a replay can start that far back.
+    let window = config.wal_replay_window_bytes;
     let mut acknowledge = |lsn: Lsn, repl: &ReplicationClient, resume: &mut Resume| {
         if lsn > resume.acknowledged {
-            repl.update_applied_lsn(PgLsn(lsn));
+            repl.update_applied_lsn(PgLsn(lsn.saturating_sub(window)));
             resume.acknowledged = lsn;
             metrics.acknowledged_lsn.store(lsn, Ordering::Relaxed);
         }
     };
+    let mut replays = tokio::time::interval(Duration::from_secs(1));
+    replays.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut replay_poll_failed = false;
 
     loop {
         metrics
@@ -249,7 +261,7 @@ async fn stream_with(
                 // Stopping sends no status update of its own: wait (bounded) until the worker has
                 // reported the last confirmed position, or a restart re-sends what Kafka has.
                 let reported = tokio::time::timeout(config.status_interval() * 3, async {
-                    while repl.metrics().last_applied_lsn().0 < resume.acknowledged {
+                    while repl.metrics().last_applied_lsn().0 < resume.acknowledged.saturating_sub(window) {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 })
@@ -268,6 +280,19 @@ async fn stream_with(
                     tracing::warn!("the replication stream did not close within 5 s");
                 }
                 return Ok(());
+            }
+            _ = replays.tick() => {
+                match poll_replays(db, &config.slot, resume, publisher.skipped, metrics).await {
+                    Ok(Some(from)) => return Err(SessionError::Rewind(from)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        // Replays wait; streaming goes on (a lost connection shows elsewhere).
+                        if !replay_poll_failed {
+                            tracing::warn!(error = %service::error_chain(&e), "looking for replay requests failed");
+                            replay_poll_failed = true;
+                        }
+                    }
+                }
             }
             ack = publisher.next_ack(), if !publisher.is_idle() => match ack? {
                 Some(end_lsn) => {
@@ -330,6 +355,26 @@ async fn stream_with(
     }
 }
 
+/// Closes a running replay once Kafka has everything it covers, then takes a new request, if any.
+async fn poll_replays(
+    db: &tokio_postgres::Client,
+    slot: &str,
+    resume: &mut Resume,
+    skipped: u64,
+    metrics: &Metrics,
+) -> Result<Option<Lsn>, SetupError> {
+    if let Some(base) = resume.replay_sent_base {
+        let sent = metrics
+            .events_published
+            .load(Ordering::Relaxed)
+            .saturating_sub(base);
+        if crate::replay::finish(db, slot, resume.acknowledged, skipped, sent).await? {
+            resume.replay_sent_base = None;
+        }
+    }
+    crate::replay::take(db, slot).await
+}
+
 /// On shutdown: wait (bounded) for what Kafka still owes, confirming what it acknowledges.
 async fn drain(
     publisher: &mut Publisher,
@@ -383,7 +428,7 @@ fn replication_config(
     )
     .with_port(port)
     .with_start_lsn(PgLsn(start))
-    .with_ack_lsn(PgLsn(start))
+    .with_ack_lsn(PgLsn(start.saturating_sub(config.wal_replay_window_bytes)))
     .with_status_interval(config.status_interval())
     .with_wakeup_interval(Duration::from_secs(1))
     .with_options(SESSION_OPTIONS)

@@ -98,6 +98,12 @@ static USER_DB: &[Migration] = &[
         "cdc_reader_snapshot_attempts"
     ),
     migration!("user_db", 4, "0004_cdc_slot_status.sql", "cdc_slot_status"),
+    migration!(
+        "user_db",
+        5,
+        "0005_cdc_reader_replays.sql",
+        "cdc_reader_replays"
+    ),
 ];
 static VIEW_DB: &[Migration] = &[
     migration!("materialized_view_db", 1, "0001_views.sql", "views"),

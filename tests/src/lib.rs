@@ -345,6 +345,7 @@ impl Reader {
             max_in_flight: 50_000,
             status_interval_ms: 100,
             snapshot: cdc_reader::config::SnapshotMode::Initial,
+            wal_replay_window_bytes: 0,
             http_listen: "127.0.0.1:0".parse().expect("a valid address"),
         }
     }

@@ -1,6 +1,8 @@
 //! `projector replay` against a real PostgreSQL and broker, with the projector running throughout:
 //! a rebuild from the earliest offsets restores damaged views while the post API answers, and
-//! repairs from an LSN, an offset and a timestamp re-apply exactly the events from there.
+//! repairs from an LSN, an offset and a timestamp re-apply exactly the events from there; and
+//! `cdc-reader replay`, which refuses WAL the slot no longer has and streams again inside its
+//! window without doubling anything in Kafka.
 
 // Helpers of a test binary: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
@@ -10,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use e2e::{insert_bench_users, Pipeline, PostApi, Projector};
+use e2e::{insert_bench_users, read_exactly, Pipeline, PostApi, Projector, Reader, Stack, TestDb};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::Value;
 
@@ -442,4 +444,127 @@ async fn kafka_replay_sh_prints_the_topic_and_replays_a_group() {
     p.converged(WAIT).await.unwrap();
     projector.stop().await.unwrap();
     p.reader.stop().await.unwrap();
+}
+
+/// Runs `cdc-reader replay --from-lsn FROM` for `config`'s database and slot; (success, stderr).
+async fn reader_replay(config: &cdc_reader::Config, from: &str) -> (bool, String) {
+    let run = tokio::process::Command::new(e2e::workspace_binary("cdc-reader").unwrap())
+        .args(["replay", "--from-lsn", from, "--wait-secs", "90"])
+        .env("CDC_READER_DATABASE_URL", &config.database_url)
+        .env("CDC_READER_SLOT", &config.slot)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("cdc-reader replay still running after 2 min")
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn current_lsn(db: &tokio_postgres::Client) -> String {
+    db.query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The slot's confirmed position, once it is past `lsn`.
+async fn confirmed_past(db: &tokio_postgres::Client, slot: &str, lsn: &str) -> String {
+    e2e::wait_for("the slot to confirm past the writes", WAIT, || async {
+        let row = db
+            .query_one(
+                "SELECT confirmed_flush_lsn::text, confirmed_flush_lsn > $2::text::pg_lsn \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot, &lsn],
+            )
+            .await?;
+        Ok(row.get::<_, bool>(1).then(|| row.get::<_, String>(0)))
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_reader_refuses_to_replay_wal_its_slot_no_longer_has() {
+    let p = Pipeline::start("replay_refused").await.unwrap();
+    let users = p.user_db.client().await.unwrap();
+    let before = current_lsn(&users).await;
+    insert_bench_users(&users, 10, 10).await.unwrap();
+    read_exactly(&p.stack, &p.topic, 10, WAIT).await.unwrap();
+    let oldest = confirmed_past(&users, &p.reader.config.slot, &before).await;
+
+    let (ok, stderr) = reader_replay(&p.reader.config, &before).await;
+    assert!(!ok, "{stderr}");
+    for part in [
+        format!("cannot replay from {before}"),
+        format!("can decode only from {oldest} on"),
+        format!("projector replay --lsn {before}"),
+        "cdc-reader snapshot".to_owned(),
+        "--wal-replay-window-bytes".to_owned(),
+    ] {
+        assert!(stderr.contains(&part), "{part:?} not in: {stderr}");
+    }
+    let asked: i64 = users
+        .query_one("SELECT count(*) FROM cdc_reader_replays", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(asked, 0, "a refused replay is not asked of the reader");
+    read_exactly(&p.stack, &p.topic, 10, WAIT).await.unwrap();
+    p.reader.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_reader_replays_inside_its_window_without_doubling_anything_in_kafka() {
+    let stack = Stack::from_env();
+    let user_db = TestDb::create(&stack, "replay_window", Some(schema::Database::UserDb))
+        .await
+        .unwrap();
+    let topic = format!("t-users-{}", e2e::unique_suffix());
+    let mut config = Reader::config(
+        &stack,
+        &user_db,
+        &["public.users"],
+        &[format!("public.users={topic}")],
+    );
+    config.wal_replay_window_bytes = 64 << 20;
+    let reader = Reader::start(config.clone()).await.unwrap();
+    reader.wait_streaming().await.unwrap();
+    let users = user_db.client().await.unwrap();
+    let before = current_lsn(&users).await;
+    insert_bench_users(&users, 100, 10).await.unwrap();
+    read_exactly(&stack, &topic, 100, WAIT).await.unwrap();
+    // The slot stays behind what Kafka has.
+    let confirmed_behind: bool = users
+        .query_one(
+            "SELECT confirmed_flush_lsn <= $2::text::pg_lsn FROM pg_replication_slots \
+             WHERE slot_name = $1",
+            &[&config.slot, &before],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(confirmed_behind);
+
+    let (ok, stderr) = reader_replay(&config, &before).await;
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("100 records Kafka had already (not sent again), 0 sent"),
+        "{stderr}"
+    );
+    read_exactly(&stack, &topic, 100, WAIT).await.unwrap();
+    // Streaming goes on after the replay.
+    users
+        .execute(
+            "INSERT INTO users (name, email, department) VALUES ('after', 'after@example.org', 'Ops')",
+            &[],
+        )
+        .await
+        .unwrap();
+    read_exactly(&stack, &topic, 101, WAIT).await.unwrap();
+    reader.stop().await.unwrap();
 }

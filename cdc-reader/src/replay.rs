@@ -1,0 +1,226 @@
+//! `cdc-reader replay --from-lsn`: the running reader streams again from an earlier WAL position.
+//!
+//! A logical slot decodes only from its confirmed position on; `--wal-replay-window-bytes N` keeps
+//! that position up to N bytes behind what Kafka has, so a replay can reach back that far. The
+//! request goes through the database (`cdc_reader_replays`, one row per slot): the reader takes it
+//! within a second, ends its session and starts the next one from the requested LSN. The
+//! de-duplication every session does (the partitions' tails are read first) keeps Kafka free of
+//! doubles: only what Kafka lacks is sent. The request is done once Kafka has everything up to the
+//! WAL's end at the time it was made.
+
+use change_event::{format_lsn, parse_lsn};
+use tokio_postgres::Client;
+
+use crate::decode::Lsn;
+use crate::setup::{pg, SetupError};
+
+/// Where a slot can decode from, and where the WAL is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// The slot's confirmed position: the oldest LSN a replay can start from.
+    pub oldest: Lsn,
+    /// The current WAL write position.
+    pub current: Lsn,
+}
+
+/// Why a replay cannot start where it was asked to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "cannot replay from {requested}: slot {slot} can decode only from {oldest} on (its \
+         confirmed position; PostgreSQL keeps nothing older for logical decoding).\n\
+         Alternatives:\n  \
+         projector replay --lsn {requested}   re-applies to the views what Kafka still has from there;\n  \
+         cdc-reader snapshot                  publishes every row's current state again.\n\
+         To reach further back next time, run the reader with --wal-replay-window-bytes N (it keeps \
+         the slot up to N bytes of WAL behind what Kafka has).",
+        requested = format_lsn(*requested),
+        oldest = format_lsn(*oldest)
+    )]
+    NotRetained {
+        slot: String,
+        requested: Lsn,
+        oldest: Lsn,
+    },
+    #[error(
+        "cannot replay from {requested}: the WAL ends at {current}",
+        requested = format_lsn(*requested),
+        current = format_lsn(*current)
+    )]
+    Future { requested: Lsn, current: Lsn },
+    #[error(
+        "slot {0} does not exist: the reader creates it on its first start; nothing to replay"
+    )]
+    NoSlot(String),
+}
+
+/// Whether a replay of `slot` from `from` can start, given where the slot stands.
+pub fn check(slot: &str, from: Lsn, window: Option<Window>) -> Result<Window, Refusal> {
+    let w = window.ok_or_else(|| Refusal::NoSlot(slot.to_owned()))?;
+    if from < w.oldest {
+        return Err(Refusal::NotRetained {
+            slot: slot.to_owned(),
+            requested: from,
+            oldest: w.oldest,
+        });
+    }
+    if from > w.current {
+        return Err(Refusal::Future {
+            requested: from,
+            current: w.current,
+        });
+    }
+    Ok(w)
+}
+
+/// The slot's confirmed position and the current WAL position; `None` without the slot.
+pub async fn window(db: &Client, slot: &str) -> Result<Option<Window>, SetupError> {
+    let row = db
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(pg("reading the slot's position"))?;
+    Ok(row.map(|r| Window {
+        oldest: r.get::<_, Option<&str>>(0).and_then(parse_lsn).unwrap_or(0),
+        current: parse_lsn(r.get(1)).unwrap_or(0),
+    }))
+}
+
+/// Records a request (replacing an earlier one of the slot) to replay from `from` up to `until`.
+pub async fn request(db: &Client, slot: &str, from: Lsn, until: Lsn) -> Result<(), SetupError> {
+    db.execute(
+        "INSERT INTO cdc_reader_replays (slot, from_lsn, until_lsn) \
+         VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn) \
+         ON CONFLICT (slot) DO UPDATE SET from_lsn = excluded.from_lsn, \
+           until_lsn = excluded.until_lsn, requested_at = now(), started_at = NULL, \
+           done_at = NULL, outcome = NULL, records_skipped = NULL, records_sent = NULL",
+        &[&slot, &format_lsn(from), &format_lsn(until)],
+    )
+    .await
+    .map_err(pg("recording the replay request"))?;
+    Ok(())
+}
+
+/// A request's state, for the command that waits on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub started: bool,
+    pub outcome: Option<String>,
+    pub skipped: Option<i64>,
+    pub sent: Option<i64>,
+}
+
+pub async fn status(db: &Client, slot: &str) -> Result<Option<Status>, SetupError> {
+    let row = db
+        .query_opt(
+            "SELECT started_at IS NOT NULL, outcome, records_skipped, records_sent \
+             FROM cdc_reader_replays WHERE slot = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(pg("reading the replay request"))?;
+    Ok(row.map(|r| Status {
+        started: r.get(0),
+        outcome: r.get(1),
+        skipped: r.get(2),
+        sent: r.get(3),
+    }))
+}
+
+/// Takes the slot's pending request, if any: `Some(from)` to stream again from there. A request
+/// the slot can no longer serve (its position moved past `from` since) is closed as refused.
+pub async fn take(db: &Client, slot: &str) -> Result<Option<Lsn>, SetupError> {
+    let Some(row) = db
+        .query_opt(
+            "SELECT from_lsn::text FROM cdc_reader_replays \
+             WHERE slot = $1 AND started_at IS NULL",
+            &[&slot],
+        )
+        .await
+        .map_err(pg("looking for a replay request"))?
+    else {
+        return Ok(None);
+    };
+    let from = parse_lsn(row.get(0)).unwrap_or(0);
+    match check(slot, from, window(db, slot).await?) {
+        Ok(_) => {
+            db.execute(
+                "UPDATE cdc_reader_replays SET started_at = now() WHERE slot = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(pg("starting the replay"))?;
+            tracing::info!(slot, from = %format_lsn(from), "replay requested: streaming again from there");
+            Ok(Some(from))
+        }
+        Err(refusal) => {
+            tracing::warn!(slot, error = %refusal, "replay request refused");
+            db.execute(
+                "UPDATE cdc_reader_replays SET started_at = now(), done_at = now(), outcome = $2 \
+                 WHERE slot = $1",
+                &[&slot, &format!("refused: {refusal}")],
+            )
+            .await
+            .map_err(pg("refusing the replay"))?;
+            Ok(None)
+        }
+    }
+}
+
+/// Closes the slot's running request once Kafka has acknowledged everything up to its end.
+pub async fn finish(
+    db: &Client,
+    slot: &str,
+    acknowledged: Lsn,
+    skipped: u64,
+    sent: u64,
+) -> Result<bool, SetupError> {
+    let skipped = i64::try_from(skipped).unwrap_or(i64::MAX);
+    let sent = i64::try_from(sent).unwrap_or(i64::MAX);
+    let n = db
+        .execute(
+            "UPDATE cdc_reader_replays SET done_at = now(), outcome = 'done', \
+               records_skipped = $3, records_sent = $4 \
+             WHERE slot = $1 AND started_at IS NOT NULL AND done_at IS NULL \
+               AND until_lsn <= $2::text::pg_lsn",
+            &[&slot, &format_lsn(acknowledged), &skipped, &sent],
+        )
+        .await
+        .map_err(pg("finishing the replay"))?;
+    if n > 0 {
+        tracing::info!(slot, skipped, sent, "replay done");
+    }
+    Ok(n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_needs_the_wal_between_the_slot_and_now() {
+        let window = Window {
+            oldest: 1000,
+            current: 5000,
+        };
+        let w = Some(window);
+        assert_eq!(check("s", 1000, w), Ok(window));
+        assert_eq!(check("s", 4000, w), Ok(window));
+        let refusal = check("s", 999, w).unwrap_err();
+        let text = refusal.to_string();
+        for part in [
+            "0/3E7",
+            "0/3E8",
+            "projector replay --lsn 0/3E7",
+            "cdc-reader snapshot",
+            "--wal-replay-window-bytes",
+        ] {
+            assert!(text.contains(part), "{part:?} not in {text}");
+        }
+        assert!(matches!(check("s", 5001, w), Err(Refusal::Future { .. })));
+        assert!(matches!(check("s", 1, None), Err(Refusal::NoSlot(_))));
+    }
+}
