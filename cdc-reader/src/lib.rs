@@ -21,6 +21,7 @@ pub mod decode;
 pub mod envelope;
 pub mod publish;
 pub mod replay;
+pub mod resnapshot;
 pub mod setup;
 pub mod snapshot;
 pub mod stream;

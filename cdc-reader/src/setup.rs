@@ -29,6 +29,8 @@ pub enum SetupError {
     SlotLost { slot: String },
     #[error("replication slot {slot} uses output plugin {plugin}, not pgoutput")]
     WrongPlugin { slot: String, plugin: String },
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl SetupError {
@@ -39,7 +41,8 @@ impl SetupError {
             SetupError::SlotActive { .. } | SetupError::SlotLocked { .. } => true,
             SetupError::TableName(_)
             | SetupError::WrongPlugin { .. }
-            | SetupError::SlotLost { .. } => false,
+            | SetupError::SlotLost { .. }
+            | SetupError::Unsupported(_) => false,
         }
     }
 }

@@ -346,11 +346,11 @@ pub async fn take(
 /// The columns the publication sends for table `oid` (name, type), and its row filter. Generated
 /// columns only when the publication names them in a column list or publishes them (PG 18's
 /// `publish_generated_columns`); PostgreSQL before 18 never sends them.
-async fn published_columns(
+pub(crate) async fn published_columns(
     tx: &tokio_postgres::Transaction<'_>,
     oid: u32,
     publication: &str,
-) -> Result<(Vec<(String, u32)>, Option<String>), SnapshotError> {
+) -> Result<(Vec<(String, u32)>, Option<String>), SetupError> {
     // to_jsonb: the columns of pg_publication_tables and pg_publication differ across versions.
     let row = tx
         .query_one(
@@ -367,7 +367,7 @@ async fn published_columns(
             &[&oid, &publication],
         )
         .await
-        .map_err(pg("reading what the publication sends of a captured table"))?;
+        .map_err(setup::pg("reading what the publication sends of a captured table"))?;
     let listed: Option<Vec<String>> = row.get(0);
     let row_filter: Option<String> = row.get(1);
     let generated_sent: bool = row.get(2);
@@ -381,7 +381,7 @@ async fn published_columns(
             &[&oid, &listed, &generated_sent],
         )
         .await
-        .map_err(pg("reading the columns of a captured table"))?
+        .map_err(setup::pg("reading the columns of a captured table"))?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();

@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::decode::{self, Lsn, Message};
 use crate::envelope::{self, Builder, EnvelopeError, Step};
 use crate::publish::{self, PublishError, Publisher};
+use crate::resnapshot;
 use crate::setup::{self, SetupError};
 use crate::snapshot;
 use crate::telemetry::{Metrics, State};
@@ -233,6 +234,8 @@ async fn stream_with(
     };
     metrics.set_state(State::Streaming);
 
+    let snapshot_settings = settings.clone();
+    let mut on_demand: Option<resnapshot::Running> = None;
     let mut builder = Builder::new(settings);
     // The slot is told a position `window` bytes behind what Kafka has (never backwards: the
     // server ignores that), so a replay can start that far back.
@@ -282,9 +285,13 @@ async fn stream_with(
                 return Ok(());
             }
             _ = replays.tick() => {
-                match poll_replays(db, &config.slot, resume, publisher.skipped, metrics).await {
+                let polled = match poll_replays(db, &config.slot, resume, publisher.skipped, metrics).await {
                     Ok(Some(from)) => return Err(SessionError::Rewind(from)),
-                    Ok(None) => {}
+                    Ok(None) => poll_snapshots(db, config, &mut on_demand, &snapshot_settings, resume.acknowledged, publisher.is_idle()).await,
+                    Err(e) => Err(e),
+                };
+                match polled {
+                    Ok(()) => {}
                     Err(e) => {
                         // Replays wait; streaming goes on (a lost connection shows elsewhere).
                         if !replay_poll_failed {
@@ -339,11 +346,23 @@ async fn stream_with(
                         };
                         if let Step::Records(records) = builder.apply(message, now_ms(), |_| primary_key)? {
                             for record in records {
+                                if let Some(snapshot) = &mut on_demand {
+                                    snapshot.streamed(&record);
+                                }
                                 publisher.send(record).await?;
                             }
                             // Transaction ends the publisher released while it waited for room.
                             if let Some(lsn) = publisher.take_released() {
                                 acknowledge(lsn, &repl, resume);
+                            }
+                        }
+                    }
+                    ReplicationEvent::Message { prefix, content, lsn, .. } if prefix == resnapshot::PREFIX => {
+                        if let Some(snapshot) = &mut on_demand {
+                            if let resnapshot::Watermark::Publish(records) = snapshot.watermark(&content, lsn.0, &snapshot_settings).await? {
+                                for record in records {
+                                    publisher.send(record).await?;
+                                }
                             }
                         }
                     }
@@ -373,6 +392,47 @@ async fn poll_replays(
         }
     }
     crate::replay::take(db, slot).await
+}
+
+/// Starts the oldest on-demand snapshot request when none runs; closes the running one once the
+/// worker ended and Kafka has every row it published (nothing in flight, or a transaction end
+/// after its last chunk acknowledged).
+async fn poll_snapshots(
+    db: &tokio_postgres::Client,
+    config: &Config,
+    on_demand: &mut Option<resnapshot::Running>,
+    settings: &envelope::Settings,
+    acknowledged: Lsn,
+    idle: bool,
+) -> Result<(), SetupError> {
+    if let Some(running) = on_demand {
+        let (request, rows, last_high) = (running.request, running.rows, running.last_high);
+        match running.finished() {
+            None => {}
+            Some(Ok(())) if idle || acknowledged > last_high => {
+                resnapshot::close(db, request, "done", rows).await?;
+                tracing::info!(request, rows, "on-demand snapshot done");
+                *on_demand = None;
+            }
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                tracing::warn!(request, error = %e, "on-demand snapshot failed");
+                resnapshot::close(db, request, &format!("failed: {e}"), rows).await?;
+                *on_demand = None;
+            }
+        }
+        return Ok(());
+    }
+    if let Some(request) = resnapshot::take(db, &config.slot, &config.tables).await? {
+        *on_demand = Some(resnapshot::Running::start(
+            request,
+            &config.slot,
+            &config.publication,
+            &config.database_url,
+            settings,
+        ));
+    }
+    Ok(())
 }
 
 /// On shutdown: wait (bounded) for what Kafka still owes, confirming what it acknowledges.

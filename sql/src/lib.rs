@@ -104,6 +104,12 @@ static USER_DB: &[Migration] = &[
         "0005_cdc_reader_replays.sql",
         "cdc_reader_replays"
     ),
+    migration!(
+        "user_db",
+        6,
+        "0006_cdc_reader_snapshot_requests.sql",
+        "cdc_reader_snapshot_requests"
+    ),
 ];
 static VIEW_DB: &[Migration] = &[
     migration!("materialized_view_db", 1, "0001_views.sql", "views"),
