@@ -490,9 +490,29 @@ async fn run_rebuild(
 /// Replaces the live view tables by the rebuilt ones, in one transaction.
 async fn swap(db: &Client, live_schema: &str) -> Result<(), ReplayError> {
     let live = quote(live_schema);
+    // Privileges granted on the live tables (beyond their owner's) go to the new ones.
+    let mut grants = String::new();
+    for t in VIEW_TABLES {
+        for row in db
+            .query(
+                "SELECT a.privilege_type, CASE WHEN a.grantee = 0 THEN 'PUBLIC' \
+                        ELSE quote_ident(pg_get_userbyid(a.grantee)) END \
+                 FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a \
+                 WHERE c.oid = ($1 || '.' || $2)::regclass AND a.grantee <> c.relowner",
+                &[&live, &t],
+            )
+            .await
+            .map_err(sql("reading the privileges on the view tables"))?
+        {
+            let (privilege, grantee): (String, String) = (row.get(0), row.get(1));
+            grants.push_str(&format!(
+                " GRANT {privilege} ON {REBUILD_SCHEMA}.{t} TO {grantee};"
+            ));
+        }
+    }
     let mut text = format!(
-        "BEGIN; SET LOCAL lock_timeout = '10s'; DROP SCHEMA IF EXISTS {RETIRED_SCHEMA} CASCADE; \
-         CREATE SCHEMA {RETIRED_SCHEMA};"
+        "BEGIN; SET LOCAL lock_timeout = '10s'; DROP SCHEMA IF EXISTS {RETIRED_SCHEMA}; \
+         CREATE SCHEMA {RETIRED_SCHEMA};{grants}"
     );
     for t in VIEW_TABLES {
         text.push_str(&format!(
@@ -504,8 +524,15 @@ async fn swap(db: &Client, live_schema: &str) -> Result<(), ReplayError> {
             " ALTER TABLE {REBUILD_SCHEMA}.{t} SET SCHEMA {live};"
         ));
     }
+    // No CASCADE: a view or foreign key of someone else's on the old tables makes the swap fail
+    // with PostgreSQL's message, and the live tables stay as they are.
+    let retired: Vec<String> = VIEW_TABLES
+        .iter()
+        .map(|t| format!("{RETIRED_SCHEMA}.{t}"))
+        .collect();
     text.push_str(&format!(
-        " DROP SCHEMA {RETIRED_SCHEMA} CASCADE; DROP SCHEMA {REBUILD_SCHEMA} CASCADE; COMMIT;"
+        " DROP TABLE {}; DROP SCHEMA {RETIRED_SCHEMA}; DROP SCHEMA {REBUILD_SCHEMA}; COMMIT;",
+        retired.join(", ")
     ));
     let mut attempt = 0;
     loop {

@@ -106,6 +106,11 @@ async fn a_rebuild_from_earliest_restores_a_damaged_view_while_the_post_api_answ
         .get(0);
     assert_eq!(damaged_rows, 19_800);
 
+    // A privilege someone granted on the view goes with it.
+    view.batch_execute("GRANT SELECT ON user_view TO PUBLIC")
+        .await
+        .unwrap();
+
     // Readers throughout: every answer is the old view or the rebuilt one, never a partial one.
     let api = PostApi::start(&p.view_db.url).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -183,6 +188,27 @@ async fn a_rebuild_from_earliest_restores_a_damaged_view_while_the_post_api_answ
         .unwrap()
         .get(0);
     assert_eq!(leftovers, 0, "the rebuild left its schemas behind");
+    let acl: String = view
+        .query_one(
+            "SELECT relacl::text FROM pg_class WHERE oid = 'user_view'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(acl.contains(",=r/"), "the grant to PUBLIC was lost: {acl}");
+    // Something else depending on the tables stops a rebuild rather than being dropped with them.
+    view.batch_execute("CREATE VIEW reporting AS SELECT user_id FROM user_view")
+        .await
+        .unwrap();
+    let (ok, stderr) = replay(&projector.config, &["--earliest", "--rebuild"]).await;
+    assert!(!ok && stderr.contains("depend"), "{stderr}");
+    let still: i64 = view
+        .query_one("SELECT count(*) FROM reporting", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(still, 20_000);
     // The projector goes on with the new tables.
     users
         .execute(
