@@ -35,17 +35,8 @@ struct ReplayArgs {
     #[arg(long, value_name = "LSN", value_parser = parse_lsn)]
     from_lsn: u64,
 
-    /// The reader's database (only the slot's position and the request table are used).
-    #[arg(long, env = "CDC_READER_DATABASE_URL", hide_env_values = true)]
-    database_url: String,
-
-    /// The reader's replication slot.
-    #[arg(long, env = "CDC_READER_SLOT", default_value = "cdc_reader")]
-    slot: String,
-
-    /// Longest wait for the reader to finish, in seconds (the request stays when the wait ends).
-    #[arg(long, default_value_t = 3600)]
-    wait_secs: u64,
+    #[command(flatten)]
+    reader: ReaderArgs,
 }
 
 #[derive(Parser, Debug)]
@@ -61,7 +52,14 @@ struct SnapshotArgs {
     #[arg(long = "table", value_name = "SCHEMA.TABLE")]
     tables: Vec<String>,
 
-    /// The reader's database.
+    #[command(flatten)]
+    reader: ReaderArgs,
+}
+
+/// Where the running reader takes requests from, and how long to wait for it.
+#[derive(clap::Args, Debug)]
+struct ReaderArgs {
+    /// The reader's database (its slot and its request tables).
     #[arg(long, env = "CDC_READER_DATABASE_URL", hide_env_values = true)]
     database_url: String,
 
@@ -73,6 +71,74 @@ struct SnapshotArgs {
     #[arg(long, default_value_t = 3600)]
     wait_secs: u64,
 }
+
+/// A request's state as the reader left it.
+struct Progress {
+    taken: bool,
+    /// 'done', or why not; `None` while it runs.
+    outcome: Option<String>,
+    /// What to say when it is done.
+    summary: String,
+}
+
+impl ReaderArgs {
+    /// Runs `ask` on a connection to the reader's database: it records the request and returns a
+    /// poll of its state, which is then awaited until the reader is done.
+    fn ask<F>(&self, what: &str, ask: F) -> anyhow::Result<()>
+    where
+        F: for<'c> AsyncFnOnce(&'c tokio_postgres::Client) -> anyhow::Result<Poll<'c>>,
+    {
+        service::init_tracing();
+        let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+        runtime.block_on(async {
+            let (db, conn) = tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
+                .await
+                .context("connecting to the reader's database")?;
+            tokio::spawn(conn);
+            let mut poll = ask(&db).await?;
+            let started = Instant::now();
+            let mut said_waiting = false;
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let p = poll().await?;
+                match p.outcome.as_deref() {
+                    Some("done") => {
+                        eprintln!(
+                            "{what} done in {:.1} s: {}",
+                            started.elapsed().as_secs_f64(),
+                            p.summary
+                        );
+                        return Ok(());
+                    }
+                    Some(other) => anyhow::bail!("the reader did not do the {what}: {other}"),
+                    None => {}
+                }
+                if !p.taken && !said_waiting && started.elapsed() > Duration::from_secs(5) {
+                    eprintln!(
+                        "waiting for the reader of slot {} to take the request (is it running? \
+                         busy with an earlier one?)",
+                        self.slot
+                    );
+                    said_waiting = true;
+                }
+                if started.elapsed() > Duration::from_secs(self.wait_secs) {
+                    anyhow::bail!(
+                        "not done within {} s; the request stays, and the reader finishes it when \
+                         it runs",
+                        self.wait_secs
+                    );
+                }
+            }
+        })
+    }
+}
+
+/// Reads a request's state.
+type Poll<'c> = Box<
+    dyn FnMut()
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Progress>> + 'c>>
+        + 'c,
+>;
 
 fn parse_lsn(text: &str) -> Result<u64, String> {
     change_event::parse_lsn(text).ok_or_else(|| "not an LSN such as 0/16B3748".to_owned())
@@ -100,110 +166,64 @@ fn snapshot_main(args: SnapshotArgs) -> anyhow::Result<()> {
     for t in &args.tables {
         cdc_reader::setup::split_table(t)?;
     }
-    service::init_tracing();
-    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    runtime.block_on(async {
-        let (db, conn) = tokio_postgres::connect(&args.database_url, tokio_postgres::NoTls)
-            .await
-            .context("connecting to the reader's database")?;
-        tokio::spawn(conn);
-        let tables = (!args.tables.is_empty()).then_some(args.tables.as_slice());
-        let id = resnapshot::request(&db, &args.slot, tables).await?;
+    let slot = args.reader.slot.clone();
+    let tables = args.tables.clone();
+    args.reader.ask("snapshot", async move |db| {
+        let asked = (!tables.is_empty()).then_some(tables.as_slice());
+        let id = resnapshot::request(db, &slot, asked).await?;
         eprintln!(
-            "asked the reader of slot {} for a snapshot of {} (request {id})",
-            args.slot,
-            tables.map_or("every captured table".to_owned(), |t| t.join(", "))
+            "asked the reader of slot {slot} for a snapshot of {} (request {id})",
+            asked.map_or("every captured table".to_owned(), |t| t.join(", "))
         );
-        let started = Instant::now();
-        let mut said_waiting = false;
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let (taken, outcome, rows) = resnapshot::status(&db, id)
-                .await?
-                .context("the snapshot request disappeared")?;
-            match outcome.as_deref() {
-                Some("done") => {
-                    eprintln!(
-                        "snapshot done in {:.1} s: {} rows published",
-                        started.elapsed().as_secs_f64(),
-                        rows.unwrap_or(0)
-                    );
-                    return Ok(());
-                }
-                Some(other) => anyhow::bail!("the reader did not take the snapshot: {other}"),
-                None => {}
-            }
-            if !taken && !said_waiting && started.elapsed() > Duration::from_secs(5) {
-                eprintln!(
-                    "waiting for the reader of slot {} to take the request (is it running? an \
-                     earlier snapshot still running?)",
-                    args.slot
-                );
-                said_waiting = true;
-            }
-            if started.elapsed() > Duration::from_secs(args.wait_secs) {
-                anyhow::bail!(
-                    "not done within {} s; the request stays, and the reader finishes it when it runs",
-                    args.wait_secs
-                );
-            }
-        }
+        let poll: Poll<'_> = Box::new(move || {
+            Box::pin(async move {
+                let (taken, outcome, rows) = resnapshot::status(db, id)
+                    .await?
+                    .context("the snapshot request disappeared")?;
+                Ok(Progress {
+                    taken,
+                    outcome,
+                    summary: format!("{} rows published", rows.unwrap_or(0)),
+                })
+            })
+        });
+        Ok(poll)
     })
 }
 
 fn replay_main(args: ReplayArgs) -> anyhow::Result<()> {
-    service::init_tracing();
-    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    runtime.block_on(async {
-        let (db, conn) = tokio_postgres::connect(&args.database_url, tokio_postgres::NoTls)
-            .await
-            .context("connecting to the reader's database")?;
-        tokio::spawn(conn);
-        let window = replay::window(&db, &args.slot).await?;
-        let window = match replay::check(&args.slot, args.from_lsn, window) {
+    let slot = args.reader.slot.clone();
+    let from = args.from_lsn;
+    args.reader.ask("replay", async move |db| {
+        let window = replay::window(db, &slot).await?;
+        let window = match replay::check(&slot, from, window) {
             Ok(w) => w,
             Err(refusal) => anyhow::bail!("{refusal}"),
         };
-        replay::request(&db, &args.slot, args.from_lsn, window.current).await?;
+        replay::request(db, &slot, from, window.current).await?;
         eprintln!(
-            "asked the reader of slot {} to stream again from {} (up to {}); Kafka gets only what it lacks",
-            args.slot,
-            change_event::format_lsn(args.from_lsn),
+            "asked the reader of slot {slot} to stream again from {} (up to {}); Kafka gets only \
+             what it lacks",
+            change_event::format_lsn(from),
             change_event::format_lsn(window.current)
         );
-        let started = Instant::now();
-        let mut said_waiting = false;
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let status = replay::status(&db, &args.slot)
-                .await?
-                .context("the replay request disappeared (another replay replaced and finished it?)")?;
-            match status.outcome.as_deref() {
-                Some("done") => {
-                    eprintln!(
-                        "replay done in {:.1} s: {} records Kafka had already (not sent again), {} sent",
-                        started.elapsed().as_secs_f64(),
+        let poll: Poll<'_> = Box::new(move || {
+            let slot = slot.clone();
+            Box::pin(async move {
+                let status = replay::status(db, &slot).await?.context(
+                    "the replay request disappeared (another replay replaced and finished it?)",
+                )?;
+                Ok(Progress {
+                    taken: status.started,
+                    outcome: status.outcome,
+                    summary: format!(
+                        "{} records Kafka had already (not sent again), {} sent",
                         status.skipped.unwrap_or(0),
                         status.sent.unwrap_or(0)
-                    );
-                    return Ok(());
-                }
-                Some(other) => anyhow::bail!("the reader did not replay: {other}"),
-                None => {}
-            }
-            if !status.started && !said_waiting && started.elapsed() > Duration::from_secs(5) {
-                eprintln!(
-                    "waiting for the reader of slot {} to take the request (is it running?)",
-                    args.slot
-                );
-                said_waiting = true;
-            }
-            if started.elapsed() > Duration::from_secs(args.wait_secs) {
-                anyhow::bail!(
-                    "not done within {} s; the request stays, and the reader finishes it when it runs",
-                    args.wait_secs
-                );
-            }
-        }
+                    ),
+                })
+            })
+        });
+        Ok(poll)
     })
 }

@@ -331,16 +331,19 @@ pub async fn replay(
     let partitions: Vec<i32> = start.keys().copied().collect();
     assign(&consumer, &config.topic, &partitions)
         .map_err(|e| ReplayError::Projector(Box::new(e)))?;
+    let run = Run {
+        config,
+        db: &db,
+        metrics: &metrics,
+        shutdown,
+        start: &start,
+        marks: &marks,
+        ranges: &ranges,
+    };
     let result = if rebuild {
-        run_rebuild(
-            config, &db, &metrics, shutdown, consumer, target, &start, &marks, &ranges,
-        )
-        .await
+        run_rebuild(run, consumer, target).await
     } else {
-        run_repair(
-            config, &db, &metrics, shutdown, consumer, target, &start, &marks, &ranges,
-        )
-        .await
+        run_repair(run, consumer, target).await
     };
     reporter.abort();
     if let Err(e) = db.execute("SELECT pg_advisory_unlock_all()", &[]).await {
@@ -357,18 +360,34 @@ pub async fn replay(
 
 type Ranges = Arc<std::sync::Mutex<BTreeMap<i32, (i64, i64)>>>;
 
-#[allow(clippy::too_many_arguments)]
+/// What both kinds of replay work with.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    config: &'a Config,
+    /// The replay's own connection: its locks, the recount, the swap.
+    db: &'a Client,
+    metrics: &'a Arc<Metrics>,
+    shutdown: &'a CancellationToken,
+    start: &'a BTreeMap<i32, i64>,
+    /// (low, high) offsets per partition when the replay began.
+    marks: &'a BTreeMap<i32, (i64, i64)>,
+    ranges: &'a Ranges,
+}
+
 async fn run_repair(
-    config: &Config,
-    db: &Client,
-    metrics: &Arc<Metrics>,
-    shutdown: &CancellationToken,
+    run: Run<'_>,
     consumer: StreamConsumer<Context>,
     target: Target,
-    start: &BTreeMap<i32, i64>,
-    marks: &BTreeMap<i32, (i64, i64)>,
-    ranges: &Ranges,
 ) -> Result<(), ReplayError> {
+    let Run {
+        config,
+        db,
+        metrics,
+        shutdown,
+        start,
+        marks,
+        ranges,
+    } = run;
     // Pause the live projector: its batches take these locks.
     pause_live(db, config, marks).await?;
     let live = stored_offsets(db, config).await?;
@@ -396,18 +415,20 @@ async fn run_repair(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run_rebuild(
-    config: &Config,
-    db: &Client,
-    metrics: &Arc<Metrics>,
-    shutdown: &CancellationToken,
+    run: Run<'_>,
     consumer: StreamConsumer<Context>,
     target: Target,
-    start: &BTreeMap<i32, i64>,
-    marks: &BTreeMap<i32, (i64, i64)>,
-    ranges: &Ranges,
 ) -> Result<(), ReplayError> {
+    let Run {
+        config,
+        db,
+        metrics,
+        shutdown,
+        start,
+        marks,
+        ranges,
+    } = run;
     let live_schema: String = db
         .query_one(
             "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \

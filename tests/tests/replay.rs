@@ -368,18 +368,37 @@ async fn replays_from_offsets_and_from_a_timestamp_re_apply_what_came_from_there
 async fn kafka_replay(view_db_url: &str, args: &[&str]) -> (bool, String, String) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let bin = e2e::workspace_binary("projector").unwrap();
-    let run = tokio::process::Command::new("bash")
+    let mut command = tokio::process::Command::new("bash");
+    command
         .arg(root.join("scripts/kafka-replay.sh"))
         .args(args)
         .env("CDC_BIN_DIR", bin.parent().unwrap())
-        .env("VIEW_DB_URL", view_db_url)
+        .env("VIEW_DB_URL", view_db_url);
+    run(command).await
+}
+
+/// Runs `cdc-reader ARGS` against `config`'s database and slot; (success, stdout, stderr).
+async fn reader_command(config: &cdc_reader::Config, args: &[&str]) -> (bool, String, String) {
+    let mut command = tokio::process::Command::new(e2e::workspace_binary("cdc-reader").unwrap());
+    command
+        .args(args)
+        .args(["--wait-secs", "150"])
+        .env("CDC_READER_DATABASE_URL", &config.database_url)
+        .env("CDC_READER_SLOT", &config.slot);
+    run(command).await
+}
+
+/// Runs `command` (no stdin, logs at warn) for at most three minutes; (success, stdout, stderr).
+async fn run(mut command: tokio::process::Command) -> (bool, String, String) {
+    let what = format!("{command:?}");
+    let output = command
         .env("RUST_LOG", "warn")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), run)
+    let out = tokio::time::timeout(Duration::from_secs(180), output)
         .await
-        .unwrap_or_else(|_| panic!("kafka-replay.sh {args:?} still running after 2 min"))
+        .unwrap_or_else(|_| panic!("{what} still running after 3 min"))
         .unwrap();
     (
         out.status.success(),
@@ -472,25 +491,6 @@ async fn kafka_replay_sh_prints_the_topic_and_replays_a_group() {
     p.reader.stop().await.unwrap();
 }
 
-/// Runs `cdc-reader replay --from-lsn FROM` for `config`'s database and slot; (success, stderr).
-async fn reader_replay(config: &cdc_reader::Config, from: &str) -> (bool, String) {
-    let run = tokio::process::Command::new(e2e::workspace_binary("cdc-reader").unwrap())
-        .args(["replay", "--from-lsn", from, "--wait-secs", "90"])
-        .env("CDC_READER_DATABASE_URL", &config.database_url)
-        .env("CDC_READER_SLOT", &config.slot)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("cdc-reader replay still running after 2 min")
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 async fn current_lsn(db: &tokio_postgres::Client) -> String {
     db.query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
@@ -523,7 +523,8 @@ async fn the_reader_refuses_to_replay_wal_its_slot_no_longer_has() {
     read_exactly(&p.stack, &p.topic, 10, WAIT).await.unwrap();
     let oldest = confirmed_past(&users, &p.reader.config.slot, &before).await;
 
-    let (ok, stderr) = reader_replay(&p.reader.config, &before).await;
+    let (ok, _, stderr) =
+        reader_command(&p.reader.config, &["replay", "--from-lsn", &before]).await;
     assert!(!ok, "{stderr}");
     for part in [
         format!("cannot replay from {before}"),
@@ -576,7 +577,7 @@ async fn the_reader_replays_inside_its_window_without_doubling_anything_in_kafka
         .get(0);
     assert!(confirmed_behind);
 
-    let (ok, stderr) = reader_replay(&config, &before).await;
+    let (ok, _, stderr) = reader_command(&config, &["replay", "--from-lsn", &before]).await;
     assert!(ok, "{stderr}");
     assert!(
         stderr.contains("100 records Kafka had already (not sent again), 0 sent"),
@@ -593,27 +594,6 @@ async fn the_reader_replays_inside_its_window_without_doubling_anything_in_kafka
         .unwrap();
     read_exactly(&stack, &topic, 101, WAIT).await.unwrap();
     reader.stop().await.unwrap();
-}
-
-/// Runs `cdc-reader snapshot ARGS` for `config`'s database and slot; (success, stderr).
-async fn reader_snapshot(config: &cdc_reader::Config, args: &[&str]) -> (bool, String) {
-    let run = tokio::process::Command::new(e2e::workspace_binary("cdc-reader").unwrap())
-        .arg("snapshot")
-        .args(args)
-        .args(["--wait-secs", "150"])
-        .env("CDC_READER_DATABASE_URL", &config.database_url)
-        .env("CDC_READER_SLOT", &config.slot)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(180), run)
-        .await
-        .expect("cdc-reader snapshot still running after 3 min")
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test]
@@ -648,7 +628,8 @@ async fn an_on_demand_snapshot_while_streaming_gives_every_row_and_keeps_the_vie
             }
         })
     };
-    let (ok, stderr) = reader_snapshot(&p.reader.config, &["--table", "public.users"]).await;
+    let (ok, _, stderr) =
+        reader_command(&p.reader.config, &["snapshot", "--table", "public.users"]).await;
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
     assert!(ok, "{stderr}");
@@ -746,7 +727,8 @@ async fn an_on_demand_snapshot_while_streaming_gives_every_row_and_keeps_the_vie
     );
 
     // A table the reader does not capture is refused.
-    let (ok, stderr) = reader_snapshot(&p.reader.config, &["--table", "public.nope"]).await;
+    let (ok, _, stderr) =
+        reader_command(&p.reader.config, &["snapshot", "--table", "public.nope"]).await;
     assert!(!ok && stderr.contains("not captured"), "{stderr}");
     projector.stop().await.unwrap();
     p.reader.stop().await.unwrap();
