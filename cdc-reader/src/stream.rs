@@ -295,7 +295,7 @@ async fn stream_with(
                     Err(e) => {
                         // Replays wait; streaming goes on (a lost connection shows elsewhere).
                         if !replay_poll_failed {
-                            tracing::warn!(error = %service::error_chain(&e), "looking for replay requests failed");
+                            tracing::warn!(error = %service::error_chain(&e), "looking for replay and snapshot requests failed");
                             replay_poll_failed = true;
                         }
                     }
@@ -362,6 +362,9 @@ async fn stream_with(
                             if let resnapshot::Watermark::Publish(records) = snapshot.watermark(&content, lsn.0, &snapshot_settings).await? {
                                 for record in records {
                                     publisher.send(record).await?;
+                                }
+                                if let Some(lsn) = publisher.take_released() {
+                                    acknowledge(lsn, &repl, resume);
                                 }
                             }
                         }

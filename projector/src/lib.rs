@@ -525,7 +525,7 @@ impl Projector<'_> {
             tracing::info!(
                 partition,
                 next,
-                "positioning the partition at the offset stored with the views"
+                "positioning the partition (stored offset, or the replay's start)"
             );
             let cursor = Cursor {
                 generation,
