@@ -88,7 +88,7 @@ impl ReaderArgs {
     where
         F: for<'c> AsyncFnOnce(&'c tokio_postgres::Client) -> anyhow::Result<Poll<'c>>,
     {
-        service::init_tracing();
+        service::init_command_tracing();
         let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
         runtime.block_on(async {
             let (db, conn) = tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)

@@ -30,8 +30,9 @@ pub enum Refusal {
         "cannot replay from {requested}: slot {slot} can decode only from {oldest} on (its \
          confirmed position; PostgreSQL keeps nothing older for logical decoding).\n\
          Alternatives:\n  \
-         projector replay --lsn {requested}   re-applies to the views what Kafka still has from there;\n  \
-         cdc-reader snapshot                  publishes every row's current state again.\n\
+         - `projector replay --lsn {requested}` re-applies to the views what Kafka still has from \
+         there;\n  \
+         - `cdc-reader snapshot` publishes every row's current state again.\n\
          To reach further back next time, run the reader with --wal-replay-window-bytes N (it keeps \
          the slot up to N bytes of WAL behind what Kafka has).",
         requested = format_lsn(*requested),

@@ -100,7 +100,7 @@ fn main() -> anyhow::Result<()> {
 
 fn replay_main(args: ReplayArgs) -> anyhow::Result<()> {
     args.config.validate()?;
-    service::init_tracing();
+    service::init_command_tracing();
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {
         let shutdown = tokio_util::sync::CancellationToken::new();

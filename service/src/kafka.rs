@@ -39,6 +39,14 @@ pub fn log(level: RDKafkaLogLevel, fac: &str, message: &str) {
 }
 
 /// A client-level error librdkafka reports (it retries by itself; this is for the operator).
+/// Reaching the end of a partition, which a consumer asked to be told of, is not one.
 pub fn client_error(error: &KafkaError, reason: &str) {
+    if matches!(
+        error.rdkafka_error_code(),
+        Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+    ) {
+        tracing::debug!(target: "librdkafka", %error, reason, "end of a partition");
+        return;
+    }
     tracing::warn!(target: "librdkafka", %error, reason, "client error");
 }

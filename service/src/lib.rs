@@ -14,9 +14,20 @@ use tokio_util::sync::CancellationToken;
 
 /// Logs to stderr through `tracing`; `RUST_LOG` filters (default `info`).
 pub fn init_tracing() {
+    init_tracing_at("info");
+}
+
+/// Tracing for a command a person runs (a replay, a snapshot request): warnings and errors unless
+/// `RUST_LOG` says otherwise, so its own output stays readable.
+pub fn init_command_tracing() {
+    init_tracing_at("warn");
+}
+
+fn init_tracing_at(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
