@@ -73,6 +73,7 @@ pub async fn run(
             Err(stream::SessionError::Rewind(from)) => {
                 // A replay: the next session streams from there (the slot still has it).
                 resume.acknowledged = from;
+                resume.rewind = Some(from);
                 resume.replay_sent_base = Some(metrics.events_published.load(Ordering::Relaxed));
             }
             Err(e) if e.is_transient() => {

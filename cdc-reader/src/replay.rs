@@ -132,8 +132,9 @@ pub async fn status(db: &Client, slot: &str) -> Result<Option<Status>, SetupErro
 }
 
 /// Takes the slot's pending request, if any: `Some(from)` to stream again from there. A request
-/// the slot can no longer serve (its position moved past `from` since) is closed as refused.
-pub async fn take(db: &Client, slot: &str) -> Result<Option<Lsn>, SetupError> {
+/// the slot can no longer serve (its position moved past `from` since, or will: `reported` is
+/// the position this reader is about to report) is closed as refused.
+pub async fn take(db: &Client, slot: &str, reported: Lsn) -> Result<Option<Lsn>, SetupError> {
     let Some(row) = db
         .query_opt(
             "SELECT from_lsn::text FROM cdc_reader_replays \
@@ -146,7 +147,11 @@ pub async fn take(db: &Client, slot: &str) -> Result<Option<Lsn>, SetupError> {
         return Ok(None);
     };
     let from = parse_lsn(row.get(0)).unwrap_or(0);
-    match check(slot, from, window(db, slot).await?) {
+    let window = window(db, slot).await?.map(|w| Window {
+        oldest: w.oldest.max(reported),
+        ..w
+    });
+    match check(slot, from, window) {
         Ok(_) => {
             db.execute(
                 "UPDATE cdc_reader_replays SET started_at = now() WHERE slot = $1",
@@ -158,17 +163,23 @@ pub async fn take(db: &Client, slot: &str) -> Result<Option<Lsn>, SetupError> {
             Ok(Some(from))
         }
         Err(refusal) => {
-            tracing::warn!(slot, error = %refusal, "replay request refused");
-            db.execute(
-                "UPDATE cdc_reader_replays SET started_at = now(), done_at = now(), outcome = $2 \
-                 WHERE slot = $1",
-                &[&slot, &format!("refused: {refusal}")],
-            )
-            .await
-            .map_err(pg("refusing the replay"))?;
+            refuse(db, slot, &refusal).await?;
             Ok(None)
         }
     }
+}
+
+/// Closes the slot's request as refused.
+pub async fn refuse(db: &Client, slot: &str, refusal: &Refusal) -> Result<(), SetupError> {
+    tracing::warn!(slot, error = %refusal, "replay request refused");
+    db.execute(
+        "UPDATE cdc_reader_replays SET started_at = coalesce(started_at, now()), \
+           done_at = now(), outcome = $2 WHERE slot = $1",
+        &[&slot, &format!("refused: {refusal}")],
+    )
+    .await
+    .map_err(pg("refusing the replay"))?;
+    Ok(())
 }
 
 /// Closes the slot's running request once Kafka has acknowledged everything up to its end.

@@ -147,9 +147,11 @@ struct Chunk {
     rows: Vec<ChunkRow>,
 }
 
-/// The watermark text: `slot:request:chunk:low|high`.
-fn mark(slot: &str, request: i64, chunk: u64) -> String {
-    format!("{slot}:{request}:{chunk}")
+/// The watermark text: `slot:request:run:chunk:low|high`. `run` tells this run's watermarks from
+/// those of an earlier run of the same request that the stream delivers again (after a restart
+/// or a replay).
+fn mark(slot: &str, request: i64, run: u64, chunk: u64) -> String {
+    format!("{slot}:{request}:{run}:{chunk}")
 }
 
 /// A key in a form that compares equal however its JSON was written.
@@ -161,6 +163,8 @@ fn canonical(key: &[u8]) -> Option<Value> {
 #[derive(Debug)]
 pub struct Running {
     pub request: i64,
+    /// This run's watermarks (see [`mark`]).
+    run: u64,
     slot: String,
     topics: HashSet<String>,
     chunks: mpsc::Receiver<Chunk>,
@@ -210,6 +214,9 @@ impl Running {
         settings: &Settings,
     ) -> Running {
         let (tx, chunks) = mpsc::channel(1);
+        let run = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
         let topics = request
             .tables
             .iter()
@@ -217,6 +224,7 @@ impl Running {
             .collect();
         let worker = tokio::spawn(worker(
             request.clone(),
+            run,
             slot.to_owned(),
             publication.to_owned(),
             database_url.to_owned(),
@@ -225,6 +233,7 @@ impl Running {
         ));
         Running {
             request: request.id,
+            run,
             slot: slot.to_owned(),
             topics,
             chunks,
@@ -269,7 +278,7 @@ impl Running {
         let Some((mark, kind)) = text.rsplit_once(':') else {
             return Ok(Watermark::Nothing);
         };
-        if !mark.starts_with(&format!("{}:{}:", self.slot, self.request)) {
+        if !mark.starts_with(&format!("{}:{}:{}:", self.slot, self.request, self.run)) {
             return Ok(Watermark::Nothing);
         }
         match kind {
@@ -290,12 +299,16 @@ impl Running {
                 else {
                     return Ok(Watermark::Nothing);
                 };
+                if open != mark {
+                    tracing::warn!(open = %open, high = %mark, "on-demand snapshot: a high watermark without its low one; ignored");
+                    return Ok(Watermark::Nothing);
+                }
                 // The worker handed the chunk over before it wrote this watermark.
                 let chunk = match self.chunks.try_recv() {
                     Ok(c) => c,
                     Err(_) => return Ok(Watermark::Nothing),
                 };
-                if chunk.mark != mark || open != mark {
+                if chunk.mark != mark {
                     tracing::warn!(expected = %mark, got = %chunk.mark, "on-demand snapshot: watermarks out of step; the chunk is skipped");
                     return Ok(Watermark::Nothing);
                 }
@@ -358,12 +371,10 @@ impl Running {
 
     /// How the worker ended, once it did and every chunk it read was published: `None` while it
     /// runs.
+    /// A failure counts at once (a window it opened will never close); a success once every
+    /// chunk it read was published.
     pub fn finished(&mut self) -> Option<&Result<(), String>> {
-        if self.outcome.is_none()
-            && self.worker.is_finished()
-            && self.chunks.is_empty()
-            && self.window.is_none()
-        {
+        if self.outcome.is_none() && self.worker.is_finished() {
             let result = futures_util::FutureExt::now_or_never(&mut self.worker)?;
             self.outcome = Some(match result {
                 Ok(Ok(())) => Ok(()),
@@ -371,12 +382,22 @@ impl Running {
                 Err(e) => Err(format!("the snapshot task failed: {e}")),
             });
         }
-        self.outcome.as_ref()
+        match &self.outcome {
+            Some(Err(_)) => {
+                self.window = None;
+                self.outcome.as_ref()
+            }
+            Some(Ok(())) if self.chunks.is_empty() && self.window.is_none() => {
+                self.outcome.as_ref()
+            }
+            _ => None,
+        }
     }
 }
 
 async fn worker(
     request: Request,
+    run: u64,
     slot: String,
     publication: String,
     database_url: String,
@@ -470,7 +491,7 @@ async fn worker(
         let mut last: Option<Vec<String>> = None;
         loop {
             n += 1;
-            let m = mark(&slot, request.id, n);
+            let m = mark(&slot, request.id, run, n);
             emit(&db, &format!("{m}:low")).await?;
             wait_for_running_transactions(&db).await?;
             let rows = match &last {
@@ -539,7 +560,9 @@ async fn emit(db: &Client, text: &str) -> Result<(), SetupError> {
 }
 
 /// Waits until every transaction running now has ended, so that a chunk read afterwards sees every
-/// transaction whose commit record precedes the low watermark.
+/// transaction whose commit record precedes the low watermark. "Ended" as snapshots see it: a
+/// transaction leaves the running set after its commit is in the commit log (and, with synchronous
+/// replication, after the standby confirmed it), so the commit log alone would say so too early.
 async fn wait_for_running_transactions(db: &Client) -> Result<(), SetupError> {
     let snapshot: String = db
         .query_one("SELECT pg_current_snapshot()::text", &[])
@@ -552,7 +575,7 @@ async fn wait_for_running_transactions(db: &Client) -> Result<(), SetupError> {
         let running: i64 = db
             .query_one(
                 "SELECT count(*) FROM pg_snapshot_xip($1::text::pg_snapshot) x \
-                 WHERE pg_xact_status(x) = 'in progress'",
+                 WHERE x IN (SELECT pg_snapshot_xip(pg_current_snapshot()))",
                 &[&snapshot],
             )
             .await

@@ -90,6 +90,8 @@ pub struct Resume {
     pub acknowledged: Lsn,
     /// While a replay runs: `events_published` when it started.
     pub replay_sent_base: Option<u64>,
+    /// A replay's start, until the session that streams from it has begun.
+    pub rewind: Option<Lsn>,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -193,6 +195,18 @@ async fn stream_with(
     }
     let mut repl = match slot {
         Some(confirmed) => {
+            if let Some(from) = resume.rewind.take() {
+                if confirmed > from {
+                    // The slot moved on before this session began: it cannot start there.
+                    let refusal = crate::replay::Refusal::NotRetained {
+                        slot: config.slot.clone(),
+                        requested: from,
+                        oldest: confirmed,
+                    };
+                    crate::replay::refuse(db, &config.slot, &refusal).await?;
+                    resume.replay_sent_base = None;
+                }
+            }
             let start = resume.acknowledged.max(confirmed);
             let repl = ReplicationClient::connect(replication_config(config, pg_config, start))
                 .await
@@ -285,7 +299,7 @@ async fn stream_with(
                 return Ok(());
             }
             _ = replays.tick() => {
-                let polled = match poll_replays(db, &config.slot, resume, publisher.skipped, metrics).await {
+                let polled = match poll_replays(db, &config.slot, resume, publisher.skipped, metrics, window).await {
                     Ok(Some(from)) => return Err(SessionError::Rewind(from)),
                     Ok(None) => poll_snapshots(db, config, &mut on_demand, &snapshot_settings, resume.acknowledged, publisher.is_idle()).await,
                     Err(e) => Err(e),
@@ -384,6 +398,7 @@ async fn poll_replays(
     resume: &mut Resume,
     skipped: u64,
     metrics: &Metrics,
+    window: u64,
 ) -> Result<Option<Lsn>, SetupError> {
     if let Some(base) = resume.replay_sent_base {
         let sent = metrics
@@ -394,7 +409,7 @@ async fn poll_replays(
             resume.replay_sent_base = None;
         }
     }
-    crate::replay::take(db, slot).await
+    crate::replay::take(db, slot, resume.acknowledged.saturating_sub(window)).await
 }
 
 /// Starts the oldest on-demand snapshot request when none runs; closes the running one once the

@@ -31,6 +31,11 @@ pub enum ApplyError {
         "department_stats has no row for {0}, which user_view says it must have (edited by hand?)"
     )]
     StatsOutOfStep(String),
+    #[error(
+        "the projector is no longer paused (the replay's own connection, which held its locks, \
+         was lost): stopped so as not to write over what it applies; run the replay again"
+    )]
+    PauseLost,
 }
 
 impl ApplyError {
@@ -40,7 +45,7 @@ impl ApplyError {
             ApplyError::Connect(e) | ApplyError::Sql { source: e, .. } => {
                 service::is_transient_pg(e)
             }
-            ApplyError::BadLsn(_) | ApplyError::StatsOutOfStep(_) => false,
+            ApplyError::BadLsn(_) | ApplyError::StatsOutOfStep(_) | ApplyError::PauseLost => false,
         }
     }
 }
@@ -112,6 +117,9 @@ pub struct Target {
     /// A replay: every event is applied over whatever position the view row claims (the events
     /// come in order, from a point the caller chose), and no offsets are written.
     pub replay: bool,
+    /// The lock key of a projector this one must find paused (its partition locks held by
+    /// another session) in every batch: a repair writing over the live views.
+    pub paused: Option<String>,
 }
 
 impl Target {
@@ -124,6 +132,7 @@ impl Target {
             lock_key: Target::lock_key(group, topic),
             schema: None,
             replay: false,
+            paused: None,
         }
     }
 
@@ -307,7 +316,10 @@ impl Store {
                                VALUES ($1, $2::pg_lsn, $3) \
                                ON CONFLICT (source_table) DO UPDATE SET \
                                  source_lsn = excluded.source_lsn, \
-                                 source_seq = excluded.source_seq, applied_at = now()")
+                                 source_seq = excluded.source_seq, applied_at = now() \
+                               WHERE (projector_truncations.source_lsn, \
+                                      projector_truncations.source_seq) \
+                                     < (excluded.source_lsn, excluded.source_seq)")
             .await?,
             read_offset: p("SELECT next_offset FROM projector_offsets \
                             WHERE consumer_group = $1 AND topic = $2 AND partition = $3")
@@ -352,6 +364,20 @@ impl Store {
         tx.query_one(&s.lock, &[&t.lock_key, &partitions])
             .await
             .map_err(sql("locking the batch's partitions"))?;
+        if let Some(key) = &t.paused {
+            let free: bool = tx
+                .query_one(
+                    "SELECT coalesce(bool_or(pg_try_advisory_xact_lock(hashtext($1), p)), false) \
+                     FROM (SELECT DISTINCT unnest($2::int[]) AS p) AS ps",
+                    &[key, &partitions],
+                )
+                .await
+                .map_err(sql("checking that the projector is paused"))?
+                .get(0);
+            if free {
+                return Err(ApplyError::PauseLost);
+            }
+        }
 
         let mut outcome = Outcome::default();
         let mut bad = Vec::new();
@@ -517,8 +543,9 @@ async fn write_segment(
         .iter()
         .map(|i| i.change.clone().unwrap_or(Change::Tombstone))
         .collect();
-    let folded = if t.replay {
-        // Whatever the rows claim, the replayed events come after it.
+    if t.replay {
+        // Whatever the rows claim, the replayed events come after it (not after the last
+        // truncate, though: what it removed stays removed).
         let unclaimed = Position {
             commit_lsn: 0,
             event_index: 0,
@@ -528,10 +555,8 @@ async fn write_segment(
                 Current::Row(_, p) | Current::Deleted(p) => *p = unclaimed,
             }
         }
-        encode::fold(&current, None, &changes)
-    } else {
-        encode::fold(&current, floor, &changes)
-    };
+    }
+    let folded = encode::fold(&current, floor, &changes);
     outcome.ignored += folded.ignored;
     bad.extend(folded.bad.into_iter().map(|(i, e)| (first_index + i, e)));
 

@@ -360,7 +360,8 @@ fn assign(
 struct Bounds {
     start: BTreeMap<i32, i64>,
     stop: BTreeMap<i32, i64>,
-    /// Partitions found at their end before `stop` (a gap in the offsets at the end).
+    /// Partitions read past `stop` without a record between the cursor and it (a gap in the
+    /// offsets at the end of the range).
     ended: BTreeSet<i32>,
 }
 
@@ -546,10 +547,6 @@ impl Projector<'_> {
     ) -> Result<(), Error> {
         let message = match message {
             Ok(m) => m,
-            Err(KafkaError::PartitionEOF(partition)) => {
-                self.at_end(partition).await;
-                return Ok(());
-            }
             Err(e) => {
                 // librdkafka retries by itself; this is for the operator (and a short pause).
                 tracing::warn!(error = %e, "consuming failed");
@@ -567,13 +564,17 @@ impl Projector<'_> {
             _ => return Ok(()),
         };
         let next = cursor.next;
-        if self
-            .bounds
-            .as_ref()
-            .is_some_and(|b| b.stop.get(&partition).is_none_or(|stop| offset >= *stop))
-        {
-            // Past the replay's range (read again by the next range, if any).
-            return Ok(());
+        if let Some(b) = &mut self.bounds {
+            let stop = b.stop.get(&partition).copied().unwrap_or(next);
+            if offset >= stop {
+                // Past the replay's range (read again by the next range, if any). Read in order
+                // from `next` (not the first record after a seek, which the broker may have
+                // moved on), it means the offsets up to the stop hold nothing: a gap at the end.
+                if offset >= next && cursor.seek.is_none_or(|s| s.seen) {
+                    b.ended.insert(partition);
+                }
+                return Ok(());
+            }
         }
         if offset < next {
             tracing::debug!(partition, offset, next, "skipping a record already applied");
@@ -632,24 +633,6 @@ impl Projector<'_> {
             decoded,
         });
         Ok(())
-    }
-
-    /// A replay's partition read to its end: when the broker holds nothing from the cursor on,
-    /// the rest of the range is a gap in the offsets and the partition is done.
-    async fn at_end(&mut self, partition: i32) {
-        let Some(cursor) = self.positions.get(&partition).copied() else {
-            return;
-        };
-        if self.bounds.is_none() || cursor.seek.is_some_and(|s| !s.seen) {
-            return;
-        }
-        if let Some((_, high)) = self.watermarks(partition).await {
-            if high <= cursor.next {
-                if let Some(b) = &mut self.bounds {
-                    b.ended.insert(partition);
-                }
-            }
-        }
     }
 
     /// Re-reads `partition` from `from` (clamped to `low`..=`cursor.next`). Records deleted by

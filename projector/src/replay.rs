@@ -137,6 +137,11 @@ pub enum ReplayError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error(
+        "--rebuild replaces the views whole, so it reads every partition (the topic has {0}): \
+         list them all in --offset, give one OFFSET for all, or repair without --rebuild"
+    )]
+    PartialRebuild(usize),
     #[error("another replay of group {0} on topic {1} is running")]
     Busy(String, String),
     #[error("the projector's replay failed")]
@@ -252,17 +257,16 @@ pub async fn replay(
 ) -> Result<Option<Summary>, ReplayError> {
     config.validate()?;
     let metrics = Metrics::new();
-    let mut settings = consumer_config(config, &format!("{}.replay", config.group))
-        .map_err(|e| ReplayError::Projector(Box::new(e)))?;
-    settings.set("enable.partition.eof", "true");
-    let consumer: StreamConsumer<Context> = settings
-        .create_with_context(Context {
-            generation: AtomicU64::new(0),
-            assigned: std::sync::Mutex::new(std::collections::BTreeSet::new()),
-            metrics: metrics.clone(),
-            topic: config.topic.clone(),
-        })
-        .map_err(kafka("creating a consumer"))?;
+    let consumer: StreamConsumer<Context> =
+        consumer_config(config, &format!("{}.replay", config.group))
+            .map_err(|e| ReplayError::Projector(Box::new(e)))?
+            .create_with_context(Context {
+                generation: AtomicU64::new(0),
+                assigned: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+                metrics: metrics.clone(),
+                topic: config.topic.clone(),
+            })
+            .map_err(kafka("creating a consumer"))?;
     let partitions = topic_partitions(&consumer, &config.topic)?;
     let mut marks = BTreeMap::new();
     for p in &partitions {
@@ -279,6 +283,10 @@ pub async fn replay(
         *high = (*high).max(live_offsets.get(p).copied().unwrap_or(0));
     }
     let start = start_offsets(config, &from, &marks).await?;
+    if rebuild && start.len() < marks.len() {
+        // The rebuilt tables replace the live ones whole: the other partitions' rows would go.
+        return Err(ReplayError::PartialRebuild(marks.len()));
+    }
 
     let replay_lock = Target::lock_key(&format!("{} replay", config.group), &config.topic);
     let free: bool = db
@@ -327,6 +335,8 @@ pub async fn replay(
         lock_key: replay_lock.clone(),
         schema: None,
         replay: true,
+        // A repair writes over the live views: only while the projector is paused.
+        paused: (!rebuild).then(|| Target::lock_key(&config.group, &config.topic)),
     };
     let partitions: Vec<i32> = start.keys().copied().collect();
     assign(&consumer, &config.topic, &partitions)

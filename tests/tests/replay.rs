@@ -645,21 +645,7 @@ async fn an_on_demand_snapshot_while_streaming_gives_every_row_and_keeps_the_vie
 
     let records = e2e::read_topic(&p.stack, &p.topic, 1, WAIT).await.unwrap();
     // Every partition stays in position order (the de-duplication after a restart relies on it).
-    let mut last: BTreeMap<i32, (u64, u64)> = BTreeMap::new();
-    for r in &records {
-        let Some(v) = &r.value else { continue };
-        let at = (
-            v["source"]["commit_lsn"].as_u64().unwrap(),
-            v["source"]["event_index"].as_u64().unwrap(),
-        );
-        if let Some(before) = last.insert(r.partition, at) {
-            assert!(
-                before <= at,
-                "partition {} went from {before:?} to {at:?}",
-                r.partition
-            );
-        }
-    }
+    assert_positions_in_order(&records);
     let incremental = records
         .iter()
         .filter(|r| {
@@ -670,8 +656,24 @@ async fn an_on_demand_snapshot_while_streaming_gives_every_row_and_keeps_the_vie
         .count();
     assert!(incremental > 4_000, "only {incremental} snapshot records");
 
-    // A consumer starting where the snapshot began gets the whole table: fold the records from
-    // there by position, as the projector does, and compare with the source.
+    // A consumer starting where the snapshot began gets the whole table.
+    assert_topic_from_gives_the_table(&records, &start, &users).await;
+
+    // A table the reader does not capture is refused.
+    let (ok, _, stderr) =
+        reader_command(&p.reader.config, &["snapshot", "--table", "public.nope"]).await;
+    assert!(!ok && stderr.contains("not captured"), "{stderr}");
+    projector.stop().await.unwrap();
+    p.reader.stop().await.unwrap();
+}
+
+/// Folds `records` from the `start` offsets by position, as the projector does, and compares the
+/// result with `users`: a consumer starting there must get the whole table.
+async fn assert_topic_from_gives_the_table(
+    records: &[e2e::Received],
+    start: &BTreeMap<i32, i64>,
+    users: &tokio_postgres::Client,
+) {
     let mut state: BTreeMap<i64, ((u64, u64), Option<Value>)> = BTreeMap::new();
     for r in records
         .iter()
@@ -725,11 +727,96 @@ async fn an_on_demand_snapshot_while_streaming_gives_every_row_and_keeps_the_vie
         &changed[..changed.len().min(20)],
         records.len(),
     );
+}
 
-    // A table the reader does not capture is refused.
-    let (ok, _, stderr) =
-        reader_command(&p.reader.config, &["snapshot", "--table", "public.nope"]).await;
-    assert!(!ok && stderr.contains("not captured"), "{stderr}");
+/// The records of each partition are in position order (the reader's restart de-duplication
+/// relies on it).
+fn assert_positions_in_order(records: &[e2e::Received]) {
+    let mut last: BTreeMap<i32, (u64, u64)> = BTreeMap::new();
+    for r in records {
+        let Some(v) = &r.value else { continue };
+        let at = (
+            v["source"]["commit_lsn"].as_u64().unwrap(),
+            v["source"]["event_index"].as_u64().unwrap(),
+        );
+        if let Some(before) = last.insert(r.partition, at) {
+            assert!(
+                before <= at,
+                "partition {} went from {before:?} to {at:?}",
+                r.partition
+            );
+        }
+    }
+}
+
+/// The projector's stored offsets of `topic`: where the topic ends, as far as it applied.
+async fn stored_offsets(view: &tokio_postgres::Client, topic: &str) -> BTreeMap<i32, i64> {
+    view.query(
+        "SELECT partition, next_offset FROM projector_offsets WHERE topic = $1",
+        &[&topic],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+#[tokio::test]
+async fn an_on_demand_snapshot_survives_a_reader_handover() {
+    let mut p = Pipeline::start("resnapshot_restart").await.unwrap();
+    let projector = Projector::start(p.projector_config()).await.unwrap();
+    let users = p.user_db.client().await.unwrap();
+    let view = p.view_db.client().await.unwrap();
+    insert_bench_users(&users, 50_000, 10_000).await.unwrap();
+    p.converged(WAIT).await.unwrap();
+    let start = stored_offsets(&view, &p.topic).await;
+
+    let config = p.reader.config.clone();
+    let command = tokio::spawn(async move { reader_command(&config, &["snapshot"]).await });
+    e2e::wait_for("the reader to take the snapshot", WAIT, || async {
+        let started: Option<bool> = users
+            .query_opt(
+                "SELECT started_at IS NOT NULL FROM cdc_reader_snapshot_requests",
+                &[],
+            )
+            .await?
+            .map(|r| r.get(0));
+        Ok(started.unwrap_or(false).then_some(()))
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A second reader waits for the slot; the first stops mid-snapshot; the second takes the
+    // request again, while the WAL it re-reads holds the first run's watermarks.
+    let next = Reader::start(p.reader.config.clone()).await.unwrap();
+    let first = std::mem::replace(&mut p.reader, next);
+    let stopped_at: chrono::DateTime<chrono::Utc> =
+        users.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    first.stop().await.unwrap();
+    p.reader.wait_streaming().await.unwrap();
+    users
+        .execute("UPDATE users SET name = 'during' WHERE id % 1000 = 7", &[])
+        .await
+        .unwrap();
+    let (ok, _, stderr) = command.await.unwrap();
+    assert!(ok, "{stderr}");
+    let retaken: bool = users
+        .query_one(
+            "SELECT started_at > $1 FROM cdc_reader_snapshot_requests",
+            &[&stopped_at],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        retaken,
+        "the first reader finished the snapshot before it stopped: nothing tested"
+    );
+    p.converged(WAIT).await.unwrap();
+    let records = e2e::read_topic(&p.stack, &p.topic, 1, WAIT).await.unwrap();
+    assert_positions_in_order(&records);
+    assert_topic_from_gives_the_table(&records, &start, &users).await;
     projector.stop().await.unwrap();
     p.reader.stop().await.unwrap();
 }
