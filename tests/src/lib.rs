@@ -480,6 +480,15 @@ impl Pipeline {
 
     /// [`Pipeline::start`] on the given stack (e.g. with the durable broker).
     pub async fn start_on(stack: Stack, prefix: &str) -> anyhow::Result<Pipeline> {
+        Self::start_with(stack, prefix, 1).await
+    }
+
+    /// [`Pipeline::start_on`] with a topic of `partitions` partitions.
+    pub async fn start_with(
+        stack: Stack,
+        prefix: &str,
+        partitions: i32,
+    ) -> anyhow::Result<Pipeline> {
         let user_db = TestDb::create(
             &stack,
             &format!("{prefix}_u"),
@@ -493,12 +502,13 @@ impl Pipeline {
         )
         .await?;
         let topic = format!("t-users-{}", unique_suffix());
-        let config = Reader::config(
+        let mut config = Reader::config(
             &stack,
             &user_db,
             &["public.users"],
             &[format!("public.users={topic}")],
         );
+        config.topic_partitions = partitions;
         let reader = Reader::start(config).await?;
         reader.wait_streaming().await?;
         Ok(Pipeline {
