@@ -1,7 +1,7 @@
 //! projector: folds the change events of user-events into materialized_view_db (see the library
 //! docs). `projector replay ...` re-applies the topic from a point (see `projector::replay`).
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 
 use anyhow::Context;
 use clap::Parser;
@@ -149,8 +149,8 @@ fn confirm(plan: &replay::Plan, yes: bool) -> bool {
         eprintln!("No terminal to ask on: pass --yes to go ahead.");
         return false;
     }
+    // stderr is not buffered: the question shows before the read.
     eprint!("Go ahead? [y/N] ");
-    let _ = std::io::stderr().flush();
     let mut answer = String::new();
     if std::io::stdin().lock().read_line(&mut answer).is_err() {
         return false;

@@ -351,9 +351,9 @@ pub async fn replay(
         ranges: &ranges,
     };
     let result = if rebuild {
-        run_rebuild(run, consumer, target).await
+        run.rebuild(consumer, target).await
     } else {
-        run_repair(run, consumer, target).await
+        run.repair(consumer, target).await
     };
     reporter.abort();
     if let Err(e) = db.execute("SELECT pg_advisory_unlock_all()", &[]).await {
@@ -384,138 +384,147 @@ struct Run<'a> {
     ranges: &'a Ranges,
 }
 
-async fn run_repair(
-    run: Run<'_>,
-    consumer: StreamConsumer<Context>,
-    target: Target,
-) -> Result<(), ReplayError> {
-    let Run {
-        config,
-        db,
-        metrics,
-        shutdown,
-        start,
-        marks,
-        ranges,
-    } = run;
-    // Pause the live projector: its batches take these locks.
-    pause_live(db, config, marks).await?;
-    let live = stored_offsets(db, config).await?;
-    let stop: BTreeMap<i32, i64> = start
-        .iter()
-        .map(|(p, s)| (*p, live.get(p).copied().unwrap_or(marks[p].1).max(*s)))
-        .collect();
-    set_ranges(ranges, start, &stop);
-    // Hand edits may have put department_stats out of step with user_view; the replay's changes
-    // are counted from what user_view holds.
-    recount_departments(db, None).await?;
-    let bounds = Bounds {
-        start: start.clone(),
-        stop,
-        ended: Default::default(),
-    };
-    let mut p = Projector::new(config, metrics, shutdown, consumer, target, Some(bounds))
-        .map_err(|e| ReplayError::Projector(Box::new(e)))?;
-    match p.run().await {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(ReplayError::Interrupted(
-            " but for the events re-applied so far (run the replay again)",
-        )),
-        Err(e) => Err(ReplayError::Projector(Box::new(e))),
-    }
-}
-
-async fn run_rebuild(
-    run: Run<'_>,
-    consumer: StreamConsumer<Context>,
-    target: Target,
-) -> Result<(), ReplayError> {
-    let Run {
-        config,
-        db,
-        metrics,
-        shutdown,
-        start,
-        marks,
-        ranges,
-    } = run;
-    let live_schema: String = db
-        .query_one(
-            "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.oid = 'user_view'::regclass",
-            &[],
-        )
-        .await
-        .map_err(sql("finding the view tables"))?
-        .get(0);
-    let mut create =
-        format!("DROP SCHEMA IF EXISTS {REBUILD_SCHEMA} CASCADE; CREATE SCHEMA {REBUILD_SCHEMA};");
-    for t in VIEW_TABLES {
-        create.push_str(&format!(
-            " CREATE TABLE {REBUILD_SCHEMA}.{t} (LIKE {live}.{t} INCLUDING ALL);",
-            live = quote(&live_schema)
-        ));
-    }
-    db.batch_execute(&create)
-        .await
-        .map_err(sql("creating the rebuild's tables"))?;
-    let target = Target {
-        // The offsets table (never written by a replay) still resolves, to the live one.
-        schema: Some(format!("{REBUILD_SCHEMA}, {}", quote(&live_schema))),
-        ..target
-    };
-    let outcome = async {
-        let stop: BTreeMap<i32, i64> = start
-            .iter()
-            .map(|(p, s)| (*p, marks[p].1.max(*s)))
-            .collect();
-        set_ranges(ranges, start, &stop);
+impl<'a> Run<'a> {
+    /// A projector bounded to read from the start offsets up to `stop`, writing to `target`.
+    fn projector(
+        self,
+        consumer: StreamConsumer<Context>,
+        target: Target,
+        stop: BTreeMap<i32, i64>,
+    ) -> Result<Projector<'a>, ReplayError> {
+        set_ranges(self.ranges, self.start, &stop);
         let bounds = Bounds {
-            start: start.clone(),
+            start: self.start.clone(),
             stop,
             ended: Default::default(),
         };
-        let mut p = Projector::new(config, metrics, shutdown, consumer, target, Some(bounds))
-            .map_err(|e| ReplayError::Projector(Box::new(e)))?;
-        // 1. From the start to the end of the topic as it was; 2. on to its end now, while the
-        // projector keeps the live tables current; 3. with the projector paused, on to where it
-        // stands; then the swap.
-        for phase in 0..3 {
-            if phase > 0 {
-                let high = high_watermarks(&p.consumer, &config.topic, start.keys())?;
-                let mut stop: BTreeMap<i32, i64> = BTreeMap::new();
-                if phase == 2 {
-                    pause_live(db, config, marks).await?;
-                    let live = stored_offsets(db, config).await?;
-                    for (part, next) in p.positions.iter() {
-                        stop.insert(*part, live.get(part).copied().unwrap_or(0).max(next.next));
-                    }
-                } else {
-                    for (part, next) in p.positions.iter() {
-                        stop.insert(*part, high.get(part).copied().unwrap_or(0).max(next.next));
-                    }
-                }
-                set_ranges(ranges, start, &stop);
-                p.resume(stop).await;
-            }
-            match p.run().await {
-                Ok(true) => {}
-                Ok(false) => return Err(ReplayError::Interrupted("")),
-                Err(e) => return Err(ReplayError::Projector(Box::new(e))),
-            }
-        }
-        swap(db, &live_schema).await
+        Projector::new(
+            self.config,
+            self.metrics,
+            self.shutdown,
+            consumer,
+            target,
+            Some(bounds),
+        )
+        .map_err(|e| ReplayError::Projector(Box::new(e)))
     }
-    .await;
-    if outcome.is_err() {
-        if let Err(e) = db
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {REBUILD_SCHEMA} CASCADE"))
+
+    async fn repair(
+        self,
+        consumer: StreamConsumer<Context>,
+        target: Target,
+    ) -> Result<(), ReplayError> {
+        let Run {
+            config,
+            db,
+            start,
+            marks,
+            ..
+        } = self;
+        // Pause the live projector: its batches take these locks.
+        pause_live(db, config, marks).await?;
+        let live = stored_offsets(db, config).await?;
+        let stop: BTreeMap<i32, i64> = start
+            .iter()
+            .map(|(p, s)| (*p, live.get(p).copied().unwrap_or(marks[p].1).max(*s)))
+            .collect();
+        // Hand edits may have put department_stats out of step with user_view; the replay's
+        // changes are counted from what user_view holds.
+        recount_departments(db, None).await?;
+        let mut p = self.projector(consumer, target, stop)?;
+        match p.run().await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ReplayError::Interrupted(
+                " but for the events re-applied so far (run the replay again)",
+            )),
+            Err(e) => Err(ReplayError::Projector(Box::new(e))),
+        }
+    }
+
+    async fn rebuild(
+        self,
+        consumer: StreamConsumer<Context>,
+        target: Target,
+    ) -> Result<(), ReplayError> {
+        let Run {
+            config,
+            db,
+            start,
+            marks,
+            ranges,
+            ..
+        } = self;
+        let live_schema: String = db
+            .query_one(
+                "SELECT n.nspname::text FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.oid = 'user_view'::regclass",
+                &[],
+            )
             .await
-        {
-            tracing::warn!(error = %e, "dropping the rebuild's tables failed");
+            .map_err(sql("finding the view tables"))?
+            .get(0);
+        let mut create = format!(
+            "DROP SCHEMA IF EXISTS {REBUILD_SCHEMA} CASCADE; CREATE SCHEMA {REBUILD_SCHEMA};"
+        );
+        for t in VIEW_TABLES {
+            create.push_str(&format!(
+                " CREATE TABLE {REBUILD_SCHEMA}.{t} (LIKE {live}.{t} INCLUDING ALL);",
+                live = quote(&live_schema)
+            ));
         }
+        db.batch_execute(&create)
+            .await
+            .map_err(sql("creating the rebuild's tables"))?;
+        let target = Target {
+            // The offsets table (never written by a replay) still resolves, to the live one.
+            schema: Some(format!("{REBUILD_SCHEMA}, {}", quote(&live_schema))),
+            ..target
+        };
+        let outcome = async {
+            let stop: BTreeMap<i32, i64> = start
+                .iter()
+                .map(|(p, s)| (*p, marks[p].1.max(*s)))
+                .collect();
+            let mut p = self.projector(consumer, target, stop)?;
+            // 1. From the start to the end of the topic as it was; 2. on to its end now, while
+            // the projector keeps the live tables current; 3. with the projector paused, on to
+            // where it stands; then the swap.
+            for phase in 0..3 {
+                if phase > 0 {
+                    let ends = if phase == 2 {
+                        pause_live(db, config, marks).await?;
+                        stored_offsets(db, config).await?
+                    } else {
+                        high_watermarks(&p.consumer, &config.topic, start.keys())?
+                    };
+                    let stop: BTreeMap<i32, i64> = p
+                        .positions
+                        .iter()
+                        .map(|(part, c)| (*part, ends.get(part).copied().unwrap_or(0).max(c.next)))
+                        .collect();
+                    set_ranges(ranges, start, &stop);
+                    p.resume(stop).await;
+                }
+                match p.run().await {
+                    Ok(true) => {}
+                    Ok(false) => return Err(ReplayError::Interrupted("")),
+                    Err(e) => return Err(ReplayError::Projector(Box::new(e))),
+                }
+            }
+            swap(db, &live_schema).await
+        }
+        .await;
+        if outcome.is_err() {
+            if let Err(e) = db
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {REBUILD_SCHEMA} CASCADE"))
+                .await
+            {
+                tracing::warn!(error = %e, "dropping the rebuild's tables failed");
+            }
+        }
+        outcome
     }
-    outcome
 }
 
 /// Replaces the live view tables by the rebuilt ones, in one transaction.

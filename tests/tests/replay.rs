@@ -19,32 +19,18 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(60);
 
 /// Runs `projector replay ARGS --yes` for `config`'s group, topic and database; (success, stderr).
-/// Fails after two minutes with what it printed so far.
 async fn replay(config: &projector::Config, args: &[&str]) -> (bool, String) {
-    let log = std::env::temp_dir().join(format!("replay-{}.log", e2e::unique_suffix()));
-    let mut child = tokio::process::Command::new(e2e::workspace_binary("projector").unwrap())
+    let mut command = tokio::process::Command::new(e2e::workspace_binary("projector").unwrap());
+    command
         .arg("replay")
         .args(args)
         .arg("--yes")
         .env("VIEW_DB_URL", &config.database_url)
         .env("KAFKA_BROKERS", &config.kafka_brokers)
         .env("PROJECTOR_TOPIC", &config.topic)
-        .env("PROJECTOR_GROUP", &config.group)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(120), child.wait()).await;
-    let stderr = std::fs::read_to_string(&log).unwrap();
-    let _ = std::fs::remove_file(&log);
-    let status =
-        status.unwrap_or_else(|_| panic!("replay {args:?} still running after 2 min: {stderr}"));
-    (status.unwrap().success(), stderr)
+        .env("PROJECTOR_GROUP", &config.group);
+    let (ok, _, stderr) = run(command).await;
+    (ok, stderr)
 }
 
 /// The end offset of each partition of `topic`.
@@ -304,8 +290,8 @@ async fn replays_from_offsets_and_from_a_timestamp_re_apply_what_came_from_there
     insert_bench_users(&users, 300, 300).await.unwrap();
     p.converged(WAIT).await.unwrap();
     let before_update = end_offsets(&p.stack.kafka_brokers, &p.topic);
+    // Every insert's record was produced before this (the views have them all).
     let after_insert = chrono::Utc::now();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     users
         .execute("UPDATE users SET name = 'second ' || id", &[])
         .await
@@ -388,23 +374,31 @@ async fn reader_command(config: &cdc_reader::Config, args: &[&str]) -> (bool, St
     run(command).await
 }
 
-/// Runs `command` (no stdin, logs at warn) for at most three minutes; (success, stdout, stderr).
+/// Runs `command` (no stdin, logs at warn unless RUST_LOG says otherwise) for at most three
+/// minutes; (success, stdout, stderr). A command still running then fails the test with what it
+/// printed so far.
 async fn run(mut command: tokio::process::Command) -> (bool, String, String) {
     let what = format!("{command:?}");
-    let output = command
-        .env("RUST_LOG", "warn")
+    let base = std::env::temp_dir().join(format!("replay-test-{}", e2e::unique_suffix()));
+    let (out_path, err_path) = (base.with_extension("out"), base.with_extension("err"));
+    let mut child = command
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
         .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(180), output)
-        .await
-        .unwrap_or_else(|_| panic!("{what} still running after 3 min"))
+        .spawn()
         .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let status = tokio::time::timeout(Duration::from_secs(180), child.wait()).await;
+    let stdout = std::fs::read_to_string(&out_path).unwrap();
+    let stderr = std::fs::read_to_string(&err_path).unwrap();
+    std::fs::remove_file(&out_path).unwrap();
+    std::fs::remove_file(&err_path).unwrap();
+    let status = status.unwrap_or_else(|_| panic!("{what} still running after 3 min: {stderr}"));
+    (status.unwrap().success(), stdout, stderr)
 }
 
 #[tokio::test]
@@ -786,7 +780,13 @@ async fn an_on_demand_snapshot_survives_a_reader_handover() {
     })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Let the first reader publish a chunk or more.
+    e2e::wait_for("the first snapshot chunk in the topic", WAIT, || async {
+        let end = end_offsets(&p.stack.kafka_brokers, &p.topic);
+        Ok((end[&0] > start[&0] + 2_048).then_some(()))
+    })
+    .await
+    .unwrap();
     // A second reader waits for the slot; the first stops mid-snapshot; the second takes the
     // request again, while the WAL it re-reads holds the first run's watermarks.
     let next = Reader::start(p.reader.config.clone()).await.unwrap();
