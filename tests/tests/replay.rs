@@ -33,6 +33,34 @@ async fn replay(config: &projector::Config, args: &[&str]) -> (bool, String) {
     (ok, stderr)
 }
 
+/// A pipeline (reader and topic of `partitions` partitions) with a projector running, a client on
+/// each database, and `rows` users written (`per_tx` a transaction) and projected.
+struct Projected {
+    p: Pipeline,
+    projector: Projector,
+    users: tokio_postgres::Client,
+    view: tokio_postgres::Client,
+}
+
+impl Projected {
+    async fn start(prefix: &str, partitions: i32, rows: i64, per_tx: i64) -> Projected {
+        let p = Pipeline::start_with(Stack::from_env(), prefix, partitions)
+            .await
+            .unwrap();
+        let projector = Projector::start(p.projector_config()).await.unwrap();
+        let users = p.user_db.client().await.unwrap();
+        let view = p.view_db.client().await.unwrap();
+        insert_bench_users(&users, rows, per_tx).await.unwrap();
+        p.converged(WAIT).await.unwrap();
+        Projected {
+            p,
+            projector,
+            users,
+            view,
+        }
+    }
+}
+
 /// The end offset of each partition of `topic`.
 fn end_offsets(brokers: &str, topic: &str) -> BTreeMap<i32, i64> {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
@@ -66,12 +94,12 @@ async fn view_names(view: &tokio_postgres::Client) -> BTreeMap<i64, String> {
 
 #[tokio::test]
 async fn a_rebuild_from_earliest_restores_a_damaged_view_while_the_post_api_answers() {
-    let p = Pipeline::start("replay_rebuild").await.unwrap();
-    let projector = Projector::start(p.projector_config()).await.unwrap();
-    let users = p.user_db.client().await.unwrap();
-    let view = p.view_db.client().await.unwrap();
-    insert_bench_users(&users, 20_000, 2_000).await.unwrap();
-    p.converged(WAIT).await.unwrap();
+    let Projected {
+        p,
+        projector,
+        users,
+        view,
+    } = Projected::start("replay_rebuild", 1, 20_000, 2_000).await;
 
     // Damage the view: rows gone, rows altered, counts made to match.
     view.batch_execute(
@@ -211,12 +239,12 @@ async fn a_rebuild_from_earliest_restores_a_damaged_view_while_the_post_api_answ
 
 #[tokio::test]
 async fn a_replay_from_an_lsn_repairs_rows_changed_after_it_and_no_others() {
-    let p = Pipeline::start("replay_lsn").await.unwrap();
-    let projector = Projector::start(p.projector_config()).await.unwrap();
-    let users = p.user_db.client().await.unwrap();
-    let view = p.view_db.client().await.unwrap();
-    insert_bench_users(&users, 200, 200).await.unwrap();
-    p.converged(WAIT).await.unwrap();
+    let Projected {
+        p,
+        projector,
+        users,
+        view,
+    } = Projected::start("replay_lsn", 1, 200, 200).await;
     let lsn: String = users
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
@@ -283,12 +311,12 @@ async fn a_replay_from_an_lsn_repairs_rows_changed_after_it_and_no_others() {
 
 #[tokio::test]
 async fn replays_from_offsets_and_from_a_timestamp_re_apply_what_came_from_there() {
-    let p = Pipeline::start("replay_offset").await.unwrap();
-    let projector = Projector::start(p.projector_config()).await.unwrap();
-    let users = p.user_db.client().await.unwrap();
-    let view = p.view_db.client().await.unwrap();
-    insert_bench_users(&users, 300, 300).await.unwrap();
-    p.converged(WAIT).await.unwrap();
+    let Projected {
+        p,
+        projector,
+        users,
+        view,
+    } = Projected::start("replay_offset", 1, 300, 300).await;
     let before_update = end_offsets(&p.stack.kafka_brokers, &p.topic);
     // Every insert's record was produced before this (the views have them all).
     let after_insert = chrono::Utc::now();
@@ -403,11 +431,12 @@ async fn run(mut command: tokio::process::Command) -> (bool, String, String) {
 
 #[tokio::test]
 async fn kafka_replay_sh_prints_the_topic_and_replays_a_group() {
-    let p = Pipeline::start("replay_script").await.unwrap();
-    let projector = Projector::start(p.projector_config()).await.unwrap();
-    let users = p.user_db.client().await.unwrap();
-    let view = p.view_db.client().await.unwrap();
-    insert_bench_users(&users, 50, 50).await.unwrap();
+    let Projected {
+        p,
+        projector,
+        users,
+        view,
+    } = Projected::start("replay_script", 1, 50, 50).await;
     let brokers = p.stack.kafka_brokers.as_str();
     let topic = p.topic.as_str();
     // The print mode stops at the high watermark, which tansu 0.6 keeps behind its latest
@@ -593,12 +622,12 @@ async fn the_reader_replays_inside_its_window_without_doubling_anything_in_kafka
 #[tokio::test]
 async fn an_on_demand_snapshot_while_streaming_gives_every_row_and_keeps_the_views_exact() {
     e2e::init_logs();
-    let p = Pipeline::start("resnapshot").await.unwrap();
-    let projector = Projector::start(p.projector_config()).await.unwrap();
-    let users = p.user_db.client().await.unwrap();
-    let view = p.view_db.client().await.unwrap();
-    insert_bench_users(&users, 6_000, 1_000).await.unwrap();
-    p.converged(WAIT).await.unwrap();
+    let Projected {
+        p,
+        projector,
+        users,
+        view,
+    } = Projected::start("resnapshot", 1, 6_000, 1_000).await;
     // Where the snapshot's records will start, at the latest.
     let start: BTreeMap<i32, i64> = view
         .query(
@@ -758,12 +787,12 @@ async fn stored_offsets(view: &tokio_postgres::Client, topic: &str) -> BTreeMap<
 
 #[tokio::test]
 async fn an_on_demand_snapshot_survives_a_reader_handover() {
-    let mut p = Pipeline::start("resnapshot_restart").await.unwrap();
-    let projector = Projector::start(p.projector_config()).await.unwrap();
-    let users = p.user_db.client().await.unwrap();
-    let view = p.view_db.client().await.unwrap();
-    insert_bench_users(&users, 50_000, 10_000).await.unwrap();
-    p.converged(WAIT).await.unwrap();
+    let Projected {
+        mut p,
+        projector,
+        users,
+        view,
+    } = Projected::start("resnapshot_restart", 1, 50_000, 10_000).await;
     let start = stored_offsets(&view, &p.topic).await;
 
     let config = p.reader.config.clone();
@@ -823,13 +852,12 @@ async fn an_on_demand_snapshot_survives_a_reader_handover() {
 
 #[tokio::test]
 async fn replays_cover_every_partition_of_a_partitioned_topic() {
-    let p = Pipeline::start_with(Stack::from_env(), "replay_parts", 3)
-        .await
-        .unwrap();
-    let projector = Projector::start(p.projector_config()).await.unwrap();
-    let users = p.user_db.client().await.unwrap();
-    let view = p.view_db.client().await.unwrap();
-    insert_bench_users(&users, 3_000, 500).await.unwrap();
+    let Projected {
+        p,
+        projector,
+        users,
+        view,
+    } = Projected::start("replay_parts", 3, 3_000, 500).await;
     e2e::random_workload(&users, 50, 20).await.unwrap();
     p.converged(WAIT).await.unwrap();
     let offsets = stored_offsets(&view, &p.topic).await;
