@@ -58,6 +58,24 @@ pub struct Config {
     #[arg(long, env = "CDC_READER_TOPIC_PARTITIONS", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
     pub topic_partitions: i32,
 
+    /// Replication factor of topics the reader creates; -1 takes the broker's
+    /// `default.replication.factor`. Records are acknowledged by the topic's `min.insync.replicas`
+    /// (acks=all).
+    #[arg(long, env = "CDC_READER_TOPIC_REPLICATION_FACTOR", default_value_t = -1, allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(-1..=32767))]
+    pub topic_replication_factor: i32,
+
+    /// Topic settings of topics the reader creates, comma-separated key=value. The default keeps
+    /// every change (time-based deletion off), so a replay or rebuild from the beginning sees the
+    /// whole history; e.g. `retention.ms=604800000` keeps a week, `cleanup.policy=compact` only the
+    /// latest change per key.
+    #[arg(
+        long,
+        env = "CDC_READER_TOPIC_CONFIG",
+        value_delimiter = ',',
+        default_value = "cleanup.policy=delete,retention.ms=-1"
+    )]
+    pub topic_config: Vec<String>,
+
     /// Most records sent to Kafka and not yet acknowledged; reading the WAL pauses above it.
     #[arg(long, env = "CDC_READER_MAX_IN_FLIGHT", default_value_t = 50_000)]
     pub max_in_flight: usize,
@@ -109,12 +127,16 @@ pub enum ConfigError {
     Topic(String),
     #[error("--producer-config entry {0:?} is not key=value")]
     Producer(String),
+    #[error("--topic-config entry {0:?} is not key=value")]
+    TopicConfig(String),
     #[error("--tables is empty")]
     NoTables,
     #[error("{0:?} is not a valid identifier for a slot (lowercase letters, digits, underscores)")]
     Slot(String),
     #[error("--max-in-flight must be at least 1")]
     MaxInFlight,
+    #[error("--topic-replication-factor must be -1 (the broker's default) or at least 1")]
+    ReplicationFactor,
     #[error("--producer-config may not set {0}: the delivery guarantees depend on it")]
     Guarantee(String),
 }
@@ -149,6 +171,9 @@ impl Config {
         }
         if self.max_in_flight == 0 {
             return Err(ConfigError::MaxInFlight);
+        }
+        if self.topic_replication_factor == 0 {
+            return Err(ConfigError::ReplicationFactor);
         }
         self.topic_map()?;
         self.kafka()?;
@@ -196,10 +221,23 @@ impl Config {
                 _ => Err(ConfigError::Producer(e.clone())),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let topic_config = self
+            .topic_config
+            .iter()
+            .filter(|e| !e.trim().is_empty())
+            .map(|e| match e.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => {
+                    Ok((k.trim().to_owned(), v.trim().to_owned()))
+                }
+                _ => Err(ConfigError::TopicConfig(e.clone())),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(KafkaSettings {
             brokers: self.kafka_brokers.clone(),
             overrides,
             topic_partitions: self.topic_partitions,
+            topic_replication_factor: self.topic_replication_factor,
+            topic_config,
         })
     }
 

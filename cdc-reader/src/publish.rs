@@ -77,6 +77,10 @@ pub struct KafkaSettings {
     pub brokers: String,
     pub overrides: Vec<(String, String)>,
     pub topic_partitions: i32,
+    /// -1: the broker's `default.replication.factor`.
+    pub topic_replication_factor: i32,
+    /// Settings of the topics the reader creates (`retention.ms`, `cleanup.policy`, ...).
+    pub topic_config: Vec<(String, String)>,
 }
 
 type Pending = BoxFuture<'static, Result<Option<Lsn>, PublishError>>;
@@ -246,6 +250,19 @@ impl Publisher {
             }
             None => std::future::pending().await,
         }
+    }
+
+    /// The partition count of each of `topics`, as the cluster says now (and this publisher keeps
+    /// using for its session).
+    pub async fn partition_counts(
+        &mut self,
+        topics: &[String],
+    ) -> Result<Vec<(String, i32)>, PublishError> {
+        let mut counts = Vec::with_capacity(topics.len());
+        for topic in topics {
+            counts.push((topic.clone(), self.partition_count(topic).await?));
+        }
+        Ok(counts)
     }
 
     async fn partition_count(&mut self, topic: &str) -> Result<i32, PublishError> {
@@ -428,20 +445,70 @@ fn murmur2(data: &[u8]) -> u32 {
     h
 }
 
-/// A consumer that reads assigned partitions and commits nothing.
+/// A consumer that reads assigned partitions and commits nothing; it reports where each partition
+/// ends (`enable.partition.eof`), so a read knows it is done without counting offsets.
 fn reading_consumer(brokers: &str) -> Result<BaseConsumer<TracingContext>, PublishError> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "cdc-reader-tail")
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
         .create_with_context(TracingContext)
         .map_err(PublishError::Client)
 }
 
+/// Longest wait for the next record or end of partition while reading back.
+const READ_STALL: Duration = Duration::from_secs(30);
+
+/// Reads each of `topic`'s partitions in `starts` from its offset to its end, as the broker reports
+/// it (offset gaps from compaction or transaction markers need no arithmetic), handing every record
+/// to `f` in offset order within its partition. Blocking.
+fn read_to_end(
+    consumer: &BaseConsumer<TracingContext>,
+    topic: &str,
+    starts: &[(i32, i64)],
+    mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> Result<(), (i32, KafkaError)> {
+    let Some(&(first, _)) = starts.first() else {
+        return Ok(());
+    };
+    let mut tpl = TopicPartitionList::new();
+    for (partition, from) in starts {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*from))
+            .map_err(|e| (*partition, e))?;
+    }
+    consumer.assign(&tpl).map_err(|e| (first, e))?;
+    let mut open: std::collections::HashSet<i32> = starts.iter().map(|(p, _)| *p).collect();
+    let mut progress = std::time::Instant::now();
+    while !open.is_empty() {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                if open.contains(&m.partition()) {
+                    f(&m);
+                }
+                progress = std::time::Instant::now();
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+                progress = std::time::Instant::now();
+            }
+            Some(Err(e)) => return Err((first, e)),
+            None if progress.elapsed() > READ_STALL => {
+                let p = open.iter().next().copied().unwrap_or(first);
+                return Err((
+                    p,
+                    KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut),
+                ));
+            }
+            None => {}
+        }
+    }
+    consumer.unassign().map_err(|e| (first, e))
+}
+
 /// Reads every record of each `(topic, partition)` from its offset to its end and folds it into
-/// `state` with `f` (in offset order within a partition): topic, key, value, position. The end is
-/// the high watermark seen at the start, and then nothing more for a moment (tansu 0.6 may report
-/// a watermark below its last batch).
+/// `state` with `f` (in offset order within a partition): topic, key, value, position.
 pub async fn read_back<S, F>(
     settings: &KafkaSettings,
     starts: Vec<(String, i32, i64)>,
@@ -455,70 +522,25 @@ where
     let brokers = settings.brokers.clone();
     tokio::task::spawn_blocking(move || {
         let consumer = reading_consumer(&brokers)?;
-        let err = |topic: &str, partition: i32, source| PublishError::ReadBack {
-            topic: topic.to_owned(),
-            partition,
-            source,
-        };
-        let mut tpl = TopicPartitionList::new();
-        // Partitions with records to read, and the offset of their last one.
-        let mut to_reach: HashMap<(String, i32), i64> = HashMap::new();
-        for (topic, partition, from) in &starts {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, *partition, Duration::from_secs(10))
-                .map_err(|e| err(topic, *partition, e))?;
-            if high > *from {
-                to_reach.insert((topic.clone(), *partition), high - 1);
-            }
-            tpl.add_partition_offset(topic, *partition, Offset::Offset(*from))
-                .map_err(|e| err(topic, *partition, e))?;
+        let mut by_topic: HashMap<String, Vec<(i32, i64)>> = HashMap::new();
+        for (topic, partition, from) in starts {
+            by_topic.entry(topic).or_default().push((partition, from));
         }
-        if starts.is_empty() {
-            return Ok(state);
+        for (topic, starts) in &by_topic {
+            read_to_end(&consumer, topic, starts, |m| {
+                f(&mut state, topic, m.key(), m.payload(), tail_position(m));
+            })
+            .map_err(|(partition, source)| PublishError::ReadBack {
+                topic: topic.clone(),
+                partition,
+                source,
+            })?;
         }
-        consumer
-            .assign(&tpl)
-            .map_err(|e| err(&starts[0].0, starts[0].1, e))?;
-        let mut quiet_since = std::time::Instant::now();
-        loop {
-            match consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    let tp = (m.topic().to_owned(), m.partition());
-                    if to_reach.get(&tp).is_some_and(|last| m.offset() >= *last) {
-                        to_reach.remove(&tp);
-                    }
-                    f(
-                        &mut state,
-                        m.topic(),
-                        m.key(),
-                        m.payload(),
-                        tail_position(&m),
-                    );
-                    quiet_since = std::time::Instant::now();
-                }
-                Some(Err(e)) => return Err(err(&starts[0].0, starts[0].1, e)),
-                None => {}
-            }
-            let quiet = quiet_since.elapsed();
-            if to_reach.is_empty() && quiet > TAIL_QUIET {
-                return Ok(state);
-            }
-            if quiet > READ_BACK_STALL {
-                let ((topic, partition), _) = to_reach.into_iter().next().unwrap_or_default();
-                return Err(err(
-                    &topic,
-                    partition,
-                    KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut),
-                ));
-            }
-        }
+        Ok(state)
     })
     .await
     .map_err(|_| PublishError::Cancelled)?
 }
-
-/// Longest wait for the next record while reading back below the high watermark.
-const READ_BACK_STALL: Duration = Duration::from_secs(30);
 
 /// The position of the last record of each `(topic, partition)` that has one. Blocking.
 fn read_tails(
@@ -526,79 +548,54 @@ fn read_tails(
     partitions: &[(String, i32)],
 ) -> Result<HashMap<(String, i32), RecordPosition>, PublishError> {
     let consumer = reading_consumer(brokers)?;
-    let err = |(topic, partition): &(String, i32), source| PublishError::Tail {
-        topic: topic.clone(),
-        partition: *partition,
-        source,
-    };
-    // Per non-empty partition: (low watermark, high watermark, where to read from).
-    let mut todo: HashMap<(String, i32), (i64, i64, i64)> = HashMap::new();
-    for tp in partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(&tp.0, tp.1, Duration::from_secs(10))
-            .map_err(|e| err(tp, e))?;
-        if high > low {
-            todo.insert(tp.clone(), (low, high, high - 1));
-        }
+    let mut by_topic: HashMap<&str, Vec<i32>> = HashMap::new();
+    for (topic, partition) in partitions {
+        by_topic.entry(topic).or_default().push(*partition);
     }
     let mut tails = HashMap::new();
     let mut unmarked = Vec::new();
-    // Read every partition from just before its end to the end, until nothing more comes for a
-    // moment (the watermark alone is not trusted: tansu 0.6 may report one below its last batch).
-    // A partition that yields nothing is read again from further back (tansu 0.6 answers a fetch
-    // from the middle of a record batch with the batch after it).
-    while !todo.is_empty() {
-        let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), (_, _, from)) in &todo {
-            tpl.add_partition_offset(topic, *partition, Offset::Offset(*from))
-                .map_err(|e| err(&(topic.clone(), *partition), e))?;
+    for (topic, partitions) in by_topic {
+        let err = |partition, source| PublishError::Tail {
+            topic: topic.to_owned(),
+            partition,
+            source,
+        };
+        // Per non-empty partition: (low and high watermark, where to read from). The last record
+        // is read from the offset before the end; where that holds none (a transaction marker,
+        // say), the read starts twice as far back.
+        let mut todo: HashMap<i32, (i64, i64, i64)> = HashMap::new();
+        for p in partitions {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .map_err(|e| err(p, e))?;
+            if high > low {
+                todo.insert(p, (low, high, high - 1));
+            }
         }
-        consumer.assign(&tpl).map_err(|e| err(&partitions[0], e))?;
-        let mut last: HashMap<(String, i32), (i64, Option<RecordPosition>)> = HashMap::new();
-        let started = std::time::Instant::now();
-        let mut quiet_since = started;
-        loop {
-            match consumer.poll(Duration::from_millis(50)) {
-                Some(Ok(m)) => {
-                    let tp = (m.topic().to_owned(), m.partition());
-                    let newer = last.get(&tp).is_none_or(|(offset, _)| m.offset() > *offset);
-                    if newer {
-                        last.insert(tp, (m.offset(), tail_position(&m)));
+        while !todo.is_empty() {
+            let starts: Vec<(i32, i64)> = todo.iter().map(|(p, (.., from))| (*p, *from)).collect();
+            let mut last: HashMap<i32, Option<RecordPosition>> = HashMap::new();
+            read_to_end(&consumer, topic, &starts, |m| {
+                last.insert(m.partition(), tail_position(m));
+            })
+            .map_err(|(p, e)| err(p, e))?;
+            let mut again = HashMap::new();
+            for (p, (low, high, from)) in todo {
+                match last.remove(&p) {
+                    Some(Some(position)) => {
+                        tails.insert((topic.to_owned(), p), position);
                     }
-                    quiet_since = std::time::Instant::now();
+                    Some(None) => unmarked.push((topic.to_owned(), p)),
+                    // Nothing from `from` to the end: records were deleted under the read, or
+                    // only markers follow `from`.
+                    None if from > low => {
+                        again.insert(p, (low, high, (high - 2 * (high - from)).max(low)));
+                    }
+                    None => {}
                 }
-                Some(Err(e)) => return Err(err(&partitions[0], e)),
-                None => {}
             }
-            let all_seen = todo.keys().all(|tp| last.contains_key(tp));
-            let waited = if all_seen {
-                quiet_since.elapsed() > Duration::from_millis(300)
-            } else {
-                started.elapsed() > Duration::from_secs(2)
-            };
-            if waited {
-                break;
-            }
+            todo = again;
         }
-        let mut again = HashMap::new();
-        for (tp, (low, high, from)) in todo {
-            match last.remove(&tp) {
-                Some((_, Some(position))) => {
-                    tails.insert(tp, position);
-                }
-                Some((_, None)) => unmarked.push(tp),
-                None if from > low => {
-                    again.insert(tp, (low, high, (high - 2 * (high - from)).max(low)));
-                }
-                None => {
-                    return Err(err(
-                        &tp,
-                        KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut),
-                    ))
-                }
-            }
-        }
-        todo = again;
     }
     for (topic, partition) in unmarked {
         tracing::warn!(topic, partition,
@@ -637,7 +634,16 @@ pub async fn ensure_topics(
         .map_err(PublishError::Client)?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| NewTopic::new(t, settings.topic_partitions, TopicReplication::Fixed(1)))
+        .map(|t| {
+            settings.topic_config.iter().fold(
+                NewTopic::new(
+                    t,
+                    settings.topic_partitions,
+                    TopicReplication::Fixed(settings.topic_replication_factor),
+                ),
+                |topic, (k, v)| topic.set(k, v),
+            )
+        })
         .collect();
     let results = admin
         .create_topics(
@@ -651,7 +657,9 @@ pub async fn ensure_topics(
         })?;
     for result in results {
         match result {
-            Ok(topic) => tracing::info!(topic, "created topic"),
+            Ok(topic) => tracing::info!(topic, partitions = settings.topic_partitions,
+                replication_factor = settings.topic_replication_factor,
+                config = ?settings.topic_config, "created topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
                 return Err(PublishError::CreateTopic {

@@ -31,6 +31,19 @@ pub enum SetupError {
     WrongPlugin { slot: String, plugin: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error(
+        "topic {topic} has {now} partitions, but slot {slot} has published to it with {then}: keys \
+         would move to other partitions and lose their order. Give the topic its {then} partitions \
+         back (a new topic of that size), or, to go on with {now}, replay into a new topic: delete \
+         the row of cdc_reader_topics (slot {slot}, topic {topic}) and start a new snapshot (a new \
+         slot) into the resized topic, then rebuild the views from it"
+    )]
+    PartitionsChanged {
+        slot: String,
+        topic: String,
+        then: i32,
+        now: i32,
+    },
 }
 
 impl SetupError {
@@ -42,6 +55,7 @@ impl SetupError {
             SetupError::TableName(_)
             | SetupError::WrongPlugin { .. }
             | SetupError::SlotLost { .. }
+            | SetupError::PartitionsChanged { .. }
             | SetupError::Unsupported(_) => false,
         }
     }
@@ -49,6 +63,38 @@ impl SetupError {
 
 pub(crate) fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
     move |source| SetupError::Postgres { what, source }
+}
+
+/// Records the partition count of each topic the first time `slot` publishes to it, and fails when a
+/// topic has another count now (see [`SetupError::PartitionsChanged`]).
+pub async fn check_partition_counts(
+    db: &tokio_postgres::Client,
+    slot: &str,
+    counts: &[(String, i32)],
+) -> Result<(), SetupError> {
+    for (topic, now) in counts {
+        let then: i32 = db
+            .query_one(
+                "WITH new AS (INSERT INTO cdc_reader_topics (slot, topic, partitions) \
+                              VALUES ($1, $2, $3) ON CONFLICT (slot, topic) DO NOTHING \
+                              RETURNING partitions) \
+                 SELECT partitions FROM new \
+                 UNION ALL SELECT partitions FROM cdc_reader_topics WHERE slot = $1 AND topic = $2",
+                &[&slot, topic, now],
+            )
+            .await
+            .map_err(pg("recording the topics' partition counts"))?
+            .get(0);
+        if then != *now {
+            return Err(SetupError::PartitionsChanged {
+                slot: slot.to_owned(),
+                topic: topic.clone(),
+                then,
+                now: *now,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `schema.table` → (schema, table).

@@ -139,6 +139,9 @@ async fn stream(
     let topics = config.captured_topics()?;
     publish::ensure_topics(&kafka, &topics).await?;
     let mut publisher = Publisher::new(&kafka)?;
+    // Per-key order: the keys' partitions depend on the partition count, which must not change.
+    let counts = publisher.partition_counts(&topics).await?;
+    setup::check_partition_counts(db, &config.slot, &counts).await?;
     // No duplicates across sessions: what each partition already has is not sent again.
     publisher.learn_tails(&kafka, &topics).await?;
     publisher.forget_tails_after(setup::current_wal_lsn(db).await?);

@@ -9,7 +9,8 @@
 #                 lets only a table's owner add it to a publication (Debezium documents the same
 #                 shared-owner setup). To narrow it: create the publication as user_service
 #                 beforehand and grant cdc_reader SELECT on the captured tables and SELECT, INSERT,
-#                 UPDATE, DELETE on cdc_reader_snapshots, cdc_reader_snapshot_attempts and
+#                 UPDATE, DELETE on cdc_reader_snapshots, cdc_reader_snapshot_attempts,
+#                 cdc_reader_topics and
 #                 cdc_reader_replays instead of the membership.
 # Neither database is open to PUBLIC: the reader cannot connect to the views, the view roles cannot
 # connect to user_db.

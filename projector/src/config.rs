@@ -24,13 +24,6 @@ pub struct Config {
     #[arg(long, env = "PROJECTOR_GROUP", default_value = "post-service-streams")]
     pub group: String,
 
-    /// How partitions are shared: `group` (the consumer group assigns them, so several projectors
-    /// of one group split the work) or `all` (this projector takes every partition of the topic
-    /// itself, with no group membership: for a single projector on a broker whose group
-    /// coordinator cannot be relied on; the offsets it commits still carry the group's name).
-    #[arg(long, env = "PROJECTOR_ASSIGNMENT", value_enum, default_value_t = Assignment::Group)]
-    pub assignment: Assignment,
-
     /// Where events that cannot be applied go (default: the topic's name + ".dlq").
     #[arg(long, env = "PROJECTOR_DEAD_LETTER_TOPIC")]
     pub dead_letter_topic: Option<String>,
@@ -67,7 +60,6 @@ impl std::fmt::Debug for Config {
             .field("kafka_brokers", &self.kafka_brokers)
             .field("topic", &self.topic)
             .field("group", &self.group)
-            .field("assignment", &self.assignment)
             .field("dead_letter_topic", &self.dead_letter_topic())
             .field("source_table", &self.source_table)
             .field("batch_max_events", &self.batch_max_events)
@@ -75,12 +67,6 @@ impl std::fmt::Debug for Config {
             .field("http_listen", &self.http_listen)
             .finish_non_exhaustive()
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Assignment {
-    Group,
-    All,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -180,7 +166,6 @@ mod tests {
         assert_eq!(c.topic, "user-events");
         assert_eq!(c.group, "post-service-streams");
         assert_eq!(c.dead_letter_topic(), "user-events.dlq");
-        assert_eq!(c.assignment, Assignment::Group);
         assert_eq!(c.source_table().unwrap(), ("public".into(), "users".into()));
         assert!(c.validate().is_ok());
     }

@@ -70,13 +70,14 @@ impl DeadLetters {
     }
 
     /// Creates the dead-letter topic when it does not exist yet (one partition: it is an audit
-    /// trail, read in order by people).
+    /// trail, read in order by people; kept forever, at the broker's default replication factor).
     pub async fn ensure_topic(&self, brokers: &str) -> Result<(), KafkaError> {
         let admin: AdminClient<TracingContext> =
             producer_config(brokers).create_with_context(TracingContext)?;
         let results = admin
             .create_topics(
-                &[NewTopic::new(&self.topic, 1, TopicReplication::Fixed(1))],
+                &[NewTopic::new(&self.topic, 1, TopicReplication::Fixed(-1))
+                    .set("retention.ms", "-1")],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
             )
             .await?;

@@ -60,6 +60,19 @@ pub enum Error {
     Kafka(#[source] KafkaError),
     #[error("the projector stopped on an error it cannot retry")]
     Halted(#[source] ApplyError),
+    #[error(
+        "partition {partition} of {topic} ends at offset {end}, but the views were applied up to \
+         offset {stored}: the topic was deleted and created again (or truncated), so its offsets \
+         name other records now. Rebuild the views from it (`projector replay --earliest \
+         --rebuild`), or, if they are right as they are, delete the projector's stored offsets \
+         for the topic (projector_offsets) to start at its beginning"
+    )]
+    OffsetPastEnd {
+        topic: String,
+        partition: i32,
+        stored: i64,
+        end: i64,
+    },
 }
 
 /// Why applying a batch failed.
@@ -115,8 +128,10 @@ impl Context {
     fn assigned(&self) -> Vec<i32> {
         self.assigned
             .lock()
-            .map(|a| a.iter().copied().collect())
-            .unwrap_or_default()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect()
     }
 }
 
@@ -158,16 +173,19 @@ impl ConsumerContext for Context {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = ?partitions(tpl), "partitions assigned");
-                if let Ok(mut a) = self.assigned.lock() {
-                    a.extend(mine(tpl));
-                }
+                self.assigned
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend(mine(tpl));
             }
             Rebalance::Revoke(tpl) => {
                 tracing::info!(partitions = ?partitions(tpl), "partitions revoked");
-                if let Ok(mut a) = self.assigned.lock() {
-                    for p in mine(tpl) {
-                        a.remove(&p);
-                    }
+                let mut assigned = self
+                    .assigned
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for p in mine(tpl) {
+                    assigned.remove(&p);
                 }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -176,25 +194,13 @@ impl ConsumerContext for Context {
     }
 }
 
-/// Where a partition stands: the rebalance generation it was positioned in, the offset of the next
-/// record to apply, and the re-read in progress, if any.
+/// Where a partition stands: the rebalance generation it was positioned in and the offset of the
+/// next record to apply.
 #[derive(Debug, Clone, Copy)]
 struct Cursor {
     generation: u64,
     next: i64,
-    seek: Option<Seek>,
 }
-
-/// A re-read from offset `from`, started `at`; `seen` once a record before `next` arrived since.
-#[derive(Debug, Clone, Copy)]
-struct Seek {
-    from: i64,
-    seen: bool,
-    at: Instant,
-}
-
-/// How long a re-read may go without a record before it starts further back.
-const SEEK_PATIENCE: Duration = Duration::from_millis(500);
 
 /// One consumed record.
 #[derive(Debug)]
@@ -259,14 +265,7 @@ async fn consume(
     };
     let consumer: StreamConsumer<Context> =
         kafka.create_with_context(context).map_err(Error::Kafka)?;
-    match config.assignment {
-        config::Assignment::Group => consumer.subscribe(&[&config.topic]).map_err(Error::Kafka)?,
-        config::Assignment::All => {
-            if !assign_all(&consumer, config, shutdown).await? {
-                return Ok(());
-            }
-        }
-    }
+    consumer.subscribe(&[&config.topic]).map_err(Error::Kafka)?;
     let target = Target::live(&config.group, &config.topic, &config.source_table);
     let mut p = Projector::new(config, metrics, shutdown, consumer, target, None)?;
     p.dead_letters = Some(dead_letters);
@@ -285,9 +284,9 @@ fn consumer_config(config: &Config, group: &str) -> Result<ClientConfig, Error> 
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
-        // Freshness: do not let a fetch wait long for more data (librdkafka's default is 500 ms,
-        // and not every broker answers a waiting fetch as soon as data arrives).
-        .set("fetch.wait.max.ms", "20")
+        // Incremental rebalancing: when a member joins or leaves, only the partitions that move
+        // stop; the others go on being applied (the eager protocol stops every member).
+        .set("partition.assignment.strategy", "cooperative-sticky")
         // A projector killed without leaving the group holds its partitions until this expires
         // (librdkafka's default is 45 s); a restarted one waits that long for them.
         .set("session.timeout.ms", "10000")
@@ -297,62 +296,6 @@ fn consumer_config(config: &Config, group: &str) -> Result<ClientConfig, Error> 
         kafka.set(k, v);
     }
     Ok(kafka)
-}
-
-/// Takes every partition of the topic (waiting for the topic to exist), without a group; the loop
-/// then positions them as after a rebalance. Ok(false) on shutdown.
-async fn assign_all(
-    consumer: &StreamConsumer<Context>,
-    config: &Config,
-    shutdown: &CancellationToken,
-) -> Result<bool, Error> {
-    let mut backoff = service::Backoff::default();
-    loop {
-        match consumer.fetch_metadata(Some(&config.topic), Duration::from_secs(10)) {
-            Ok(metadata) => {
-                let partitions: Vec<i32> = metadata
-                    .topics()
-                    .iter()
-                    .filter(|t| t.name() == config.topic)
-                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                    .collect();
-                if !partitions.is_empty() {
-                    assign(consumer, &config.topic, &partitions)?;
-                    tracing::info!(
-                        ?partitions,
-                        "took every partition of the topic (assignment: all)"
-                    );
-                    return Ok(true);
-                }
-                tracing::info!(topic = %config.topic, "waiting for the topic to exist");
-            }
-            Err(e) => tracing::warn!(error = %e, "reading the topic's partitions failed; retrying"),
-        }
-        if !backoff.wait(shutdown).await {
-            return Ok(false);
-        }
-    }
-}
-
-/// Takes `partitions` of `topic` without a group; the loop then positions them as after a
-/// rebalance.
-fn assign(
-    consumer: &StreamConsumer<Context>,
-    topic: &str,
-    partitions: &[i32],
-) -> Result<(), Error> {
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning)
-            .map_err(Error::Kafka)?;
-    }
-    consumer.assign(&tpl).map_err(Error::Kafka)?;
-    let context = consumer.context();
-    if let Ok(mut a) = context.assigned.lock() {
-        a.extend(partitions.iter().copied());
-    }
-    context.generation.fetch_add(1, Ordering::SeqCst);
-    Ok(())
 }
 
 /// What a replay reads: each partition from `start` up to, not including, `stop`.
@@ -438,10 +381,7 @@ impl Projector<'_> {
                 biased;
                 () = self.shutdown.cancelled() => break 'consume,
                 m = self.consumer.recv() => m.map(|m| m.detach()),
-                _ = tick.tick() => {
-                    self.retry_quiet_seeks().await;
-                    continue 'consume;
-                }
+                _ = tick.tick() => continue 'consume,
             };
             self.take(first, &mut batch).await?;
             let deadline = tokio::time::Instant::now() + self.config.batch_max_wait();
@@ -494,7 +434,7 @@ impl Projector<'_> {
             let Some((low, _)) = self.watermarks(partition).await else {
                 return;
             };
-            self.seek(partition, cursor, cursor.next, low).await;
+            self.seek(partition, cursor, low).await;
         }
     }
 
@@ -517,9 +457,19 @@ impl Projector<'_> {
                     None => return Ok(false),
                 },
             };
-            let Some((low, _)) = self.watermarks(partition).await else {
+            let Some((low, high)) = self.watermarks(partition).await else {
                 return Ok(false);
             };
+            if let Some(stored) = start.filter(|s| *s > high) {
+                tracing::error!(partition, stored, end = high,
+                    "the views were applied past the end of the partition: the topic was recreated?");
+                return Err(Error::OffsetPastEnd {
+                    topic: self.config.topic.clone(),
+                    partition,
+                    stored,
+                    end: high,
+                });
+            }
             // Nothing stored: the views have nothing of this partition yet, start at its
             // beginning (whatever Kafka's committed offset says).
             let next = start.unwrap_or(low);
@@ -528,12 +478,8 @@ impl Projector<'_> {
                 next,
                 "positioning the partition (stored offset, or the replay's start)"
             );
-            let cursor = Cursor {
-                generation,
-                next,
-                seek: None,
-            };
-            self.seek(partition, cursor, next, low).await;
+            let cursor = Cursor { generation, next };
+            self.seek(partition, cursor, low).await;
         }
         self.positioned_generation = generation;
         Ok(true)
@@ -567,46 +513,18 @@ impl Projector<'_> {
         if let Some(b) = &mut self.bounds {
             let stop = b.stop.get(&partition).copied().unwrap_or(next);
             if offset >= stop {
-                // Past the replay's range (read again by the next range, if any). Read in order
-                // from `next` (not the first record after a seek, which the broker may have
-                // moved on), it means the offsets up to the stop hold nothing: a gap at the end.
-                if offset >= next && cursor.seek.is_none_or(|s| s.seen) {
-                    b.ended.insert(partition);
-                }
+                // Past the replay's range (read again by the next range, if any). Records come in
+                // offset order from `next`, so the offsets up to the stop hold nothing more.
+                b.ended.insert(partition);
                 return Ok(());
             }
         }
         if offset < next {
             tracing::debug!(partition, offset, next, "skipping a record already applied");
-            let seek = cursor.seek.map(|s| Seek { seen: true, ..s });
-            self.positions.insert(partition, Cursor { seek, ..cursor });
             return Ok(());
         }
         if offset > next {
-            match cursor.seek {
-                // Streaming on after records were taken: a real gap in the offsets
-                // (compaction, transaction markers). Records from before a seek never get here:
-                // librdkafka drops what was fetched before it.
-                None => {}
-                // The first record of a re-read from `from` is past `next`: the broker skipped
-                // records (tansu 0.6 answers a fetch from the middle of a record batch with the
-                // batch after it). Read from further back.
-                Some(Seek {
-                    from, seen: false, ..
-                }) => {
-                    let back = (next - from).max(500) * 2;
-                    if let Some((low, _)) = self.watermarks(partition).await {
-                        if from > low {
-                            self.seek(partition, cursor, next - back, low).await;
-                            return Ok(());
-                        }
-                    }
-                    // Read from the very beginning and still past `next`: a gap at the start.
-                }
-                // Records before `next`, then one after it: a real gap in the offsets
-                // (compaction, transaction markers).
-                Some(Seek { seen: true, .. }) => {}
-            }
+            // A gap in the offsets: compaction, transaction markers.
             tracing::debug!(partition, next, offset, "a gap in the partition's offsets");
         }
         self.positions.insert(
@@ -614,7 +532,6 @@ impl Projector<'_> {
             Cursor {
                 generation,
                 next: offset + 1,
-                seek: None,
             },
         );
         let key = message.key().map(<[u8]>::to_vec);
@@ -635,10 +552,10 @@ impl Projector<'_> {
         Ok(())
     }
 
-    /// Re-reads `partition` from `from` (clamped to `low`..=`cursor.next`). Records deleted by
-    /// retention before they were applied cannot be re-read: that is logged as an error and the
-    /// partition moves on from its first remaining record.
-    async fn seek(&mut self, partition: i32, cursor: Cursor, from: i64, low: i64) {
+    /// Reads `partition` from `cursor.next` on. Records deleted by retention before they were
+    /// applied cannot be read: that is logged as an error and the partition moves on from its first
+    /// remaining record (`low`).
+    async fn seek(&mut self, partition: i32, cursor: Cursor, low: i64) {
         let mut cursor = cursor;
         if low > cursor.next {
             tracing::error!(
@@ -654,24 +571,8 @@ impl Projector<'_> {
             ));
             cursor.next = low;
         }
-        let from = from.clamp(low, cursor.next);
-        self.positions.insert(
-            partition,
-            Cursor {
-                seek: Some(Seek {
-                    from,
-                    seen: false,
-                    at: Instant::now(),
-                }),
-                ..cursor
-            },
-        );
-        tracing::debug!(
-            partition,
-            next = cursor.next,
-            from,
-            "reading the partition from"
-        );
+        self.positions.insert(partition, cursor);
+        tracing::debug!(partition, next = cursor.next, "reading the partition from");
         let mut backoff = service::Backoff::default();
         loop {
             // Right after an assignment librdkafka may refuse a seek until the partition's fetcher
@@ -679,7 +580,7 @@ impl Projector<'_> {
             match self.consumer.seek(
                 &self.config.topic,
                 partition,
-                Offset::Offset(from),
+                Offset::Offset(cursor.next),
                 Duration::from_secs(10),
             ) {
                 Ok(()) => return,
@@ -687,48 +588,6 @@ impl Projector<'_> {
             }
             if !backoff.wait(self.shutdown).await {
                 return;
-            }
-        }
-    }
-
-    /// Re-reads that brought no record for a while although the partition has records from
-    /// `next` on start further back (see [`Projector::take`]).
-    async fn retry_quiet_seeks(&mut self) {
-        let quiet: Vec<(i32, Cursor, Seek)> = self
-            .positions
-            .iter()
-            .filter_map(|(p, c)| match c.seek {
-                Some(s) if !s.seen && s.at.elapsed() > SEEK_PATIENCE => Some((*p, *c, s)),
-                _ => None,
-            })
-            .collect();
-        for (partition, cursor, seek) in quiet {
-            let Some((low, high)) = self.watermarks(partition).await else {
-                return;
-            };
-            // A replay knows its stop holds records even when the broker's high watermark says
-            // otherwise (tansu 0.6 leaves the last batch out of it, and serves nothing from
-            // there, until another batch arrives).
-            let stop = self
-                .bounds
-                .as_ref()
-                .and_then(|b| b.stop.get(&partition).copied());
-            if high > cursor.next || stop.is_some_and(|s| s > cursor.next) {
-                let back = (cursor.next - seek.from).max(500) * 2;
-                tracing::debug!(
-                    partition,
-                    next = cursor.next,
-                    from = seek.from,
-                    "no record since the re-read started; reading from further back"
-                );
-                self.seek(partition, cursor, cursor.next - back, low).await;
-            } else {
-                // Nothing to read yet; look again later.
-                let seek = Some(Seek {
-                    at: Instant::now(),
-                    ..seek
-                });
-                self.positions.insert(partition, Cursor { seek, ..cursor });
             }
         }
     }

@@ -31,7 +31,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::Target;
-use crate::{assign, consumer_config, encode, Bounds, Config, Context, Metrics, Projector};
+use crate::{consumer_config, encode, Bounds, Config, Context, Metrics, Projector};
 
 /// Where a replay starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,11 +277,6 @@ pub async fn replay(
     }
     let db = connect(&config.database_url).await?;
     let live_offsets = stored_offsets(&db, config).await?;
-    for (p, (_, high)) in marks.iter_mut() {
-        // The projector's position is in the topic even where the broker's high watermark lags
-        // behind it (tansu 0.6 leaves the last batch out).
-        *high = (*high).max(live_offsets.get(p).copied().unwrap_or(0));
-    }
     let start = start_offsets(config, &from, &marks).await?;
     if rebuild && start.len() < marks.len() {
         // The rebuilt tables replace the live ones whole: the other partitions' rows would go.
@@ -855,6 +850,29 @@ async fn scan(
         }
     }
     Ok(result)
+}
+
+/// Takes `partitions` of `topic` without a group (a replay reads on its own); the loop then
+/// positions them as after a rebalance.
+fn assign(
+    consumer: &StreamConsumer<Context>,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<(), crate::Error> {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .map_err(crate::Error::Kafka)?;
+    }
+    consumer.assign(&tpl).map_err(crate::Error::Kafka)?;
+    let context = consumer.context();
+    context
+        .assigned
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .extend(partitions.iter().copied());
+    context.generation.fetch_add(1, Ordering::SeqCst);
+    Ok(())
 }
 
 #[cfg(test)]

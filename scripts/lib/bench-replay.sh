@@ -26,7 +26,7 @@ export VIEW_DB_URL=$base/$views_db PROJECTOR_TOPIC=$topic PROJECTOR_GROUP=bench-
 CDC_READER_PUBLICATION=$users_db CDC_READER_TOPICS=public.users=$topic \
   CDC_READER_HTTP_LISTEN=127.0.0.1:0 "$BIN/cdc-reader" 2>"$STACK/bench-replay-reader.log" &
 reader=$!
-PROJECTOR_ASSIGNMENT=all PROJECTOR_HTTP_LISTEN=127.0.0.1:0 "$BIN/projector" \
+PROJECTOR_HTTP_LISTEN=127.0.0.1:0 "$BIN/projector" \
   2>"$STACK/bench-replay-projector.log" &
 projector=$!
 trap 'kill "$reader" "$projector" 2>/dev/null || true' EXIT

@@ -1,20 +1,26 @@
 # shellcheck shell=bash
-# Shared by scripts/dev and scripts/test: find or install PostgreSQL and the pinned broker, run a
-# private PostgreSQL cluster and a tansu broker, start and stop processes by pid.
+# Shared by scripts/dev and scripts/test: find or install PostgreSQL, Java and the pinned Apache Kafka,
+# run a private PostgreSQL cluster and Kafka KRaft nodes, start and stop processes by pid.
 #
 # Nothing here looks processes up by name: every process we start has a pid file, and stopping checks
 # that the pid still runs the program we started before signalling it.
 
-TANSU_VERSION=0.6.0
+STACK_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TOOLS_DIR=${CDC_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-pipeline}
-TANSU_BIN=$TOOLS_DIR/tansu-$TANSU_VERSION/bin/tansu
+# Apache Kafka: the version is the pom's (scripts/kafka/pom.xml); its jars land in a folder named
+# after the pom's content, so a changed pom fetches again and every clone shares the folder.
+KAFKA_POM=$STACK_ROOT/scripts/kafka/pom.xml
+KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$KAFKA_POM")
+KAFKA_LIBS=$TOOLS_DIR/kafka-$KAFKA_VERSION-$(md5sum <"$KAFKA_POM" | cut -c1-8)
+# Heap of each Kafka node (a few hundred MB is plenty for these loads).
+KAFKA_HEAP=${KAFKA_HEAP:-384m}
 
 # The private cluster's superuser (its password is random per cluster: pg_superuser_password).
 PG_SUPERUSER=postgres
 # The service roles and databases come from the compose stack's init script, so both stacks grant
 # the same least-privilege roles; here each password is the role's name (dev only: the cluster
 # listens on 127.0.0.1 only).
-PG_INIT_SCRIPT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/compose/postgres/10-cdc-pipeline.sh
+PG_INIT_SCRIPT=$STACK_ROOT/compose/postgres/10-cdc-pipeline.sh
 
 log() { printf '%s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -63,7 +69,7 @@ ensure_postgres() {
   [ -x "$PSQL" ] || PSQL=$(command -v psql) || die "psql not found"
 }
 
-# A C toolchain: the broker and librdkafka (bundled by rdkafka) are built from source.
+# A C toolchain: librdkafka (bundled by rdkafka) is built from source.
 ensure_build_tools() {
   command -v cc >/dev/null && command -v make >/dev/null && return
   apt_install build-essential
@@ -79,25 +85,6 @@ ensure_curl() {
 ensure_docker_compose() {
   command -v docker-compose >/dev/null && return
   apt_install docker-compose
-}
-
-# Builds the pinned broker once into $TOOLS_DIR (outside the clone, reused by every clone).
-ensure_tansu() {
-  [ -x "$TANSU_BIN" ] && return
-  command -v cargo >/dev/null || die "cargo is needed to build the broker (tansu $TANSU_VERSION)"
-  ensure_build_tools
-  mkdir -p "$TOOLS_DIR"
-  (
-    # One build at a time, even when dev and test start together.
-    exec 9>"$TOOLS_DIR/.tansu.lock"
-    flock 9
-    [ -x "$TANSU_BIN" ] && exit 0
-    log "building the test broker tansu $TANSU_VERSION (once; 5-16 min on 2 cores); log: $TOOLS_DIR/tansu-build.log"
-    cargo install --locked "tansu@$TANSU_VERSION" --features dynostore,libsql \
-      --root "$TOOLS_DIR/tansu-$TANSU_VERSION" >"$TOOLS_DIR/tansu-build.log" 2>&1 \
-      || { tail -n 30 "$TOOLS_DIR/tansu-build.log" >&2; die "building tansu failed"; }
-  ) || exit 1
-  [ -x "$TANSU_BIN" ] || die "tansu build finished but $TANSU_BIN is missing"
 }
 
 # --- processes ---------------------------------------------------------------------------------
@@ -200,6 +187,17 @@ free_port() {
   while :; do
     port=$((10000 + RANDOM % (low - 10000)))
     port_free "$port" && { echo "$port"; return; }
+  done
+}
+
+# free_ports N: the first of N consecutive free TCP ports on 127.0.0.1.
+free_ports() {
+  local n=$1 first i ok
+  while :; do
+    first=$(free_port)
+    ok=1
+    for ((i = 1; i < n; i++)); do port_free $((first + i)) || { ok=0; break; }; done
+    [ "$ok" = 1 ] && { echo "$first"; return; }
   done
 }
 
@@ -342,24 +340,270 @@ pg_bootstrap() {
     sh "$PG_INIT_SCRIPT"
 }
 
-# --- broker ------------------------------------------------------------------------------------
+# --- Apache Kafka --------------------------------------------------------------------------------
 
-# broker_start DIR PORT STORAGE: tansu on 127.0.0.1:PORT with STORAGE (memory or sqlite; sqlite
-# keeps its file in DIR, as tansu resolves the path against its working directory).
-broker_start() {
-  local dir=$1 port=$2 storage=$3 engine
-  mkdir -p "$dir"
-  pid_alive "$dir/broker.pid" && return
-  case $storage in
-    memory) engine=memory://tansu/ ;;
-    sqlite) engine=sqlite://tansu.db ;;
-    *) die "unknown broker storage $storage" ;;
-  esac
-  start_process "$dir/broker.pid" "$dir/broker.log" "$dir" "$TANSU_BIN" broker \
-    --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-    --storage-engine "$engine"
-  wait_tcp 127.0.0.1 "$port" 60 || { tail -n 20 "$dir/broker.log" >&2; die "broker did not listen on $port"; }
-  pid_alive "$dir/broker.pid" || { tail -n 20 "$dir/broker.log" >&2; die "broker exited"; }
+# Sets JAVA to a Java 17 or newer (JAVA_HOME first), installing Debian's OpenJDK 17 when none is found.
+ensure_java() {
+  local candidate major
+  for candidate in ${JAVA_HOME:+"$JAVA_HOME/bin/java"} "$(command -v java 2>/dev/null)" \
+    /usr/lib/jvm/java-17-openjdk-*/bin/java; do
+    [ -x "$candidate" ] || continue
+    major=$("$candidate" -XshowSettings:properties -version 2>&1 \
+      | sed -n 's/^ *java.specification.version = \([0-9]*\).*/\1/p')
+    if [ "${major:-0}" -ge 17 ]; then JAVA=$(readlink -f "$candidate"); return; fi
+  done
+  apt_install openjdk-17-jre-headless
+  JAVA=$(readlink -f /usr/lib/jvm/java-17-openjdk-*/bin/java)
+  [ -x "$JAVA" ] || die "Java 17 still not found after apt install"
 }
 
-broker_stop() { stop_process "$1/broker.pid" 15; }
+ensure_maven() {
+  command -v mvn >/dev/null && return
+  apt_install maven
+}
+
+# Fetches the pinned Kafka's jars once into $KAFKA_LIBS (outside the clone, reused by every clone).
+ensure_kafka() {
+  ensure_java
+  [ -f "$KAFKA_LIBS/.complete" ] && return
+  ensure_maven
+  mkdir -p "$TOOLS_DIR"
+  (
+    # One download at a time, even when dev and test start together.
+    exec 9>"$TOOLS_DIR/.kafka.lock"
+    flock 9
+    [ -f "$KAFKA_LIBS/.complete" ] && exit 0
+    log "fetching Apache Kafka $KAFKA_VERSION with Maven (once); log: $TOOLS_DIR/kafka-fetch.log"
+    rm -rf "$KAFKA_LIBS.tmp"
+    mvn -B -q -f "$KAFKA_POM" dependency:copy-dependencies -DincludeScope=runtime \
+      -DoutputDirectory="$KAFKA_LIBS.tmp" >"$TOOLS_DIR/kafka-fetch.log" 2>&1 \
+      || { tail -n 30 "$TOOLS_DIR/kafka-fetch.log" >&2; die "fetching Kafka's jars failed"; }
+    rm -rf "$KAFKA_LIBS"
+    mv "$KAFKA_LIBS.tmp" "$KAFKA_LIBS"
+    touch "$KAFKA_LIBS/.complete"
+  ) || exit 1
+}
+
+# kafka_tool CLASS [ARGS...]: one of Kafka's command-line tools (org.apache.kafka.tools.* or
+# kafka.tools.*), from the same jars as the broker.
+kafka_tool() {
+  local class=$1
+  shift
+  "$JAVA" -Xmx256m -Dlog4j2.configurationFile="$STACK_ROOT/scripts/kafka/tools-log4j2.properties" \
+    -cp "$KAFKA_LIBS/*" "$class" "$@"
+}
+
+# A Kafka cluster lives in one directory C: C/cluster.env (id, node count, ports) and one folder per
+# node, C/node-N (server.properties, data/, logs/server.log, kafka.pid). Every node is a combined
+# KRaft broker and controller; the controllers form a static quorum of all nodes.
+
+# kafka_cluster_init C NODES FIRST_PORT: a cluster of NODES nodes (1 or 3), node N listening for
+# clients on FIRST_PORT + 2(N-1) and for its controller on the port after that; made once, its
+# storage formatted once. Its settings are written again at every call (so a changed port applies).
+kafka_cluster_init() {
+  local c=$1 nodes=$2 first=$3 i voters="" port cport rf isr id
+  mkdir -p "$c"
+  if [ -f "$c/cluster.env" ]; then
+    # shellcheck disable=SC1091
+    id=$(. "$c/cluster.env" && echo "$KAFKA_CLUSTER_ID")
+    [ "$(. "$c/cluster.env" && echo "$KAFKA_NODES")" = "$nodes" ] \
+      || die "$c holds a Kafka cluster of $(. "$c/cluster.env" && echo "$KAFKA_NODES") node(s), not $nodes: stop it and delete $c (scripts/dev reset) to change"
+  else
+    id=$(kafka_tool kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)
+    [ -n "$id" ] || die "kafka-storage random-uuid failed"
+  fi
+  printf 'KAFKA_CLUSTER_ID=%s\nKAFKA_NODES=%s\nKAFKA_FIRST_PORT=%s\n' "$id" "$nodes" "$first" >"$c/cluster.env"
+  for ((i = 1; i <= nodes; i++)); do
+    voters+="${voters:+,}$i@127.0.0.1:$((first + 2 * (i - 1) + 1))"
+  done
+  # Three nodes: every record on all three, acknowledged by at least two (Kafka's advice for
+  # production). One node: the internal topics must make do with it.
+  if [ "$nodes" -ge 3 ]; then rf=3 isr=2; else rf=$nodes isr=1; fi
+  for ((i = 1; i <= nodes; i++)); do
+    port=$((first + 2 * (i - 1)))
+    cport=$((port + 1))
+    mkdir -p "$c/node-$i/logs"
+    cat >"$c/node-$i/server.properties" <<PROPS
+# Written by scripts/lib/stack.sh (kafka_cluster_init); changes are overwritten.
+process.roles=broker,controller
+node.id=$i
+controller.quorum.voters=$voters
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$c/node-$i/data
+default.replication.factor=$rf
+min.insync.replicas=$isr
+offsets.topic.replication.factor=$rf
+transaction.state.log.replication.factor=$rf
+transaction.state.log.min.isr=$isr
+# Fewer partitions for the internal topics than the default 50: a small cluster starts faster.
+offsets.topic.num.partitions=10
+transaction.state.log.num.partitions=10
+# A group's first member gets its partitions at once (the default waits 3 s for more members).
+group.initial.rebalance.delay.ms=0
+PROPS
+    cat >"$c/node-$i/log4j2.properties" <<PROPS
+# Written by scripts/lib/stack.sh: the broker's log, rolled at 50 MB, five kept.
+status = warn
+appender.server.type = RollingFile
+appender.server.name = server
+appender.server.fileName = $c/node-$i/logs/server.log
+appender.server.filePattern = $c/node-$i/logs/server.log.%i
+appender.server.layout.type = PatternLayout
+appender.server.layout.pattern = [%d] %p %m (%c)%n
+appender.server.policies.type = Policies
+appender.server.policies.size.type = SizeBasedTriggeringPolicy
+appender.server.policies.size.size = 50MB
+appender.server.strategy.type = DefaultRolloverStrategy
+appender.server.strategy.max = 5
+rootLogger.level = INFO
+rootLogger.appenderRef.server.ref = server
+# Each request to a state-change or authorizer logger is noise at INFO on a dev machine.
+logger.state.name = state.change.logger
+logger.state.level = WARN
+PROPS
+    if [ ! -f "$c/node-$i/data/meta.properties" ]; then
+      kafka_tool kafka.tools.StorageTool format -t "$id" -c "$c/node-$i/server.properties" \
+        >"$c/node-$i/logs/format.log" 2>&1 \
+        || { cat "$c/node-$i/logs/format.log" >&2; die "formatting Kafka node $i's storage failed"; }
+    fi
+  done
+}
+
+# kafka_nodes C: the cluster's node count.
+kafka_nodes() { (. "$1/cluster.env" && echo "$KAFKA_NODES"); }
+
+# kafka_port C N: node N's client port.
+kafka_port() { (. "$1/cluster.env" && echo $((KAFKA_FIRST_PORT + 2 * ($2 - 1)))); }
+
+# kafka_brokers C: the bootstrap list of every node.
+kafka_brokers() {
+  local c=$1 i out=""
+  for ((i = 1; i <= $(kafka_nodes "$c"); i++)); do out+="${out:+,}127.0.0.1:$(kafka_port "$c" "$i")"; done
+  echo "$out"
+}
+
+kafka_node_running() { pid_alive "$1/node-$2/kafka.pid"; }
+
+# kafka_node_start C N: starts node N (when not running) without waiting for it.
+kafka_node_start() {
+  local c=$1 n=$2 dir=$1/node-$2
+  kafka_node_running "$c" "$n" && return
+  # Where this start's log lines begin, for kafka_node_wait.
+  stat -c %s "$dir/logs/server.log" 2>/dev/null >"$dir/logs/.start-offset" || echo 0 >"$dir/logs/.start-offset"
+  start_process "$dir/kafka.pid" "$dir/logs/kafka.out" "$dir" "$JAVA" \
+    "-Xms$KAFKA_HEAP" "-Xmx$KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -XX:InitiatingHeapOccupancyPercent=35 -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$dir/log4j2.properties" -Dkafka.logs.dir="$dir/logs" \
+    -cp "$KAFKA_LIBS/*" kafka.Kafka "$dir/server.properties"
+}
+
+# kafka_node_wait C N SECONDS: until node N logs that it started (it has then joined the quorum and
+# registered as a broker), or fails when it exits or the time passes.
+kafka_node_wait() {
+  local c=$1 n=$2 secs=$3 dir=$1/node-$2 from i
+  from=$(cat "$dir/logs/.start-offset" 2>/dev/null || echo 0)
+  for ((i = 0; i < secs * 10; i++)); do
+    kafka_node_running "$c" "$n" || { tail -n 30 "$dir/logs/server.log" "$dir/logs/kafka.out" >&2 2>/dev/null; die "Kafka node $n exited during start-up (log: $dir/logs/server.log)"; }
+    tail -c +"$((from + 1))" "$dir/logs/server.log" 2>/dev/null | grep -q 'Kafka Server started' && return 0
+    sleep 0.1
+  done
+  tail -n 30 "$dir/logs/server.log" >&2 2>/dev/null
+  die "Kafka node $n did not start within ${secs}s (log: $dir/logs/server.log)"
+}
+
+# kafka_cluster_start C: starts every node that is not running, then waits for each.
+kafka_cluster_start() {
+  local c=$1 i nodes
+  nodes=$(kafka_nodes "$c")
+  for ((i = 1; i <= nodes; i++)); do kafka_node_start "$c" "$i"; done
+  for ((i = 1; i <= nodes; i++)); do kafka_node_wait "$c" "$i" 120; done
+}
+
+# kafka_node_stop C N: a clean shutdown (SIGTERM: leadership moves away first), SIGKILL after 60 s.
+kafka_node_stop() { stop_process "$1/node-$2/kafka.pid" 60; }
+
+# kafka_node_kill C N: SIGKILL, as a crash.
+kafka_node_kill() {
+  local pidfile=$1/node-$2/kafka.pid
+  pid_alive "$pidfile" || return 0
+  kill -KILL "$(pid_of "$pidfile")" 2>/dev/null || true
+  local i
+  for ((i = 0; i < 100; i++)); do pid_alive "$pidfile" || break; sleep 0.05; done
+  rm -f "$pidfile" "$pidfile.exe"
+}
+
+# kafka_node_signal C N SIGNAL: e.g. STOP and CONT (a broker that hangs without closing connections).
+kafka_node_signal() { kill -"$3" "$(pid_of "$1/node-$2/kafka.pid")"; }
+
+kafka_cluster_stop() {
+  local c=$1 i n pids=() pid
+  [ -f "$c/cluster.env" ] || return 0
+  n=$(kafka_nodes "$c")
+  # All at once: stopped one by one, the last nodes wait for a controller quorum that has gone.
+  for ((i = 1; i <= n; i++)); do
+    kafka_node_running "$c" "$i" || continue
+    pid=$(pid_of "$c/node-$i/kafka.pid")
+    pids+=("$pid")
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for ((i = 0; i < 300; i++)); do
+    local alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for ((i = 1; i <= n; i++)); do
+    if kafka_node_running "$c" "$i"; then
+      log "Kafka node $i did not stop within 30 s; sending SIGKILL"
+      kafka_node_kill "$c" "$i"
+    fi
+    rm -f "$c/node-$i/kafka.pid" "$c/node-$i/kafka.pid.exe"
+  done
+}
+
+# --- the stacks of scripts/test, scripts/chaos and scripts/bench -------------------------------
+
+# test_stack_start STACK fast|durable [cluster]: a private PostgreSQL (fast: fsync off) and a
+# one-node Kafka in STACK, on free ports, and with `cluster` also a three-node Kafka cluster; exports
+# the CDC_TEST_* variables the test binaries read. test_stack_stop undoes it.
+test_stack_start() {
+  local stack=$1 mode=$2 cluster=${3:-} pg_port
+  [ "$mode" = durable ] && mode=
+  ensure_postgres
+  ensure_kafka
+  pg_port=$(free_port)
+  pg_init "$stack/postgres" "$pg_port" $mode
+  kafka_cluster_init "$stack/kafka" 1 "$(free_ports 2)"
+  [ -z "$cluster" ] || kafka_cluster_init "$stack/kafka-cluster" 3 "$(free_ports 6)"
+  # Every JVM starts at once; PostgreSQL meanwhile.
+  kafka_node_start "$stack/kafka" 1
+  if [ -n "$cluster" ]; then
+    kafka_node_start "$stack/kafka-cluster" 1
+    kafka_node_start "$stack/kafka-cluster" 2
+    kafka_node_start "$stack/kafka-cluster" 3
+  fi
+  pg_start "$stack/postgres"
+  kafka_cluster_start "$stack/kafka"
+  [ -z "$cluster" ] || kafka_cluster_start "$stack/kafka-cluster"
+  export CDC_TEST_PG_URL="postgres://$PG_SUPERUSER:$(pg_superuser_password "$stack/postgres")@127.0.0.1:$pg_port/postgres"
+  export CDC_TEST_KAFKA_BROKERS
+  CDC_TEST_KAFKA_BROKERS=$(kafka_brokers "$stack/kafka")
+  if [ -n "$cluster" ]; then
+    export CDC_TEST_CLUSTER_KAFKA_BROKERS
+    CDC_TEST_CLUSTER_KAFKA_BROKERS=$(kafka_brokers "$stack/kafka-cluster")
+  fi
+  export CDC_TEST_STACK=$stack
+  export CDC_TEST_CONTROL=$STACK_ROOT/scripts/lib/test-control.sh
+  log "PostgreSQL 127.0.0.1:$pg_port, Kafka $CDC_TEST_KAFKA_BROKERS${cluster:+, Kafka cluster $CDC_TEST_CLUSTER_KAFKA_BROKERS} ($stack)"
+}
+
+test_stack_stop() {
+  local stack=$1
+  kafka_cluster_stop "$stack/kafka" || true
+  kafka_cluster_stop "$stack/kafka-cluster" || true
+  pg_stop "$stack/postgres" || true
+}

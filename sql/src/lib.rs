@@ -110,6 +110,12 @@ static USER_DB: &[Migration] = &[
         "0006_cdc_reader_snapshot_requests.sql",
         "cdc_reader_snapshot_requests"
     ),
+    migration!(
+        "user_db",
+        7,
+        "0007_cdc_reader_topics.sql",
+        "cdc_reader_topics"
+    ),
 ];
 static VIEW_DB: &[Migration] = &[
     migration!("materialized_view_db", 1, "0001_views.sql", "views"),

@@ -12,7 +12,7 @@ use rand::Rng;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::{read_topic, unique_suffix, workspace_binary, Disruptive, Pipeline, Stack, TestDb};
+use crate::{read_topic, unique_suffix, workspace_binary, Control, Kafka, Pipeline, Stack, TestDb};
 
 /// What to do.
 #[derive(Debug, Clone)]
@@ -22,8 +22,8 @@ pub struct Options {
     /// SIGKILLs of the reader or the projector, spread over the workload.
     pub kills: u32,
     /// Also restart PostgreSQL (immediate), through `control`.
-    pub restarts: Option<Disruptive>,
-    /// With `restarts`: restart the broker too (the stack's brokers must then be durable).
+    pub restarts: Option<Control>,
+    /// With `restarts`: kill the stack's one-node Kafka with SIGKILL and start it again too.
     pub broker_restarts: bool,
     /// Quiet time at the end before the retained WAL is measured.
     pub idle: Duration,
@@ -141,9 +141,6 @@ pub async fn run(stack: Stack, options: &Options) -> anyhow::Result<Summary> {
             ("PROJECTOR_TOPIC", topic.clone()),
             ("PROJECTOR_GROUP", format!("chaos-{}", unique_suffix())),
             ("PROJECTOR_HTTP_LISTEN", "127.0.0.1:0".into()),
-            // tansu 0.6's group coordinator may never finish a rebalance after members were
-            // killed around a broker restart; the projector takes its partition itself.
-            ("PROJECTOR_ASSIGNMENT", "all".into()),
         ],
     );
     reader.start()?;
@@ -175,13 +172,15 @@ pub async fn run(stack: Stack, options: &Options) -> anyhow::Result<Summary> {
         }
         kills += 1;
         if let Some(control) = &options.restarts {
-            if kills % 7 == 3 {
+            // Of every six kills, the third is followed by a PostgreSQL restart and the sixth by
+            // a broker crash.
+            if kills % 6 == 3 {
                 control.control(&["pg-restart", "immediate"]).await?;
                 summary.postgres_restarts += 1;
-            } else if kills % 7 == 6 && options.broker_restarts {
-                control.control(&["broker-stop"]).await?;
+            } else if kills % 6 == 0 && options.broker_restarts {
+                control.kafka(Kafka::Single, "kill", 1).await?;
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                control.control(&["broker-start"]).await?;
+                control.kafka(Kafka::Single, "start", 1).await?;
                 summary.broker_restarts += 1;
             }
         }

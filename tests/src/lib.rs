@@ -1,7 +1,8 @@
 //! Harness of the end-to-end suite: real PostgreSQL, real broker, real HTTP over TCP.
 //!
-//! `scripts/test` starts a private PostgreSQL cluster and a tansu broker and passes them in
-//! `CDC_TEST_PG_URL` (a superuser URL) and `CDC_TEST_KAFKA_BROKERS`. Every test creates what it uses
+//! `scripts/test` starts a private PostgreSQL cluster and a one-node Apache Kafka and passes them in
+//! `CDC_TEST_PG_URL` (a superuser URL) and `CDC_TEST_KAFKA_BROKERS`; the disruptive tests also get a
+//! three-node Kafka cluster (`CDC_TEST_CLUSTER_KAFKA_BROKERS`) and a script to kill its nodes. Every test creates what it uses
 //! with a random suffix ([`TestDb::create`]) and drops it afterwards, so tests run in parallel and
 //! never see each other's state.
 
@@ -36,39 +37,90 @@ impl Stack {
     }
 }
 
-/// The durable broker and the control script of the disruptive tests (see scripts/test).
+/// The control script of the test stack (`CDC_TEST_CONTROL`, see scripts/lib/test-control.sh).
+#[derive(Debug, Clone)]
+pub struct Control {
+    script: String,
+}
+
+/// Which Kafka of the test stack a control command acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kafka {
+    /// The one-node Kafka every test uses (`CDC_TEST_KAFKA_BROKERS`).
+    Single,
+    /// The three-node cluster of the disruptive tests (`CDC_TEST_CLUSTER_KAFKA_BROKERS`).
+    Cluster,
+}
+
+impl Control {
+    pub fn from_env() -> Control {
+        Control {
+            script: std::env::var("CDC_TEST_CONTROL").unwrap_or_else(|_| {
+                panic!("CDC_TEST_CONTROL is not set: run through scripts/test or scripts/chaos")
+            }),
+        }
+    }
+
+    /// Runs `test-control.sh ARGS` (restart PostgreSQL; kill, stop, start, pause a Kafka node).
+    pub async fn control(&self, args: &[&str]) -> anyhow::Result<()> {
+        let status = tokio::process::Command::new(&self.script)
+            .args(args)
+            .status()
+            .await
+            .with_context(|| format!("running {} {args:?}", self.script))?;
+        anyhow::ensure!(
+            status.success(),
+            "{} {args:?} failed: {status}",
+            self.script
+        );
+        Ok(())
+    }
+
+    /// `action` (kill, stop, start, pause, resume) on Kafka node `node` (from 1) of `kafka`.
+    pub async fn kafka(&self, kafka: Kafka, action: &str, node: i32) -> anyhow::Result<()> {
+        let which = match kafka {
+            Kafka::Single => "kafka",
+            Kafka::Cluster => "kafka-cluster",
+        };
+        self.control(&[which, action, &node.to_string()]).await
+    }
+}
+
+/// The three-node Kafka cluster and the control script of the disruptive tests (see scripts/test).
 #[derive(Debug, Clone)]
 pub struct Disruptive {
-    pub durable_brokers: String,
-    control: String,
+    pub cluster_brokers: String,
+    pub control: Control,
 }
 
 impl Disruptive {
     pub fn from_env() -> Disruptive {
-        let var = |name: &str| {
-            std::env::var(name)
-                .unwrap_or_else(|_| panic!("{name} is not set: run the suite through scripts/test"))
-        };
         Disruptive {
-            durable_brokers: var("CDC_TEST_DURABLE_KAFKA_BROKERS"),
-            control: var("CDC_TEST_CONTROL"),
+            cluster_brokers: std::env::var("CDC_TEST_CLUSTER_KAFKA_BROKERS").unwrap_or_else(|_| {
+                panic!(
+                    "CDC_TEST_CLUSTER_KAFKA_BROKERS is not set: run the suite through scripts/test"
+                )
+            }),
+            control: Control::from_env(),
         }
     }
+}
 
-    /// Runs `test-control.sh ARGS` (restart PostgreSQL, stop or start the durable broker).
-    pub async fn control(&self, args: &[&str]) -> anyhow::Result<()> {
-        let status = tokio::process::Command::new(&self.control)
-            .args(args)
-            .status()
-            .await
-            .with_context(|| format!("running {} {args:?}", self.control))?;
-        anyhow::ensure!(
-            status.success(),
-            "{} {args:?} failed: {status}",
-            self.control
-        );
-        Ok(())
-    }
+/// The node id of the leader of `topic`'s `partition`, as the cluster's metadata says.
+pub fn partition_leader(brokers: &str, topic: &str, partition: i32) -> anyhow::Result<i32> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .and_then(|t| t.partitions().iter().find(|p| p.id() == partition))
+        .map(|p| p.leader())
+        .filter(|l| *l >= 0)
+        .with_context(|| format!("{topic} [{partition}] has no leader"))
 }
 
 /// Sends the logs of the services under test to the test's output (shown for failed tests), filtered
@@ -342,6 +394,11 @@ impl Reader {
             kafka_brokers: stack.kafka_brokers.clone(),
             producer_config: Vec::new(),
             topic_partitions: 1,
+            topic_replication_factor: -1,
+            topic_config: vec![
+                "cleanup.policy=delete".to_owned(),
+                "retention.ms=-1".to_owned(),
+            ],
             max_in_flight: 50_000,
             status_interval_ms: 100,
             snapshot: cdc_reader::config::SnapshotMode::Initial,
@@ -423,7 +480,6 @@ impl Projector {
             kafka_brokers: stack.kafka_brokers.clone(),
             topic: topic.to_owned(),
             group: format!("{}-projector", view_db.name),
-            assignment: projector::config::Assignment::Group,
             dead_letter_topic: None,
             source_table: "public.users".to_owned(),
             batch_max_events: 5000,
@@ -478,7 +534,7 @@ impl Pipeline {
         Self::start_on(Stack::from_env(), prefix).await
     }
 
-    /// [`Pipeline::start`] on the given stack (e.g. with the durable broker).
+    /// [`Pipeline::start`] on the given stack (e.g. the three-node cluster).
     pub async fn start_on(stack: Stack, prefix: &str) -> anyhow::Result<Pipeline> {
         Self::start_with(stack, prefix, 1).await
     }
@@ -717,58 +773,73 @@ pub async fn insert_bench_users(
     Ok(())
 }
 
-/// Reads `topic` from the beginning until it has at least `n` records and everything the topic
-/// held at that point (so extra records show up too); fails after `timeout`.
+/// Reads `topic` from the beginning, as a `read_committed` consumer, until it has at least `n`
+/// records and reached the end of every partition (so extra records show up too); fails after
+/// `timeout`.
 pub async fn read_topic(
     stack: &Stack,
     topic: &str,
     n: usize,
     timeout: Duration,
 ) -> anyhow::Result<Vec<Received>> {
+    read_topic_from(&stack.kafka_brokers, topic, n, timeout).await
+}
+
+/// [`read_topic`] on the Kafka at `brokers`.
+pub async fn read_topic_from(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Received>> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::error::KafkaError;
+    use rdkafka::Message;
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &stack.kafka_brokers)
+        .set("bootstrap.servers", brokers)
         .set("group.id", format!("t-read-{}", unique_suffix()))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
         .create()?;
     consumer.subscribe(&[topic])?;
+    let partitions = wait_for("the topic's partitions", timeout, || async {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let n = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .map_or(0, |t| t.partitions().len());
+        Ok((n > 0).then_some(n))
+    })
+    .await?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut out = Vec::with_capacity(n);
-    let mut target = n;
-    loop {
-        while out.len() < target {
-            let m = tokio::time::timeout_at(deadline, consumer.recv())
-                .await
-                .with_context(|| {
-                    format!(
-                        "{topic}: {} of {target} records within {timeout:?}",
-                        out.len()
-                    )
-                })??;
-            out.push(Received::of(&m)?);
-        }
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let mut total = 0;
-        for t in metadata.topics() {
-            for p in t.partitions() {
-                let (low, high) =
-                    consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
-                total += usize::try_from(high - low)?;
+    // Partitions read to their end since their last record.
+    let mut at_end = std::collections::HashSet::new();
+    while out.len() < n || at_end.len() < partitions {
+        let next = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .with_context(|| {
+                format!(
+                    "{topic}: {} of {n} records and the end of {} of {partitions} partitions within {timeout:?}",
+                    out.len(),
+                    at_end.len()
+                )
+            })?;
+        match next {
+            Ok(m) => {
+                at_end.remove(&m.partition());
+                out.push(Received::of(&m)?);
             }
-        }
-        if total <= out.len() {
-            // The watermark is not the whole truth on every broker (tansu 0.6 may report one
-            // below its last batch): take whatever else comes within a moment.
-            while let Ok(m) =
-                tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
-            {
-                out.push(Received::of(&m?)?);
+            Err(KafkaError::PartitionEOF(p)) => {
+                at_end.insert(p);
             }
-            return Ok(out);
+            Err(e) => return Err(e.into()),
         }
-        target = total;
     }
+    Ok(out)
 }
 
 /// Like [`read_topic`], and the topic must hold exactly `n` records: none missing, none extra.

@@ -334,8 +334,6 @@ fn services_reach_the_compose_kafka_and_postgres_with_the_codes_topic_and_group(
                 for var in ["PROJECTOR_TOPIC", "PROJECTOR_GROUP"] {
                     assert_eq!(env.get(var), help.env[var].default.as_ref(), "{var}");
                 }
-                // Real Kafka's group coordinator: the group assigns partitions.
-                assert!(!env.contains_key("PROJECTOR_ASSIGNMENT"));
             }
             _ => {}
         }
@@ -472,6 +470,22 @@ fn the_dockerfile_builds_every_binary_the_compose_file_runs() {
         );
     }
     assert!(!ignored.lines().any(|l| l.trim() == "Cargo.lock"));
+}
+
+/// Users with Docker run the Kafka our scripts run and test against: one version, the pom's.
+#[test]
+fn compose_runs_the_kafka_version_the_scripts_pin() {
+    let pom = std::fs::read_to_string(repo().join("scripts/kafka/pom.xml")).unwrap();
+    let version = pom
+        .split_once("<kafka.version>")
+        .and_then(|(_, rest)| rest.split_once("</kafka.version>"))
+        .map(|(v, _)| v.trim())
+        .expect("scripts/kafka/pom.xml names <kafka.version>");
+    let image = services(&compose())["kafka"]["image"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(image, format!("apache/kafka:{version}"));
 }
 
 #[test]

@@ -439,16 +439,12 @@ async fn kafka_replay_sh_prints_the_topic_and_replays_a_group() {
     } = Projected::start("replay_script", 1, 50, 50).await;
     let brokers = p.stack.kafka_brokers.as_str();
     let topic = p.topic.as_str();
-    // The print mode stops at the high watermark, which tansu 0.6 keeps behind its latest
-    // batches: later writes until it covers the 50 inserts.
-    e2e::wait_for("the high watermark to cover the inserts", WAIT, || async {
-        users
-            .execute(
-                "UPDATE users SET name = 'renamed ' || now() WHERE id = 1",
-                &[],
-            )
-            .await?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // One change after the 50 inserts, at offset 50: the repair below starts there.
+    users
+        .execute("UPDATE users SET name = 'renamed' WHERE id = 1", &[])
+        .await
+        .unwrap();
+    e2e::wait_for("the update in the topic", WAIT, || async {
         Ok((end_offsets(brokers, topic)[&0] > 50).then_some(()))
     })
     .await

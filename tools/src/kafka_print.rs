@@ -9,13 +9,14 @@
 // A printer: stdout is its output.
 #![allow(clippy::print_stdout)]
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 #[derive(Parser, Debug)]
@@ -60,6 +61,8 @@ fn main() -> anyhow::Result<()> {
         .set("bootstrap.servers", &args.servers)
         .set("group.id", "kafka-print")
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
         .create()
         .context("creating the Kafka client")?;
     let timeout = Duration::from_secs(10);
@@ -81,39 +84,26 @@ fn main() -> anyhow::Result<()> {
             args.servers
         );
     }
-    // Where each partition ends now, to know when everything there was printed.
-    let mut ends = HashMap::new();
     let mut assignment = TopicPartitionList::new();
     for &p in &partitions {
-        let (_, high) = consumer.fetch_watermarks(&args.topic, p, timeout)?;
-        ends.insert(p, high);
         assignment.add_partition_offset(&args.topic, p, start)?;
     }
     consumer.assign(&assignment)?;
-    let mut position: HashMap<i32, i64> = HashMap::new();
+    // Partitions read to their end (the consumer reports it: offset gaps such as transaction
+    // markers need no arithmetic).
+    let mut at_end = HashSet::new();
     let mut out = std::io::stdout().lock();
     loop {
-        let done = partitions.iter().all(|p| {
-            let end = ends.get(p).copied().unwrap_or(0);
-            position.get(p).is_some_and(|pos| *pos >= end)
-                || end == 0
-                || matches!(start, Offset::End)
-        });
-        if done && !args.follow {
+        if !args.follow && (at_end.len() == partitions.len() || matches!(start, Offset::End)) {
             return Ok(());
         }
-        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
-            // Nothing within the poll: with start offsets past the end, nothing will come.
-            if !args.follow && position.is_empty() {
-                let past_end = partitions.iter().all(|p| match start {
-                    Offset::Offset(o) => o >= ends.get(p).copied().unwrap_or(0),
-                    _ => false,
-                });
-                if past_end {
-                    return Ok(());
-                }
+        let m = match consumer.poll(Duration::from_millis(500)) {
+            None => continue,
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+                continue;
             }
-            continue;
+            Some(m) => m,
         };
         let m = m.context("reading a record")?;
         fn text(b: Option<&[u8]>) -> std::borrow::Cow<'_, str> {
@@ -127,6 +117,6 @@ fn main() -> anyhow::Result<()> {
             text(m.key()),
             text(m.payload())
         )?;
-        position.insert(m.partition(), m.offset() + 1);
+        at_end.remove(&m.partition());
     }
 }

@@ -418,6 +418,8 @@ async fn produce_limit(stack: &Stack, topic: &str, n: i64) -> anyhow::Result<f64
         brokers: stack.kafka_brokers.clone(),
         overrides: Vec::new(),
         topic_partitions: 1,
+        topic_replication_factor: -1,
+        topic_config: Vec::new(),
     };
     let limit_topic = format!("bench-produce-{}", unique_suffix());
     cdc_reader::publish::ensure_topics(&settings, std::slice::from_ref(&limit_topic)).await?;

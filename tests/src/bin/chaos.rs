@@ -4,9 +4,9 @@
 //! ```text
 //! chaos [--changes N] [--kills K] [--long [--no-broker-restarts]]
 //! ```
-//! `--long` also restarts PostgreSQL and the broker (on the stack's durable broker) and idles a
-//! minute before measuring the WAL the slot retains; `--no-broker-restarts` keeps the broker up
-//! (and uses the memory-storage one).
+//! `--long` also restarts PostgreSQL and kills the stack's Kafka node with SIGKILL (and starts it
+//! again), and idles a minute before measuring the WAL the slot retains; `--no-broker-restarts`
+//! keeps Kafka up.
 
 // A report printer: stdout is its output.
 #![allow(clippy::print_stdout)]
@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use e2e::chaos::{self, Options};
-use e2e::{arg, Disruptive, Stack};
+use e2e::{arg, Control, Stack};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -23,16 +23,11 @@ async fn main() -> anyhow::Result<()> {
     let options = Options {
         changes: arg::<u64>("--changes", if long { 100_000 } else { 20_000 })?,
         kills: u32::try_from(arg::<u64>("--kills", if long { 24 } else { 8 })?)?,
-        restarts: long.then(Disruptive::from_env),
+        restarts: long.then(Control::from_env),
         broker_restarts,
         idle: Duration::from_secs(if long { 60 } else { 10 }),
     };
-    let mut stack = Stack::from_env();
-    if broker_restarts {
-        // Restarts need the broker with durable storage.
-        stack.kafka_brokers = Disruptive::from_env().durable_brokers;
-    }
-    let s = chaos::run(stack, &options).await?;
+    let s = chaos::run(Stack::from_env(), &options).await?;
     println!("chaos run ({})", if long { "long" } else { "short" });
     println!(
         "  changes committed       {:>10} in {} transactions, {:.1} s",
@@ -43,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
         s.reader_kills, s.projector_kills
     );
     println!(
-        "  restarts                {:>10} PostgreSQL, {} broker",
+        "  restarts                {:>10} PostgreSQL, {} Kafka (SIGKILL)",
         s.postgres_restarts, s.broker_restarts
     );
     println!("  records in the topic    {:>10}", s.records);
