@@ -81,6 +81,12 @@ ensure_curl() {
   apt_install curl ca-certificates
 }
 
+# Debian's kcat, which users inspect topics with (tests/tests/broker.rs checks that it reads ours).
+ensure_kcat() {
+  command -v kcat >/dev/null && return
+  apt_install kcat
+}
+
 # Debian's docker-compose (1.29): validates compose files without a Docker engine.
 ensure_docker_compose() {
   command -v docker-compose >/dev/null && return

@@ -1,7 +1,7 @@
-//! The broker that `scripts/test` (and `scripts/dev`) start speaks enough Kafka for the pipeline:
-//! topic creation, idempotent produce with per-key order, consumer groups with manual commits.
-//! These are the features the reader and projector build on; if a broker upgrade loses one, this
-//! fails before anything subtler does.
+//! The Apache Kafka that `scripts/test` (and `scripts/dev`) start, as the pipeline uses it: topic
+//! creation, idempotent produce with per-key order, consumer groups with manual commits, and the
+//! tools users inspect it with. If a Kafka upgrade changes one, this fails before anything subtler
+//! does.
 
 // Helpers of a test binary: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
@@ -147,4 +147,55 @@ async fn a_group_resumes_after_its_committed_offset() {
     let c = consumer(&stack, &group, &topic);
     let (_, value, _, offset) = next(&c).await;
     assert_eq!((value.as_str(), offset), ("11", 11));
+}
+
+/// The tools users know read what the pipeline writes: Debian's kcat and Kafka's own
+/// `kafka-topics` (through `scripts/kafka-tool`, from the broker's jars).
+#[tokio::test]
+async fn kcat_and_kafkas_own_tools_read_the_topic() {
+    let stack = Stack::from_env();
+    let topic = create_topic(&stack, 2).await;
+    let p = producer(&stack);
+    for i in 0..4 {
+        let (k, v) = (format!("{{\"id\":{i}}}"), format!("{{\"n\":{i}}}"));
+        p.send(FutureRecord::to(&topic).key(&k).payload(&v), TIMEOUT)
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let kcat = tokio::process::Command::new("kcat")
+        .args(["-b", &stack.kafka_brokers, "-C", "-t", &topic])
+        .args(["-o", "beginning", "-e", "-q", "-f", "%k %s\\n"])
+        .output()
+        .await
+        .expect("kcat is not installed (scripts/test installs it with apt)");
+    assert!(
+        kcat.status.success(),
+        "{}",
+        String::from_utf8_lossy(&kcat.stderr)
+    );
+    let mut lines: Vec<String> = String::from_utf8_lossy(&kcat.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        (0..4)
+            .map(|i| format!("{{\"id\":{i}}} {{\"n\":{i}}}"))
+            .collect::<Vec<_>>()
+    );
+
+    let tool = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka-tool");
+    let topics = tokio::process::Command::new(tool)
+        .args(["topics", "--bootstrap-server", &stack.kafka_brokers])
+        .args(["--describe", "--topic", &topic])
+        .output()
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&topics.stdout);
+    assert!(
+        topics.status.success() && out.contains("PartitionCount: 2"),
+        "{out}"
+    );
 }

@@ -248,3 +248,141 @@ async fn chaos_short_run_finds_no_violation() {
     );
     assert!(summary.violations.is_empty(), "{}", summary.json());
 }
+
+/// A free TCP port on 127.0.0.1 whose next port is free too (Kafka's controller takes it).
+fn free_port_pair() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// `scripts/dev ARGS` on the dev stack in `env`; its output goes to the test's output.
+async fn dev(env: &[(String, String)], args: &[&str]) -> anyhow::Result<()> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/dev");
+    let status = tokio::process::Command::new(script)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env_remove("KAFKA_BROKERS")
+        .status()
+        .await?;
+    anyhow::ensure!(status.success(), "scripts/dev {args:?}: {status}");
+    Ok(())
+}
+
+/// The reader and the projector of a whole dev stack (`scripts/dev up`, on its own ports and
+/// directory) killed with SIGKILL every couple of seconds under steady writes and restarted each
+/// time with `scripts/dev start`: every restart becomes healthy within its wait, every change
+/// reaches the topic once and the views equal the source.
+#[tokio::test]
+async fn dev_start_brings_killed_services_back_healthy_every_time() {
+    let dir = std::env::temp_dir().join(format!("cdc-devkill-{}", e2e::unique_suffix()));
+    let bin = e2e::workspace_binary("cdc-reader")
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let pg_port = free_port_pair();
+    let mut env: Vec<(String, String)> = vec![
+        ("CDC_DEV_DIR".into(), dir.display().to_string()),
+        ("CDC_DEV_BIN_DIR".into(), bin.display().to_string()),
+        ("DEV_PG_PORT".into(), pg_port.to_string()),
+        ("DEV_KAFKA_PORT".into(), free_port_pair().to_string()),
+    ];
+    for var in [
+        "DEV_USER_API_PORT",
+        "DEV_POST_API_PORT",
+        "DEV_CDC_READER_PORT",
+        "DEV_PROJECTOR_PORT",
+    ] {
+        env.push((var.into(), free_port_pair().to_string()));
+    }
+    let result = async {
+        dev(&env, &["up"]).await?;
+        let users_url = format!("postgres://user_service:user_service@127.0.0.1:{pg_port}/user_db");
+        let views_url = format!(
+            "postgres://view_service:view_service@127.0.0.1:{pg_port}/materialized_view_db"
+        );
+        let stop = CancellationToken::new();
+        let load = {
+            let (url, stop) = (users_url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let client = e2e::connect(&url).await?;
+                let mut tick = tokio::time::interval(Duration::from_millis(20));
+                let mut done: i64 = 0;
+                while !stop.is_cancelled() {
+                    tick.tick().await;
+                    client
+                        .execute(
+                            "INSERT INTO users (name, email, department) \
+                             SELECT 'K', 'devkill-' || i || '@example.org', 'D' || (i % 5) \
+                             FROM generate_series($1::bigint, $2::bigint) i",
+                            &[&(done + 1), &(done + 4)],
+                        )
+                        .await?;
+                    done += 4;
+                }
+                anyhow::Ok(done)
+            })
+        };
+        let mut slowest = Duration::ZERO;
+        for round in 0..12 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let name = if round % 2 == 0 {
+                "cdc-reader"
+            } else {
+                "projector"
+            };
+            let pid = std::fs::read_to_string(dir.join(format!("run/{name}.pid")))?;
+            let killed = std::process::Command::new("kill")
+                .args(["-KILL", pid.trim()])
+                .status()?;
+            anyhow::ensure!(killed.success(), "kill -KILL {name}");
+            let started = std::time::Instant::now();
+            dev(&env, &["start", name]).await?;
+            slowest = slowest.max(started.elapsed());
+        }
+        eprintln!("slowest restart to healthy: {slowest:?}");
+        stop.cancel();
+        let n = usize::try_from(load.await??)?;
+        let kafka = (pg_port, env[3].1.clone());
+        let brokers = format!("127.0.0.1:{}", kafka.1);
+        // The check `up` ran wrote one create, delete and tombstone before the load.
+        let records = e2e::read_topic_from(&brokers, "user-events", n + 3, WAIT).await?;
+        let created: BTreeSet<String> = records
+            .iter()
+            .filter_map(|r| {
+                r.value.as_ref()?["after"]["email"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .filter(|e| e.starts_with("devkill-"))
+            .collect();
+        anyhow::ensure!(
+            created.len() == n,
+            "{} of {n} changes in the topic",
+            created.len()
+        );
+        anyhow::ensure!(
+            records.len() == n + 3,
+            "{} records for {n} changes + 3",
+            records.len()
+        );
+        let users = e2e::connect(&users_url).await?;
+        let views = e2e::connect(&views_url).await?;
+        e2e::wait_for("the views to equal the source", WAIT, || async {
+            Ok(e2e::views_differ(&users, &views)
+                .await?
+                .is_none()
+                .then_some(()))
+        })
+        .await
+    }
+    .await;
+    let down = dev(&env, &["reset"]).await;
+    result.unwrap();
+    down.unwrap();
+}

@@ -377,3 +377,108 @@ async fn the_inspection_views_show_where_the_pipeline_is() {
     projector.stop().await.unwrap();
     p.reader.stop().await.unwrap();
 }
+
+/// `scripts/kafka-tool consumer-groups --describe --members` on the test Kafka: per member of
+/// `group`, its number of partitions.
+async fn group_members(brokers: &str, group: &str) -> Vec<usize> {
+    let tool = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka-tool");
+    let out = tokio::process::Command::new(tool)
+        .args([
+            "consumer-groups",
+            "--bootstrap-server",
+            brokers,
+            "--describe",
+            "--members",
+            "--group",
+            group,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // GROUP CONSUMER-ID HOST CLIENT-ID #PARTITIONS
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(group))
+        .filter_map(|l| l.split_whitespace().last()?.parse().ok())
+        .collect()
+}
+
+/// Three projectors of one group share a six-partition topic; one is killed with SIGKILL while the
+/// group applies a steady workload; its partitions move to the other two and the views stay exact.
+#[tokio::test]
+async fn three_projectors_share_the_partitions_and_survive_a_member_killed_mid_batch() {
+    let p = Pipeline::start_with(e2e::Stack::from_env(), "proj_scale", 6)
+        .await
+        .unwrap();
+    let config = p.projector_config();
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        members.push(spawn_projector(&config).await);
+    }
+    let writer = p.user_db.client().await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let workload = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            while !stop.is_cancelled() {
+                random_workload(&writer, 5, 40).await?;
+            }
+            anyhow::Ok(())
+        }
+    });
+    // The group has settled when three members hold two partitions each (the sticky assignor
+    // balances them).
+    let brokers = config.kafka_brokers.clone();
+    let shares = e2e::wait_for("three members with two partitions each", WAIT, || async {
+        let shares = group_members(&brokers, &config.group).await;
+        Ok((shares == [2, 2, 2]).then_some(shares))
+    })
+    .await
+    .unwrap();
+    assert_eq!(shares.iter().sum::<usize>(), 6);
+
+    // Kill one while it applies: once the group has moved the offsets since.
+    let views = p.view_db.client().await.unwrap();
+    let applied = || async {
+        views
+            .query_one(
+                "SELECT coalesce(sum(next_offset), 0)::bigint FROM projector_offsets",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let before = applied().await;
+    e2e::wait_for("the group to apply more", WAIT, || async {
+        Ok((applied().await > before).then_some(()))
+    })
+    .await
+    .unwrap();
+    let mut killed = members.remove(0);
+    killed.start_kill().unwrap();
+    killed.wait().await.unwrap();
+
+    // Its partitions go to the two left (after the session timeout), and the views stay exact.
+    let shares = e2e::wait_for("two members with three partitions each", WAIT, || async {
+        let shares = group_members(&brokers, &config.group).await;
+        Ok((shares.len() == 2 && shares.iter().sum::<usize>() == 6).then_some(shares))
+    })
+    .await
+    .unwrap();
+    assert_eq!(shares, [3, 3]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    workload.await.unwrap().unwrap();
+    p.converged(Duration::from_secs(120)).await.unwrap();
+    for mut m in members {
+        m.start_kill().unwrap();
+        m.wait().await.unwrap();
+    }
+    p.reader.stop().await.unwrap();
+}
