@@ -36,8 +36,10 @@ pub struct Config {
     #[arg(long, env = "PROJECTOR_BATCH_MAX_EVENTS", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_max_events: u32,
 
-    /// Longest time to wait for more events before applying a batch, in milliseconds.
-    #[arg(long, env = "PROJECTOR_BATCH_MAX_WAIT_MS", default_value_t = 20)]
+    /// Longest time to wait for more events before applying a batch, in milliseconds. 0: a batch
+    /// is what has arrived when the previous one committed (events that arrive while a batch is
+    /// being applied make the next one larger), never a wait.
+    #[arg(long, env = "PROJECTOR_BATCH_MAX_WAIT_MS", default_value_t = 0)]
     pub batch_max_wait_ms: u64,
 
     /// Extra librdkafka consumer properties, comma-separated key=value.

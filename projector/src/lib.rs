@@ -386,11 +386,12 @@ impl Projector<'_> {
             self.take(first, &mut batch).await?;
             let deadline = tokio::time::Instant::now() + self.config.batch_max_wait();
             while !batch.is_empty() && batch.len() < max {
+                // Records already here first: the deadline only ends a wait for more.
                 let next = tokio::select! {
                     biased;
                     () = self.shutdown.cancelled() => break 'consume,
-                    () = tokio::time::sleep_until(deadline) => break,
                     m = self.consumer.recv() => m.map(|m| m.detach()),
+                    () = tokio::time::sleep_until(deadline) => break,
                 };
                 self.take(next, &mut batch).await?;
             }

@@ -121,6 +121,8 @@ start_process() {
   # program itself, in a session of its own (a closed terminal does not take it down).
   (cd "$workdir" && exec setsid sh -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "$@" \
     >>"$logfile" 2>&1 </dev/null) &
+  # Not a job of this shell: its end (a kill) is no business of the shell's to report.
+  disown $! 2>/dev/null || true
   local i
   for ((i = 0; i < 100; i++)); do pid_alive "$pidfile" && return; sleep 0.02; done
   tail -n 20 "$logfile" >&2
@@ -545,18 +547,24 @@ kafka_node_kill() {
 # kafka_node_signal C N SIGNAL: e.g. STOP and CONT (a broker that hangs without closing connections).
 kafka_node_signal() { kill -"$3" "$(pid_of "$1/node-$2/kafka.pid")"; }
 
+# kafka_cluster_stop C [kill]: every node at once (SIGTERM; SIGKILL for those still running after
+# 20 s, as a node whose controller quorum left first may wait for it forever). `kill`: SIGKILL at once,
+# for stacks whose data is thrown away.
 kafka_cluster_stop() {
-  local c=$1 i n pids=() pid
+  local c=$1 mode=${2:-} i n pids=() pid
   [ -f "$c/cluster.env" ] || return 0
   n=$(kafka_nodes "$c")
-  # All at once: stopped one by one, the last nodes wait for a controller quorum that has gone.
+  if [ "$mode" = kill ]; then
+    for ((i = 1; i <= n; i++)); do kafka_node_kill "$c" "$i"; done
+    return 0
+  fi
   for ((i = 1; i <= n; i++)); do
     kafka_node_running "$c" "$i" || continue
     pid=$(pid_of "$c/node-$i/kafka.pid")
     pids+=("$pid")
     kill -TERM "$pid" 2>/dev/null || true
   done
-  for ((i = 0; i < 300; i++)); do
+  for ((i = 0; i < 200; i++)); do
     local alive=0
     for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
     [ "$alive" = 0 ] && break
@@ -564,7 +572,7 @@ kafka_cluster_stop() {
   done
   for ((i = 1; i <= n; i++)); do
     if kafka_node_running "$c" "$i"; then
-      log "Kafka node $i did not stop within 30 s; sending SIGKILL"
+      log "Kafka node $i did not stop within 20 s; sending SIGKILL"
       kafka_node_kill "$c" "$i"
     fi
     rm -f "$c/node-$i/kafka.pid" "$c/node-$i/kafka.pid.exe"
@@ -609,7 +617,7 @@ test_stack_start() {
 
 test_stack_stop() {
   local stack=$1
-  kafka_cluster_stop "$stack/kafka" || true
-  kafka_cluster_stop "$stack/kafka-cluster" || true
+  kafka_cluster_stop "$stack/kafka" kill || true
+  kafka_cluster_stop "$stack/kafka-cluster" kill || true
   pg_stop "$stack/postgres" || true
 }

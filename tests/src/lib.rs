@@ -483,7 +483,7 @@ impl Projector {
             dead_letter_topic: None,
             source_table: "public.users".to_owned(),
             batch_max_events: 5000,
-            batch_max_wait_ms: 20,
+            batch_max_wait_ms: 0,
             consumer_config: Vec::new(),
             http_listen: "127.0.0.1:0".parse().expect("a valid address"),
             skip_migrations: false,
