@@ -449,6 +449,15 @@ impl Reader {
             .context("the reader task panicked")?
             .context("the reader returned an error")
     }
+
+    /// Waits up to `timeout` for the reader to stop by itself (it halts on errors it cannot
+    /// retry) and returns what it returned.
+    pub async fn halted(self, timeout: Duration) -> anyhow::Result<Result<(), cdc_reader::Error>> {
+        tokio::time::timeout(timeout, self.task)
+            .await
+            .context("the reader did not halt")?
+            .context("the reader task panicked")
+    }
 }
 
 /// The value of one Prometheus metric served at `{http_url}/metrics`.
@@ -514,6 +523,15 @@ impl Projector {
             .context("the projector did not stop within 30 s")?
             .context("the projector task panicked")?
             .context("the projector returned an error")
+    }
+
+    /// Waits up to `timeout` for the projector to stop by itself (it halts on errors it cannot
+    /// retry) and returns what it returned.
+    pub async fn halted(self, timeout: Duration) -> anyhow::Result<Result<(), projector::Error>> {
+        tokio::time::timeout(timeout, self.task)
+            .await
+            .context("the projector did not halt")?
+            .context("the projector task panicked")
     }
 }
 

@@ -997,3 +997,79 @@ async fn snapshot_and_stream_agree_on_columns_rows_and_keys() {
     assert_eq!(delete["before"]["email"], "b@x");
     reader.stop().await.unwrap();
 }
+
+/// Partitions added to the topic under the reader would move keys to other partitions and break
+/// their order: the reader stops with an error that says so instead of publishing on.
+#[tokio::test]
+async fn a_topic_whose_partition_count_changed_stops_the_reader() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    use rdkafka::client::DefaultClientContext;
+
+    let stack = Stack::from_env();
+    let db = TestDb::create(&stack, "rd_parts", Some(schema::Database::UserDb))
+        .await
+        .unwrap();
+    let topic = format!("t-parts-{}", unique_suffix());
+    let config = Reader::config(
+        &stack,
+        &db,
+        &["public.users"],
+        &[format!("public.users={topic}")],
+    );
+    let reader = Reader::start(config.clone()).await.unwrap();
+    reader.wait_streaming().await.unwrap();
+    let client = db.client().await.unwrap();
+    client
+        .execute(
+            "INSERT INTO users (name, email, department) VALUES ('A', 'a@example.org', 'D')",
+            &[],
+        )
+        .await
+        .unwrap();
+    read_exactly(&stack, &topic, 1, WAIT).await.unwrap();
+    reader.stop().await.unwrap();
+
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka_brokers)
+        .create()
+        .unwrap();
+    for r in admin
+        .create_partitions(&[NewPartitions::new(&topic, 3)], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    client
+        .execute(
+            "INSERT INTO users (name, email, department) VALUES ('B', 'b@example.org', 'D')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let error = Reader::start(config)
+        .await
+        .unwrap()
+        .halted(WAIT)
+        .await
+        .unwrap()
+        .expect_err("the reader published on after the partition count changed");
+    let text = e2e_error_chain(&error);
+    assert!(
+        text.contains("has 3 partitions") && text.contains("with 1"),
+        "{text}"
+    );
+    // Nothing was published after the change.
+    assert_eq!(read_topic(&stack, &topic, 1, WAIT).await.unwrap().len(), 1);
+}
+
+fn e2e_error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -482,3 +482,47 @@ async fn three_projectors_share_the_partitions_and_survive_a_member_killed_mid_b
     }
     p.reader.stop().await.unwrap();
 }
+
+/// Views applied further than the topic reaches (it was deleted and created again): the projector
+/// stops with an error that names the partition and the way out, and applies nothing.
+#[tokio::test]
+async fn a_stored_offset_past_the_end_of_the_topic_stops_the_projector() {
+    let p = Pipeline::start("proj_past_end").await.unwrap();
+    let db = p.user_db.client().await.unwrap();
+    random_workload(&db, 3, 10).await.unwrap();
+    let config = p.projector_config();
+    let projector = Projector::start(config.clone()).await.unwrap();
+    p.converged(WAIT).await.unwrap();
+    projector.stop().await.unwrap();
+    // As if the topic had been recreated: the stored position lies beyond its end.
+    let views = p.view_db.client().await.unwrap();
+    views
+        .execute(
+            "UPDATE projector_offsets SET next_offset = next_offset + 1000",
+            &[],
+        )
+        .await
+        .unwrap();
+    let before = e2e::rows(&views, "SELECT * FROM user_view ORDER BY user_id")
+        .await
+        .unwrap();
+    random_workload(&db, 1, 5).await.unwrap();
+    let error = Projector::start(config)
+        .await
+        .unwrap()
+        .halted(WAIT)
+        .await
+        .unwrap()
+        .expect_err("the projector went on past a stored offset beyond the topic's end");
+    let text = format!("{error}");
+    assert!(
+        matches!(error, projector::Error::OffsetPastEnd { partition: 0, .. })
+            && text.contains("projector replay --earliest --rebuild"),
+        "{text}"
+    );
+    let after = e2e::rows(&views, "SELECT * FROM user_view ORDER BY user_id")
+        .await
+        .unwrap();
+    assert_eq!(before, after, "the projector applied something");
+    p.reader.stop().await.unwrap();
+}
