@@ -14,9 +14,9 @@
 //! - [`config`], [`telemetry`]: flags, `/health` and `/metrics`.
 //!
 //! Exactly-once effect: the offsets that count are the ones in `projector_offsets`, committed in the
-//! same transaction as the rows. Whenever the consumer group hands this process a partition, the
-//! first record seen from it is checked against the stored offset and the partition is re-positioned
-//! there if they differ; records below the stored offset are never applied again. Each view row also
+//! same transaction as the rows. Whenever the consumer group hands this process partitions (the
+//! cooperative-sticky assignor moves only those that change owner), each is positioned at the
+//! offset stored with the views, and records below it are never applied again. Each view row also
 //! remembers the source position it reflects, so even a record delivered twice in the topic (or a
 //! replay) changes nothing. Kafka's own committed offsets are updated after each transaction, for
 //! lag tools only.
@@ -461,7 +461,8 @@ impl Projector<'_> {
             let Some((low, high)) = self.watermarks(partition).await else {
                 return Ok(false);
             };
-            if let Some(stored) = start.filter(|s| *s > high) {
+            // (A replay's start was checked against the partition when it was planned.)
+            if let Some(stored) = start.filter(|s| *s > high && self.bounds.is_none()) {
                 tracing::error!(partition, stored, end = high,
                     "the views were applied past the end of the partition: the topic was recreated?");
                 return Err(Error::OffsetPastEnd {
