@@ -669,7 +669,37 @@ pub async fn ensure_topics(
             }
         }
     }
-    Ok(())
+    // A created topic reaches every broker's metadata a moment later; until then a producer asking
+    // for its partitions is told it does not exist.
+    let topics = topics.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        loop {
+            let missing = topics.iter().find(|topic| {
+                admin
+                    .inner()
+                    .fetch_metadata(Some(topic), Duration::from_secs(10))
+                    .ok()
+                    .and_then(|m| {
+                        let t = m.topics().iter().find(|t| t.name() == topic.as_str())?;
+                        (t.error().is_none() && !t.partitions().is_empty()).then_some(())
+                    })
+                    .is_none()
+            });
+            let Some(topic) = missing else {
+                return Ok(());
+            };
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(PublishError::Metadata {
+                    topic: topic.clone(),
+                    source: KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .map_err(|_| PublishError::Cancelled)?
 }
 
 /// True for errors that retrying with a fresh producer can cure (broker away, timeouts, leader

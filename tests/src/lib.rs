@@ -860,6 +860,24 @@ pub async fn read_topic_from(
     Ok(out)
 }
 
+/// The first record of `topic` (partition 0 first), within `timeout`.
+pub async fn read_first(stack: &Stack, topic: &str, timeout: Duration) -> anyhow::Result<Received> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka_brokers)
+        .set("group.id", format!("t-read-{}", unique_suffix()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let m = tokio::time::timeout(timeout, consumer.recv())
+        .await
+        .with_context(|| format!("{topic}: no record within {timeout:?}"))??;
+    Received::of(&m)
+}
+
 /// Like [`read_topic`], and the topic must hold exactly `n` records: none missing, none extra.
 pub async fn read_exactly(
     stack: &Stack,

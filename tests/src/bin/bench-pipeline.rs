@@ -485,8 +485,8 @@ async fn main() -> anyhow::Result<()> {
 /// keys), produced with the reader's producer settings to a fresh topic: first send to last
 /// acknowledgement.
 async fn produce_limit(stack: &Stack, topic: &str, n: i64) -> anyhow::Result<f64> {
-    let sample = e2e::read_topic(stack, topic, 1, Duration::from_secs(30)).await?;
-    let value = serde_json::to_vec(sample[0].value.as_ref().context("a tombstone first")?)?;
+    let sample = e2e::read_first(stack, topic, Duration::from_secs(30)).await?;
+    let value = serde_json::to_vec(sample.value.as_ref().context("a tombstone first")?)?;
     let settings = cdc_reader::publish::KafkaSettings {
         brokers: stack.kafka_brokers.clone(),
         overrides: Vec::new(),
