@@ -483,12 +483,12 @@ fn read_to_end(
     let mut progress = std::time::Instant::now();
     while !open.is_empty() {
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                if open.contains(&m.partition()) {
-                    f(&m);
-                }
+            Some(Ok(m)) if open.contains(&m.partition()) => {
+                f(&m);
                 progress = std::time::Instant::now();
             }
+            // A partition already read to its end: neither handed on nor progress.
+            Some(Ok(_)) => {}
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 open.remove(&p);
                 progress = std::time::Instant::now();

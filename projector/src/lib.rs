@@ -393,7 +393,13 @@ impl Projector<'_> {
                     m = self.consumer.recv() => m.map(|m| m.detach()),
                     () = tokio::time::sleep_until(deadline) => break,
                 };
+                let before = batch.len();
                 self.take(next, &mut batch).await?;
+                // Records passed over (a rebalance since, past a replay's stop) keep coming
+                // without growing the batch: apply what is in hand once the wait is over.
+                if batch.len() == before && tokio::time::Instant::now() >= deadline {
+                    break;
+                }
             }
             if !self.flush(&mut batch).await? {
                 return Ok(false);

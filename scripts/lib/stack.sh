@@ -500,8 +500,8 @@ kafka_node_running() { pid_alive "$1/node-$2/kafka.pid"; }
 kafka_node_start() {
   local c=$1 n=$2 dir=$1/node-$2
   kafka_node_running "$c" "$n" && return
-  # Where this start's log lines begin, for kafka_node_wait.
-  stat -c %s "$dir/logs/server.log" 2>/dev/null >"$dir/logs/.start-offset" || echo 0 >"$dir/logs/.start-offset"
+  # Where this start's log lines begin, for kafka_node_wait (which removes the file once started).
+  stat -c %s "$dir/logs/server.log" 2>/dev/null >"$dir/logs/.starting" || echo 0 >"$dir/logs/.starting"
   start_process "$dir/kafka.pid" "$dir/logs/kafka.out" "$dir" "$JAVA" \
     "-Xms$KAFKA_HEAP" "-Xmx$KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
     -XX:InitiatingHeapOccupancyPercent=35 -Djava.awt.headless=true \
@@ -512,11 +512,20 @@ kafka_node_start() {
 # kafka_node_wait C N SECONDS: until node N logs that it started (it has then joined the quorum and
 # registered as a broker), or fails when it exits or the time passes.
 kafka_node_wait() {
-  local c=$1 n=$2 secs=$3 dir=$1/node-$2 from i
-  from=$(cat "$dir/logs/.start-offset" 2>/dev/null || echo 0)
+  local c=$1 n=$2 secs=$3 dir=$1/node-$2 from i size
+  # Started by an earlier call, and waited for then.
+  if [ ! -f "$dir/logs/.starting" ] && kafka_node_running "$c" "$n"; then return 0; fi
+  from=$(cat "$dir/logs/.starting" 2>/dev/null || echo 0)
   for ((i = 0; i < secs * 10; i++)); do
     kafka_node_running "$c" "$n" || { tail -n 30 "$dir/logs/server.log" "$dir/logs/kafka.out" >&2 2>/dev/null; die "Kafka node $n exited during start-up (log: $dir/logs/server.log)"; }
-    tail -c +"$((from + 1))" "$dir/logs/server.log" 2>/dev/null | grep -q 'Kafka Server started' && return 0
+    # A log rolled over since the start begins anew.
+    size=$(stat -c %s "$dir/logs/server.log" 2>/dev/null || echo 0)
+    [ "$size" -ge "$from" ] || from=0
+    # (Not `tail | grep -q`: under pipefail, tail's SIGPIPE would fail a match.)
+    if grep -q 'Kafka Server started' < <(tail -c +"$((from + 1))" "$dir/logs/server.log" 2>/dev/null); then
+      rm -f "$dir/logs/.starting"
+      return 0
+    fi
     sleep 0.1
   done
   tail -n 30 "$dir/logs/server.log" >&2 2>/dev/null
@@ -589,10 +598,21 @@ test_stack_start() {
   [ "$mode" = durable ] && mode=
   ensure_postgres
   ensure_kafka
+  # Nothing listens on these until the processes start: draw until the ranges do not overlap.
+  local k1 k3=0
   pg_port=$(free_port)
+  k1=$(free_ports 2)
+  while [ "$pg_port" -ge "$k1" ] && [ "$pg_port" -le $((k1 + 1)) ]; do k1=$(free_ports 2); done
+  if [ -n "$cluster" ]; then
+    k3=$(free_ports 6)
+    while { [ "$pg_port" -ge "$k3" ] && [ "$pg_port" -le $((k3 + 5)) ]; } \
+      || { [ $((k1 + 1)) -ge "$k3" ] && [ "$k1" -le $((k3 + 5)) ]; }; do
+      k3=$(free_ports 6)
+    done
+  fi
   pg_init "$stack/postgres" "$pg_port" $mode
-  kafka_cluster_init "$stack/kafka" 1 "$(free_ports 2)"
-  [ -z "$cluster" ] || kafka_cluster_init "$stack/kafka-cluster" 3 "$(free_ports 6)"
+  kafka_cluster_init "$stack/kafka" 1 "$k1"
+  [ -z "$cluster" ] || kafka_cluster_init "$stack/kafka-cluster" 3 "$k3"
   # Every JVM starts at once; PostgreSQL meanwhile.
   kafka_node_start "$stack/kafka" 1
   if [ -n "$cluster" ]; then

@@ -249,15 +249,30 @@ async fn chaos_short_run_finds_no_violation() {
     assert!(summary.violations.is_empty(), "{}", summary.json());
 }
 
-/// A free TCP port on 127.0.0.1 whose next port is free too (Kafka's controller takes it).
-fn free_port_pair() -> u16 {
-    loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
+/// `n` free TCP ports on 127.0.0.1, each with its next port free too (Kafka's controller takes it),
+/// none overlapping. Below the kernel's ephemeral range, so that no outgoing connection takes one
+/// before its server binds it; held until all are chosen.
+fn free_port_pairs(n: usize) -> Vec<u16> {
+    use rand::Rng;
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .filter(|l| *l > 12_000)
+        .unwrap_or(32_768);
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        let port = rand::rng().random_range(10_000..low - 1);
+        let (Ok(a), Ok(b)) = (
+            std::net::TcpListener::bind(("127.0.0.1", port)),
+            std::net::TcpListener::bind(("127.0.0.1", port + 1)),
+        ) else {
+            continue;
+        };
+        held.push((a, b));
+        ports.push(port);
     }
+    ports
 }
 
 /// `scripts/dev ARGS` on the dev stack in `env`; its output goes to the test's output.
@@ -285,20 +300,24 @@ async fn dev_start_brings_killed_services_back_healthy_every_time() {
         .parent()
         .unwrap()
         .to_path_buf();
-    let pg_port = free_port_pair();
+    let ports = free_port_pairs(6);
+    let pg_port = ports[0];
     let mut env: Vec<(String, String)> = vec![
         ("CDC_DEV_DIR".into(), dir.display().to_string()),
         ("CDC_DEV_BIN_DIR".into(), bin.display().to_string()),
-        ("DEV_PG_PORT".into(), pg_port.to_string()),
-        ("DEV_KAFKA_PORT".into(), free_port_pair().to_string()),
     ];
-    for var in [
+    for (var, port) in [
+        "DEV_PG_PORT",
+        "DEV_KAFKA_PORT",
         "DEV_USER_API_PORT",
         "DEV_POST_API_PORT",
         "DEV_CDC_READER_PORT",
         "DEV_PROJECTOR_PORT",
-    ] {
-        env.push((var.into(), free_port_pair().to_string()));
+    ]
+    .into_iter()
+    .zip(&ports)
+    {
+        env.push((var.into(), port.to_string()));
     }
     let result = async {
         dev(&env, &["up"]).await?;
@@ -348,8 +367,7 @@ async fn dev_start_brings_killed_services_back_healthy_every_time() {
         eprintln!("slowest restart to healthy: {slowest:?}");
         stop.cancel();
         let n = usize::try_from(load.await??)?;
-        let kafka = (pg_port, env[3].1.clone());
-        let brokers = format!("127.0.0.1:{}", kafka.1);
+        let brokers = format!("127.0.0.1:{}", ports[1]);
         // The check `up` ran wrote one create, delete and tombstone before the load.
         let records = e2e::read_topic_from(&brokers, "user-events", n + 3, WAIT).await?;
         let created: BTreeSet<String> = records
