@@ -106,21 +106,39 @@ impl Disruptive {
     }
 }
 
-/// The node id of the leader of `topic`'s `partition`, as the cluster's metadata says.
-pub fn partition_leader(brokers: &str, topic: &str, partition: i32) -> anyhow::Result<i32> {
+/// Per partition of `topic`, as the cluster's metadata says: (partition, leader, in-sync replicas).
+fn partition_states(brokers: &str, topic: &str) -> anyhow::Result<Vec<(i32, i32, usize)>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    metadata
+    Ok(metadata
         .topics()
         .iter()
-        .find(|t| t.name() == topic)
-        .and_then(|t| t.partitions().iter().find(|p| p.id() == partition))
-        .map(|p| p.leader())
-        .filter(|l| *l >= 0)
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions())
+        .map(|p| (p.id(), p.leader(), p.isr().len()))
+        .collect())
+}
+
+/// The node id of the leader of `topic`'s `partition`, as the cluster's metadata says.
+pub fn partition_leader(brokers: &str, topic: &str, partition: i32) -> anyhow::Result<i32> {
+    partition_states(brokers, topic)?
+        .into_iter()
+        .find(|(p, leader, _)| *p == partition && *leader >= 0)
+        .map(|(_, leader, _)| leader)
         .with_context(|| format!("{topic} [{partition}] has no leader"))
+}
+
+/// Whether every partition of `topic` has a leader and `replicas` in-sync replicas (what a rolling
+/// restart waits for before it takes the next node down).
+pub fn fully_in_sync(brokers: &str, topic: &str, replicas: usize) -> anyhow::Result<bool> {
+    let states = partition_states(brokers, topic)?;
+    Ok(!states.is_empty()
+        && states
+            .iter()
+            .all(|(_, leader, isr)| *leader >= 0 && *isr == replicas))
 }
 
 /// Sends the logs of the services under test to the test's output (shown for failed tests), filtered

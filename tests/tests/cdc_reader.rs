@@ -1054,22 +1054,11 @@ async fn a_topic_whose_partition_count_changed_stops_the_reader() {
         .await
         .unwrap()
         .expect_err("the reader published on after the partition count changed");
-    let text = e2e_error_chain(&error);
+    let text = service::error_chain(&error);
     assert!(
         text.contains("has 3 partitions") && text.contains("with 1"),
         "{text}"
     );
     // Nothing was published after the change.
     assert_eq!(read_topic(&stack, &topic, 1, WAIT).await.unwrap().len(), 1);
-}
-
-fn e2e_error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

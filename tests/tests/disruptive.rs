@@ -56,6 +56,50 @@ async fn setup(prefix: &str, brokers: &str, partitions: i32) -> (Pipeline, Proje
     (p, projector)
 }
 
+/// A reader and a projector on `brokers` (see [`setup`]) under [`steady_load`], once the first
+/// changes reached the views.
+async fn setup_under_load(
+    prefix: &str,
+    brokers: &str,
+    partitions: i32,
+) -> (
+    Pipeline,
+    Projector,
+    CancellationToken,
+    tokio::task::JoinHandle<i64>,
+) {
+    let (p, projector) = setup(prefix, brokers, partitions).await;
+    let stop = CancellationToken::new();
+    let load = steady_load(&p.user_db, "load", 5, stop.clone());
+    e2e::wait_for("the first changes in the views", WAIT, || async {
+        Ok((projector.metric("projector_events_total").await? >= 100.0).then_some(()))
+    })
+    .await
+    .unwrap();
+    (p, projector, stop, load)
+}
+
+/// Stops the load; every row it wrote (and `extra` rows inserted besides) must then be in the
+/// topic once and the views equal the source.
+async fn finish_load(
+    p: Pipeline,
+    projector: Projector,
+    stop: CancellationToken,
+    load: tokio::task::JoinHandle<i64>,
+    extra: usize,
+) {
+    stop.cancel();
+    let n = usize::try_from(load.await.unwrap()).unwrap() + extra;
+    assert_eq!(
+        emails(&p.stack, &p.topic, n).await.len(),
+        n,
+        "a change was lost"
+    );
+    p.converged(WAIT).await.unwrap();
+    projector.stop().await.unwrap();
+    p.reader.stop().await.unwrap();
+}
+
 /// Steady writes: `per_tx` rows a transaction, a transaction every 20 ms, each row's email tagged
 /// `tag`, until `stop`. Returns the rows committed.
 fn steady_load(
@@ -118,27 +162,30 @@ async fn postgres_restarts_fast_and_immediate_lose_nothing() {
 #[tokio::test]
 async fn kafka_killed_under_load_loses_and_doubles_nothing() {
     let control = Control::from_env();
-    let (p, projector) = setup("kafka_kill", &Stack::from_env().kafka_brokers, 1).await;
-    let (stack, db, topic) = (&p.stack, &p.user_db, &p.topic);
-    let stop = CancellationToken::new();
-    let load = steady_load(db, "load", 5, stop.clone());
-    e2e::wait_for("the first changes in the views", WAIT, || async {
-        Ok((projector.metric("projector_events_total").await? >= 100.0).then_some(()))
-    })
-    .await
-    .unwrap();
+    let (p, projector, stop, load) =
+        setup_under_load("kafka_kill", &Stack::from_env().kafka_brokers, 1).await;
+    let db = &p.user_db;
 
     control.kafka(Kafka::Single, "kill", 1).await.unwrap();
-    // A WAL position written while Kafka is away: a reader that confirmed it would have moved
-    // the slot past changes Kafka never acknowledged.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let client = db.client().await.unwrap();
-    let written: String = client
+    // A WAL position inside a transaction committed while Kafka is away: its commit comes after
+    // it, so a reader that confirmed this position would have moved the slot past changes Kafka
+    // never acknowledged.
+    let mut client = db.client().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO users (name, email, department) VALUES ('O', 'outage@example.org', 'D')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let written: String = tx
         .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);
-    tokio::time::sleep(Duration::from_secs(18)).await;
+    tx.commit().await.unwrap();
+    // The outage itself, the load going on.
+    tokio::time::sleep(Duration::from_secs(20)).await;
     let row = client
         .query_one(
             "SELECT confirmed_flush_lsn < $2::text::pg_lsn, \
@@ -160,12 +207,8 @@ async fn kafka_killed_under_load_loses_and_doubles_nothing() {
         "cdc_reader_slot_lag_bytes {reported} < the {held_back} bytes held back"
     );
 
+    // Kafka back while the load goes on: the backlog is confirmed once delivered.
     control.kafka(Kafka::Single, "start", 1).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    stop.cancel();
-    let written_rows = load.await.unwrap();
-    let n = usize::try_from(written_rows).unwrap();
-    assert_eq!(emails(stack, topic, n).await.len(), n, "a change was lost");
     e2e::wait_for("the slot to pass the outage", WAIT, || async {
         let row = client
             .query_one(
@@ -177,9 +220,8 @@ async fn kafka_killed_under_load_loses_and_doubles_nothing() {
     })
     .await
     .unwrap();
-    p.converged(WAIT).await.unwrap();
-    projector.stop().await.unwrap();
-    p.reader.stop().await.unwrap();
+    // Counted with the load's rows: the row written in the outage must be there once too.
+    finish_load(p, projector, stop, load, 1).await;
 }
 
 /// On the three-node cluster, under steady writes: the leader of a partition killed with SIGKILL
@@ -188,15 +230,14 @@ async fn kafka_killed_under_load_loses_and_doubles_nothing() {
 #[tokio::test]
 async fn cluster_leader_kill_and_rolling_restart_lose_and_double_nothing() {
     let d = Disruptive::from_env();
-    let (p, projector) = setup("cluster", &d.cluster_brokers, 3).await;
-    let (stack, db, topic) = (&p.stack, &p.user_db, &p.topic);
-    let stop = CancellationToken::new();
-    let load = steady_load(db, "load", 5, stop.clone());
-    e2e::wait_for("the first changes in the views", WAIT, || async {
-        Ok((projector.metric("projector_events_total").await? >= 100.0).then_some(()))
-    })
-    .await
-    .unwrap();
+    let (p, projector, stop, load) = setup_under_load("cluster", &d.cluster_brokers, 3).await;
+    let topic = &p.topic;
+    let in_sync = || async {
+        e2e::wait_for("every partition back in sync on 3 nodes", WAIT, || async {
+            Ok(e2e::fully_in_sync(&d.cluster_brokers, topic, 3)?.then_some(()))
+        })
+        .await
+    };
 
     let leader = e2e::partition_leader(&d.cluster_brokers, topic, 0).unwrap();
     eprintln!("killing node {leader}, the leader of {topic} [0]");
@@ -209,6 +250,7 @@ async fn cluster_leader_kill_and_rolling_restart_lose_and_double_nothing() {
         .kafka(Kafka::Cluster, "start", leader)
         .await
         .unwrap();
+    in_sync().await.unwrap();
     for node in 1..=3 {
         eprintln!("rolling restart: node {node}");
         d.control.kafka(Kafka::Cluster, "stop", node).await.unwrap();
@@ -216,16 +258,11 @@ async fn cluster_leader_kill_and_rolling_restart_lose_and_double_nothing() {
             .kafka(Kafka::Cluster, "start", node)
             .await
             .unwrap();
-        // The restarted node catches up before the next one goes (as a rolling restart waits
-        // for under-replicated partitions to clear).
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        // As a rolling restart does: the next node goes only once no partition is
+        // under-replicated.
+        in_sync().await.unwrap();
     }
-    stop.cancel();
-    let n = usize::try_from(load.await.unwrap()).unwrap();
-    assert_eq!(emails(stack, topic, n).await.len(), n, "a change was lost");
-    p.converged(WAIT).await.unwrap();
-    projector.stop().await.unwrap();
-    p.reader.stop().await.unwrap();
+    finish_load(p, projector, stop, load, 0).await;
 }
 
 /// `scripts/chaos` in its short mode: SIGKILLs of the reader and the projector under a mixed

@@ -218,6 +218,27 @@ async fn bad_events_go_to_the_dead_letter_topic_and_the_projector_keeps_going() 
     p.reader.stop().await.unwrap();
 }
 
+/// Random workloads against `p`'s user_db until the token is cancelled.
+async fn keep_writing(
+    p: &Pipeline,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let writer = p.user_db.client().await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let workload = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            while !stop.is_cancelled() {
+                random_workload(&writer, 5, 40).await?;
+            }
+            anyhow::Ok(())
+        }
+    });
+    (stop, workload)
+}
+
 /// The projector binary as a child process, so it can be killed with SIGKILL.
 async fn spawn_projector(config: &projector::Config) -> tokio::process::Child {
     tokio::process::Command::new(e2e::workspace_binary("projector").unwrap())
@@ -246,17 +267,7 @@ async fn a_projector_killed_mid_batch_neither_loses_nor_doubles() {
     let config = p.projector_config();
     let mut child = spawn_projector(&config).await;
     // Writes go on for the whole test, so every kill lands in a stream of batches.
-    let writer = p.user_db.client().await.unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let workload = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            while !stop.is_cancelled() {
-                random_workload(&writer, 5, 40).await?;
-            }
-            anyhow::Ok(())
-        }
-    });
+    let (stop, workload) = keep_writing(&p).await;
     let views = p.view_db.client().await.unwrap();
     let applied = || async {
         views
@@ -420,17 +431,7 @@ async fn three_projectors_share_the_partitions_and_survive_a_member_killed_mid_b
     for _ in 0..3 {
         members.push(spawn_projector(&config).await);
     }
-    let writer = p.user_db.client().await.unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let workload = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            while !stop.is_cancelled() {
-                random_workload(&writer, 5, 40).await?;
-            }
-            anyhow::Ok(())
-        }
-    });
+    let (stop, workload) = keep_writing(&p).await;
     // The group has settled when three members hold two partitions each (the sticky assignor
     // balances them).
     let brokers = config.kafka_brokers.clone();
@@ -472,7 +473,13 @@ async fn three_projectors_share_the_partitions_and_survive_a_member_killed_mid_b
     .await
     .unwrap();
     assert_eq!(shares, [3, 3]);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The two go on applying the running workload before it stops.
+    let before = applied().await;
+    e2e::wait_for("the two members to apply more", WAIT, || async {
+        Ok((applied().await > before).then_some(()))
+    })
+    .await
+    .unwrap();
     stop.cancel();
     workload.await.unwrap().unwrap();
     p.converged(Duration::from_secs(120)).await.unwrap();

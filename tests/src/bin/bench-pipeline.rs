@@ -93,15 +93,7 @@ impl Service {
 
     /// (CPU seconds, peak RSS in MB) so far.
     fn usage(&self) -> (f64, f64) {
-        let cpu = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
-            .ok()
-            .and_then(|s| {
-                let rest = s.rsplit(')').next()?.to_owned();
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-                Some((tick(11) + tick(12)) / 100.0)
-            })
-            .unwrap_or(0.0);
+        let cpu = cpu_of(self.pid);
         let rss_kb: f64 = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
             .ok()
             .and_then(|s| {
