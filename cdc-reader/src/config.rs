@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::publish::KafkaSettings;
+use crate::publish::{Delivery, KafkaSettings};
 
 #[derive(clap::Args, Clone)]
 pub struct Config {
@@ -76,7 +76,34 @@ pub struct Config {
     )]
     pub topic_config: Vec<String>,
 
-    /// Most records sent to Kafka and not yet acknowledged; reading the WAL pauses above it.
+    /// What the reader guarantees: `exactly-once` commits records in Kafka transactions together
+    /// with its resume position (consumers read with `isolation.level=read_committed`);
+    /// `at-least-once` uses the idempotent producer alone, for brokers without transactions
+    /// (after a failure, records may appear twice).
+    #[arg(long, env = "CDC_READER_DELIVERY", value_enum, default_value_t = Delivery::ExactlyOnce)]
+    pub delivery: Delivery,
+
+    /// The producer's `transactional.id`, also the key of the reader's committed position
+    /// (default `cdc-reader.<server name>.<slot>`). Stable across restarts: a restarted or second
+    /// reader fences the previous one. Must differ between readers sharing a Kafka cluster.
+    #[arg(long, env = "CDC_READER_TRANSACTIONAL_ID")]
+    pub transactional_id: Option<String>,
+
+    /// Compacted topic holding every reader's committed position (created with one partition).
+    #[arg(
+        long,
+        env = "CDC_READER_POSITION_TOPIC",
+        default_value = "cdc-reader-positions"
+    )]
+    pub position_topic: String,
+
+    /// Longest time a Kafka transaction stays open collecting source transactions before it is
+    /// committed, in milliseconds (it is committed sooner when the WAL has nothing more to read).
+    #[arg(long, env = "CDC_READER_COMMIT_INTERVAL_MS", default_value_t = 100)]
+    pub commit_interval_ms: u64,
+
+    /// Most records in one Kafka transaction; a source transaction larger than this is split
+    /// across Kafka transactions (at a record it resumes exactly after).
     #[arg(long, env = "CDC_READER_MAX_IN_FLIGHT", default_value_t = 50_000)]
     pub max_in_flight: usize,
 
@@ -141,17 +168,18 @@ pub enum ConfigError {
     Guarantee(String),
 }
 
-/// Producer settings the no-loss, in-order delivery depends on; not overridable.
+/// Producer settings the no-loss, once-only, in-order delivery depends on; not overridable.
 const PROTECTED: [&str; 8] = [
     "enable.idempotence",
     "acks",
     "request.required.acks",
     "max.in.flight.requests.per.connection",
     "bootstrap.servers",
-    // No duplicates across restarts: records settle within the session-end wait.
-    "message.timeout.ms",
-    "delivery.timeout.ms",
+    // Has its own flag (it is also the key of the committed position).
+    "transactional.id",
+    // Keys must keep their partition (the partition count is checked, the placement is this).
     "partitioner",
+    "partitioner.class",
 ];
 
 impl Config {
@@ -238,7 +266,18 @@ impl Config {
             topic_partitions: self.topic_partitions,
             topic_replication_factor: self.topic_replication_factor,
             topic_config,
+            delivery: self.delivery,
+            transactional_id: self
+                .transactional_id
+                .clone()
+                .filter(|id| !id.trim().is_empty())
+                .unwrap_or_else(|| format!("cdc-reader.{}.{}", self.server_name, self.slot)),
+            position_topic: self.position_topic.clone(),
         })
+    }
+
+    pub fn commit_interval(&self) -> Duration {
+        Duration::from_millis(self.commit_interval_ms)
     }
 
     pub fn status_interval(&self) -> Duration {
@@ -275,6 +314,15 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.tables, ["public.users"]);
         assert_eq!(c.captured_topics().unwrap(), ["user-events"]);
+        let kafka = c.kafka().unwrap();
+        assert_eq!(kafka.delivery, Delivery::ExactlyOnce);
+        assert_eq!(kafka.transactional_id, "cdc-reader.cdc.cdc_reader");
+        assert_eq!(kafka.position_topic, "cdc-reader-positions");
+        let bad = parse(&["--producer-config", "transactional.id=x"]);
+        assert_eq!(
+            bad.validate(),
+            Err(ConfigError::Guarantee("transactional.id".into()))
+        );
     }
 
     #[test]

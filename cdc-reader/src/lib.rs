@@ -9,7 +9,7 @@
 //! - [`decode`]: pgoutput protocol v1 bytes → typed messages; pure, never panics.
 //! - [`values`]: column values in text form → natural JSON; pure.
 //! - [`envelope`]: decoded changes → Kafka records in the change-event format; pure.
-//! - [`publish`]: idempotent producer; releases transaction ends in order once acknowledged.
+//! - [`publish`]: the transactional producer: Kafka transactions with the resume position inside.
 //! - [`stream`]: the replication session and the progress rule (what may be confirmed, when).
 //! - [`snapshot`]: the initial snapshot under the slot's exported snapshot, as `op: "r"` events.
 //! - [`setup`]: publication, slot and catalog lookups over plain SQL.

@@ -202,8 +202,7 @@ fn replay_main(args: ReplayArgs) -> anyhow::Result<()> {
         };
         replay::request(db, &slot, from, window.current).await?;
         eprintln!(
-            "asked the reader of slot {slot} to stream again from {} (up to {}); Kafka gets only \
-             what it lacks",
+            "asked the reader of slot {slot} to publish the changes from {} (up to {}) again",
             change_event::format_lsn(from),
             change_event::format_lsn(window.current)
         );
@@ -216,11 +215,7 @@ fn replay_main(args: ReplayArgs) -> anyhow::Result<()> {
                 Ok(Progress {
                     taken: status.started,
                     outcome: status.outcome,
-                    summary: format!(
-                        "{} records Kafka had already (not sent again), {} sent",
-                        status.skipped.unwrap_or(0),
-                        status.sent.unwrap_or(0)
-                    ),
+                    summary: format!("{} records sent again", status.sent.unwrap_or(0)),
                 })
             })
         });

@@ -1,36 +1,42 @@
-//! Publishing to Kafka with acknowledgement tracking, without duplicates across restarts.
+//! Publishing to Kafka: records of whole source transactions, committed in Kafka transactions
+//! together with the reader's resume position.
 //!
-//! Records are sent asynchronously (many in flight, no round trip per record) by an idempotent
-//! producer (`enable.idempotence=true`, `acks=all`). Every send and every transaction end is queued
-//! in stream order; the queue is drained in that order, so when a transaction-end marker comes out,
-//! Kafka has acknowledged every record of that transaction and of every transaction before it. That
-//! end LSN, and only that, may be confirmed to PostgreSQL.
+//! **Exactly once** (the default, [`Delivery::ExactlyOnce`]). The producer is transactional; its
+//! `transactional.id` is derived from the slot, so a restarted reader (or a second one) fences the
+//! old producer and aborts what it left open. Records go out asynchronously inside an open Kafka
+//! transaction, which many source transactions share; the stream commits it (see
+//! [`Publisher::commit`]) together with a record in the position topic that says where the stream
+//! resumes: the end LSN of the last source transaction wholly inside, and, when a very large source
+//! transaction was split across Kafka transactions, the position of its last record already in.
+//! A consumer with `isolation.level=read_committed` sees either all of a Kafka transaction or none
+//! of it. Only after the commit is the end LSN confirmed to PostgreSQL. A session that fails aborts
+//! its transaction; the next one reads the committed position ([`Publisher::committed`]) and
+//! resumes from there, skipping records at or below a split position: nothing is lost, nothing is
+//! doubled, whatever the broker did meanwhile (paused, failed over, records timed out).
 //!
-//! No duplicates: a change sent but not yet confirmed when a session ends is streamed again by the
-//! next one. Each record carries its [`RecordPosition`] (header `cdc.position`), and the reader
-//! chooses each record's partition itself (murmur2 of the key, as Java clients do), so at the start
-//! of a session [`Publisher::learn_tails`] reads the last record of every partition and `send`
-//! skips every record at or below it. That is exact because two things hold: one reader owns a slot
-//! (the advisory lock of `setup::lock_slot`), and within a partition records are written in
-//! position order (one producer, idempotent, in stream order, and a session starts only after the
-//! previous one's records were all settled, see [`Publisher::settle`]).
+//! **At least once** ([`Delivery::AtLeastOnce`], for brokers without transactions). The same
+//! batches, idempotent producer only: a batch ends by waiting until every record of it is
+//! delivered. After a failure the next session sends again what was not confirmed: nothing is
+//! lost, records may appear twice.
+//!
+//! Keys are placed by librdkafka's `murmur2_random` partitioner, the placement of Java clients'
+//! default partitioner for keyed records (tested against Kafka's murmur2 vectors).
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
-use futures_util::stream::FuturesOrdered;
-use futures_util::{FutureExt, StreamExt};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::config::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::message::{DeliveryResult, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 use service::kafka::TracingContext;
-
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::decode::Lsn;
 use crate::envelope::{Record, RecordPosition};
@@ -53,15 +59,14 @@ pub enum PublishError {
     },
     #[error("Kafka did not accept a record")]
     Delivery(#[source] KafkaError),
-    #[error("the producer went away before reporting a delivery")]
-    Cancelled,
-    #[error("reading the last record of {topic} [{partition}] failed")]
-    Tail {
-        topic: String,
-        partition: i32,
+    #[error("{action} the Kafka transaction failed")]
+    Transaction {
+        action: &'static str,
         #[source]
         source: KafkaError,
     },
+    #[error("the producer went away before reporting a delivery")]
+    Cancelled,
     #[error("reading {topic} [{partition}] back failed")]
     ReadBack {
         topic: String,
@@ -69,6 +74,22 @@ pub enum PublishError {
         #[source]
         source: KafkaError,
     },
+    #[error("the committed position of {key} in {topic} is not readable: {value:?}")]
+    Position {
+        topic: String,
+        key: String,
+        value: String,
+    },
+}
+
+/// What a committed Kafka batch guarantees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Delivery {
+    // Kafka transactions with the resume position inside: every change once. (Plain comments:
+    // documented variants would change the layout of `--help`, which tests and docs read.)
+    ExactlyOnce,
+    // Idempotent producer only, for brokers without transactions: every change at least once.
+    AtLeastOnce,
 }
 
 /// Producer settings: brokers plus librdkafka properties that override the defaults.
@@ -81,33 +102,123 @@ pub struct KafkaSettings {
     pub topic_replication_factor: i32,
     /// Settings of the topics the reader creates (`retention.ms`, `cleanup.policy`, ...).
     pub topic_config: Vec<(String, String)>,
+    pub delivery: Delivery,
+    /// The producer's `transactional.id`, which is also the key of its committed position.
+    pub transactional_id: String,
+    /// The compacted topic that holds committed positions.
+    pub position_topic: String,
 }
 
-type Pending = BoxFuture<'static, Result<Option<Lsn>, PublishError>>;
+/// Where a stream resumes, as committed with the records it covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// End LSN of the last source transaction wholly in Kafka: streaming resumes here.
+    pub end_lsn: Lsn,
+    /// Set when the source transaction after `end_lsn` was split: its records up to this one are
+    /// in Kafka and are not sent again.
+    pub position: Option<RecordPosition>,
+}
 
-/// Sends records and reports, in stream order, which transaction ends Kafka fully acknowledged.
+impl Committed {
+    fn to_json(self, key: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "transactional_id": key,
+            "end_lsn": change_event::format_lsn(self.end_lsn),
+            "position": self.position.map(|p| p.header_value()),
+        }))
+        .unwrap_or_default()
+    }
+
+    fn parse(value: &[u8]) -> Option<Self> {
+        let v: serde_json::Value = serde_json::from_slice(value).ok()?;
+        let end_lsn = change_event::parse_lsn(v["end_lsn"].as_str()?)?;
+        let position = match &v["position"] {
+            serde_json::Value::Null => None,
+            p => Some(RecordPosition::parse(p.as_str()?)?),
+        };
+        Some(Committed { end_lsn, position })
+    }
+}
+
+/// The producer's context: librdkafka's logs into `tracing`, and the first failed delivery kept
+/// (the batch it belongs to must not be confirmed).
+#[derive(Debug, Default)]
+pub struct DeliveryContext {
+    failures: AtomicU64,
+    first_failure: Mutex<Option<KafkaError>>,
+}
+
+impl ClientContext for DeliveryContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        service::kafka::log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        service::kafka::client_error(&error, reason);
+    }
+}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, (): ()) {
+        if let Err((error, _)) = result {
+            if self.failures.fetch_add(1, Ordering::Relaxed) == 0 {
+                if let Ok(mut first) = self.first_failure.lock() {
+                    *first = Some(error.clone());
+                }
+            }
+        }
+    }
+}
+
+impl DeliveryContext {
+    /// The first failed delivery, if any record failed.
+    fn failure(&self) -> Option<PublishError> {
+        if self.failures.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let first = self.first_failure.lock().ok().and_then(|f| f.clone());
+        Some(PublishError::Delivery(first.unwrap_or(
+            KafkaError::MessageProduction(RDKafkaErrorCode::Fail),
+        )))
+    }
+}
+
+type Client = ThreadedProducer<DeliveryContext>;
+
+/// The open Kafka transaction (or, at least once, the unconfirmed batch).
+#[derive(Debug)]
+struct Open {
+    began: Instant,
+    records: usize,
+}
+
+/// Sends records in Kafka transactions (see the module documentation).
 pub struct Publisher {
-    producer: FutureProducer<TracingContext>,
-    pending: FuturesOrdered<Pending>,
-    records_in_flight: usize,
+    producer: Arc<Client>,
+    delivery: Delivery,
+    transactional_id: String,
+    position_topic: String,
     partitions: HashMap<String, i32>,
-    /// Highest transaction end released while `send` waited for room in librdkafka's queue.
-    released: Option<Lsn>,
-    /// Per (topic, partition): the position of the last record already there, at session start.
-    tails: HashMap<(String, i32), RecordPosition>,
-    /// Records skipped because their partition already had them.
+    open: Option<Open>,
+    /// Records at or below this position are in Kafka already (a split source transaction).
+    skip_through: Option<RecordPosition>,
+    /// Records not sent because the committed position says Kafka has them.
     pub skipped: u64,
 }
 
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Publisher")
-            .field("records_in_flight", &self.records_in_flight)
+            .field("delivery", &self.delivery)
+            .field("open", &self.open)
             .finish_non_exhaustive()
     }
 }
 
-/// The producer settings of the reader (public for the benchmark's produce limit).
+/// The idempotent producer settings every reader producer starts from (public for the benchmark's
+/// produce limit).
 pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
@@ -118,11 +229,8 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000")
         .set("compression.type", "lz4")
-        // The reader picks partitions itself (see `partition_of`); this only makes any record
-        // without one land where a Java producer would put it.
+        // Keyed records land where a Java producer would put them: murmur2 of the key.
         .set("partitioner", "murmur2_random")
-        // A record is delivered or failed within this; a session end waits that long at most
-        // (stream::SETTLE_LIMIT) so none of its records lands after the next session began.
         .set("message.timeout.ms", "50000");
     for (k, v) in &settings.overrides {
         config.set(k, v);
@@ -130,125 +238,289 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// How long a commit (or, at least once, the wait for a batch's deliveries) may take.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Publisher {
-    pub fn new(settings: &KafkaSettings) -> Result<Self, PublishError> {
-        let producer = client_config(settings)
-            .create_with_context(TracingContext)
+    /// A producer for one session. Exactly once, it registers its `transactional.id`, which
+    /// fences any earlier producer of the same id and ends (aborts) what that one left open.
+    pub async fn new(settings: &KafkaSettings) -> Result<Self, PublishError> {
+        let mut config = client_config(settings);
+        if settings.delivery == Delivery::ExactlyOnce {
+            config
+                .set("transactional.id", &settings.transactional_id)
+                .set("transaction.timeout.ms", "60000");
+        }
+        let producer: Client = config
+            .create_with_context(DeliveryContext::default())
             .map_err(PublishError::Client)?;
+        let producer = Arc::new(producer);
+        if settings.delivery == Delivery::ExactlyOnce {
+            let p = producer.clone();
+            blocking(move || p.init_transactions(COMMIT_TIMEOUT))
+                .await?
+                .map_err(|source| PublishError::Transaction {
+                    action: "registering the transactional id of",
+                    source,
+                })?;
+        }
         Ok(Publisher {
             producer,
-            pending: FuturesOrdered::new(),
-            records_in_flight: 0,
+            delivery: settings.delivery,
+            transactional_id: settings.transactional_id.clone(),
+            position_topic: settings.position_topic.clone(),
             partitions: HashMap::new(),
-            released: None,
-            tails: HashMap::new(),
+            open: None,
+            skip_through: None,
             skipped: 0,
         })
     }
 
-    /// Records sent and not yet acknowledged.
-    pub fn records_in_flight(&self) -> usize {
-        self.records_in_flight
+    pub fn delivery(&self) -> Delivery {
+        self.delivery
     }
 
-    /// True when nothing (record or marker) is waiting.
+    /// The position committed last with this publisher's `transactional.id` (exactly once; at
+    /// least once there is none). Read after [`Publisher::new`], when nothing of an earlier
+    /// producer is open any more.
+    pub async fn committed(
+        &self,
+        settings: &KafkaSettings,
+    ) -> Result<Option<Committed>, PublishError> {
+        if self.delivery != Delivery::ExactlyOnce {
+            return Ok(None);
+        }
+        let key = self.transactional_id.clone();
+        let topic = self.position_topic.clone();
+        let brokers = settings.brokers.clone();
+        blocking(move || {
+            let consumer = reading_consumer(&brokers)?;
+            let metadata = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .map_err(|source| PublishError::Metadata {
+                    topic: topic.clone(),
+                    source,
+                })?;
+            let partitions = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .map(|t| t.partitions().len())
+                .unwrap_or(0);
+            let starts: Vec<(i32, i64)> = (0..i32::try_from(partitions).unwrap_or(0))
+                .map(|p| (p, 0))
+                .collect();
+            let mut last: Option<Option<Vec<u8>>> = None;
+            read_to_end(&consumer, &topic, &starts, |m| {
+                if m.key() == Some(key.as_bytes()) {
+                    last = Some(m.payload().map(<[u8]>::to_vec));
+                }
+            })
+            .map_err(|(partition, source)| PublishError::ReadBack {
+                topic: topic.clone(),
+                partition,
+                source,
+            })?;
+            match last {
+                None | Some(None) => Ok(None),
+                Some(Some(value)) => {
+                    Committed::parse(&value)
+                        .map(Some)
+                        .ok_or_else(|| PublishError::Position {
+                            topic: topic.clone(),
+                            key: key.clone(),
+                            value: String::from_utf8_lossy(&value).into_owned(),
+                        })
+                }
+            }
+        })
+        .await?
+    }
+
+    /// Records at or below `position` are not sent (Kafka has them from a split transaction).
+    pub fn skip_through(&mut self, position: Option<RecordPosition>) {
+        self.skip_through = position;
+    }
+
+    /// Records sent in the open transaction.
+    pub fn open_records(&self) -> usize {
+        self.open.as_ref().map_or(0, |o| o.records)
+    }
+
+    /// How long the open transaction has been open.
+    pub fn open_for(&self) -> Duration {
+        self.open
+            .as_ref()
+            .map_or(Duration::ZERO, |o| o.began.elapsed())
+    }
+
+    /// True when no transaction is open: everything sent is committed.
     pub fn is_idle(&self) -> bool {
-        self.pending.is_empty()
+        self.open.is_none()
     }
 
-    /// Queues `record` for sending (to every partition when it asks for that), unless its
-    /// partition already has it (see [`Publisher::learn_tails`]).
+    /// Sends `record` (to every partition when it asks for that) in the open transaction, opening
+    /// one if none is, unless Kafka has it already (see [`Publisher::skip_through`]).
     pub async fn send(&mut self, record: Record) -> Result<(), PublishError> {
-        let n = self.partition_count(&record.topic).await?;
+        if let Some(through) = self.skip_through {
+            if record.position <= through {
+                self.skipped += 1;
+                return Ok(());
+            }
+            tracing::info!(skipped = self.skipped, position = %through.header_value(),
+                "past the committed position inside a split transaction; publishing again");
+            self.skip_through = None;
+        }
         if record.all_partitions {
+            let n = self.partition_count(&record.topic).await?;
             for p in 0..n {
-                self.send_one(&record, p).await?;
+                self.send_one(&record, Some(p)).await?;
             }
             Ok(())
         } else {
-            let p = partition_of(record.key.as_deref().unwrap_or_default(), n);
-            self.send_one(&record, p).await
+            self.send_one(&record, None).await
         }
     }
 
-    async fn send_one(&mut self, record: &Record, partition: i32) -> Result<(), PublishError> {
-        if !self.tails.is_empty() {
-            let tail_key = (record.topic.clone(), partition);
-            if let Some(tail) = self.tails.get(&tail_key) {
-                if record.position <= *tail {
-                    self.skipped += 1;
-                    return Ok(());
-                }
-                // Past the tail: everything after is new in this partition.
-                tracing::info!(topic = %record.topic, partition, skipped = self.skipped,
-                    "caught up with what the partition already had; publishing again");
-                self.tails.remove(&tail_key);
+    fn begin(&mut self) -> Result<(), PublishError> {
+        if self.open.is_none() {
+            if self.delivery == Delivery::ExactlyOnce {
+                self.producer
+                    .begin_transaction()
+                    .map_err(|source| PublishError::Transaction {
+                        action: "beginning",
+                        source,
+                    })?;
             }
+            self.open = Some(Open {
+                began: Instant::now(),
+                records: 0,
+            });
         }
+        Ok(())
+    }
+
+    async fn send_one(
+        &mut self,
+        record: &Record,
+        partition: Option<i32>,
+    ) -> Result<(), PublishError> {
         let position = record.position.header_value();
-        let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&record.topic)
-            .partition(partition)
-            .headers(OwnedHeaders::new().insert(Header {
+        let mut r: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(&record.topic).headers(OwnedHeaders::new().insert(Header {
                 key: RecordPosition::HEADER,
                 value: Some(position.as_str()),
             }));
+        if let Some(p) = partition {
+            r = r.partition(p);
+        }
         if let Some(key) = &record.key {
             r = r.key(key);
         }
         if let Some(value) = &record.value {
             r = r.payload(value);
         }
-        // A full local queue (too many records or bytes waiting) is back-pressure: wait for the
-        // oldest delivery, keep any transaction end it releases, and try again.
-        let delivery = loop {
-            match self.producer.send_result(r) {
-                Ok(delivery) => break delivery,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
-                    if !self.pending.is_empty() =>
-                {
-                    r = back;
-                    if let Some(lsn) = self.next_ack().await? {
-                        self.released = Some(self.released.map_or(lsn, |l| l.max(lsn)));
-                    }
-                }
-                Err((e, _)) => return Err(PublishError::Delivery(e)),
-            }
-        };
-        self.records_in_flight += 1;
-        self.pending.push_back(
-            delivery
-                .map(|outcome| match outcome {
-                    Ok(Ok(_)) => Ok(None),
-                    Ok(Err((e, _))) => Err(PublishError::Delivery(e)),
-                    Err(_) => Err(PublishError::Cancelled),
-                })
-                .boxed(),
-        );
+        self.begin()?;
+        self.produce(r).await?;
+        if let Some(open) = &mut self.open {
+            open.records += 1;
+        }
         Ok(())
     }
 
-    /// The highest transaction end released while `send` waited for room, once.
-    pub fn take_released(&mut self) -> Option<Lsn> {
-        self.released.take()
-    }
-
-    /// Marks the end of a transaction whose records were all sent.
-    pub fn commit(&mut self, end_lsn: Lsn) {
-        self.pending
-            .push_back(futures_util::future::ready(Ok(Some(end_lsn))).boxed());
-    }
-
-    /// Waits for the next queued item: `Some(lsn)` when a transaction end is reached (everything up
-    /// to it acknowledged), `None` for an acknowledged record. Pending forever when idle.
-    pub async fn next_ack(&mut self) -> Result<Option<Lsn>, PublishError> {
-        match self.pending.next().await {
-            Some(result) => {
-                if matches!(result, Ok(None) | Err(_)) {
-                    self.records_in_flight = self.records_in_flight.saturating_sub(1);
-                }
-                result
+    /// Hands one record to librdkafka. A full local queue is back-pressure: wait for deliveries
+    /// to make room (a failed one ends the batch).
+    async fn produce(&self, mut r: BaseRecord<'_, [u8], [u8]>) -> Result<(), PublishError> {
+        loop {
+            if let Some(failure) = self.producer.context().failure() {
+                return Err(failure);
             }
-            None => std::future::pending().await,
+            match self.producer.send(r) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    r = back;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, _)) => return Err(PublishError::Delivery(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the open batch: exactly once, commits the transaction with `position` (where the
+    /// stream resumes) written into the position topic inside it; at least once, waits until every
+    /// record of it is delivered. Returns the records it held. On an error the transaction is
+    /// aborted (what it held never shows to `read_committed` consumers).
+    pub async fn commit(
+        &mut self,
+        position: Option<Committed>,
+        timeout: Duration,
+    ) -> Result<usize, PublishError> {
+        let Some(open) = self.open.take() else {
+            return Ok(0);
+        };
+        let result = match self.delivery {
+            Delivery::ExactlyOnce => {
+                if let Some(position) = position {
+                    let value = position.to_json(&self.transactional_id);
+                    let key = self.transactional_id.as_bytes();
+                    let r = BaseRecord::to(&self.position_topic)
+                        .key(key)
+                        .payload(&value[..]);
+                    if let Err(e) = self.produce(r).await {
+                        self.abort_open().await;
+                        return Err(e);
+                    }
+                }
+                let producer = self.producer.clone();
+                match blocking(move || producer.commit_transaction(timeout)).await? {
+                    Ok(()) => Ok(()),
+                    Err(source) => {
+                        self.abort_open().await;
+                        Err(self.producer.context().failure().unwrap_or(
+                            PublishError::Transaction {
+                                action: "committing",
+                                source,
+                            },
+                        ))
+                    }
+                }
+            }
+            Delivery::AtLeastOnce => {
+                let producer = self.producer.clone();
+                blocking(move || producer.flush(timeout))
+                    .await?
+                    .map_err(PublishError::Delivery)
+                    .and_then(|()| self.producer.context().failure().map_or(Ok(()), Err))
+            }
+        };
+        result.map(|()| open.records)
+    }
+
+    /// Aborts the open transaction, if any (a failed session's last act); at least once, drops
+    /// what librdkafka still holds.
+    pub async fn abort(&mut self) {
+        if self.open.take().is_some() {
+            self.abort_open().await;
+        }
+    }
+
+    async fn abort_open(&self) {
+        let producer = self.producer.clone();
+        let delivery = self.delivery;
+        let aborted = blocking(move || match delivery {
+            Delivery::ExactlyOnce => producer.abort_transaction(Duration::from_secs(10)),
+            Delivery::AtLeastOnce => {
+                producer.purge(rdkafka::producer::PurgeConfig::default().queue());
+                producer.flush(Duration::from_secs(5))
+            }
+        })
+        .await;
+        if !matches!(aborted, Ok(Ok(()))) {
+            tracing::warn!(
+                "the open Kafka transaction could not be aborted now; the next session's producer \
+                 aborts it when it registers (or the broker does after transaction.timeout.ms)"
+            );
         }
     }
 
@@ -271,13 +543,12 @@ impl Publisher {
         }
         let producer = self.producer.clone();
         let name = topic.to_owned();
-        let metadata = tokio::task::spawn_blocking(move || {
+        let metadata = blocking(move || {
             producer
                 .client()
                 .fetch_metadata(Some(&name), Duration::from_secs(10))
         })
-        .await
-        .map_err(|_| PublishError::Cancelled)?
+        .await?
         .map_err(|source| PublishError::Metadata {
             topic: topic.to_owned(),
             source,
@@ -299,42 +570,6 @@ impl Publisher {
         Ok(n)
     }
 
-    /// Reads the last record of every partition of `topics`; `send` then skips what is already
-    /// there. Call with nothing in flight (a fresh publisher). Returns how many partitions had one.
-    pub async fn learn_tails(
-        &mut self,
-        settings: &KafkaSettings,
-        topics: &[String],
-    ) -> Result<usize, PublishError> {
-        let mut work = Vec::new();
-        for topic in topics {
-            let n = self.partition_count(topic).await?;
-            work.extend((0..n).map(|p| (topic.clone(), p)));
-        }
-        // A reader killed without a chance to settle may still have produce requests on their
-        // way into the broker: read until the ends stay put for a moment.
-        let mut tails = HashMap::new();
-        for round in 0..10 {
-            let brokers = settings.brokers.clone();
-            let work = work.clone();
-            let now = tokio::task::spawn_blocking(move || read_tails(&brokers, &work))
-                .await
-                .map_err(|_| PublishError::Cancelled)??;
-            if round > 0 && now == tails {
-                break;
-            }
-            tails = now;
-            tokio::time::sleep(TAIL_QUIET).await;
-        }
-        let found = tails.len();
-        for ((topic, partition), position) in &tails {
-            tracing::info!(topic, partition, last = %position.header_value(),
-                "last record already in the partition; records up to it are not sent again");
-        }
-        self.tails = tails;
-        Ok(found)
-    }
-
     /// Where every partition of `topics` ends now (its high watermark), as (topic, partition,
     /// offset).
     pub async fn end_offsets(
@@ -348,13 +583,13 @@ impl Publisher {
             work.extend((0..n).map(|p| (topic.clone(), p)));
         }
         let brokers = settings.brokers.clone();
-        tokio::task::spawn_blocking(move || {
+        blocking(move || {
             let consumer = reading_consumer(&brokers)?;
             work.into_iter()
                 .map(|(topic, partition)| {
                     let (_, high) = consumer
                         .fetch_watermarks(&topic, partition, Duration::from_secs(10))
-                        .map_err(|source| PublishError::Tail {
+                        .map_err(|source| PublishError::ReadBack {
                             topic: topic.clone(),
                             partition,
                             source,
@@ -363,86 +598,17 @@ impl Publisher {
                 })
                 .collect()
         })
+        .await?
+    }
+}
+
+/// Runs a blocking Kafka client call off the runtime's worker threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, PublishError> {
+    tokio::task::spawn_blocking(f)
         .await
-        .map_err(|_| PublishError::Cancelled)?
-    }
-
-    /// Forgets tails past `wal_end` (the database's current WAL position): such records come from
-    /// another history of the database (a restored or re-created cluster), and skipping up to them
-    /// would lose changes.
-    pub fn forget_tails_after(&mut self, wal_end: Lsn) {
-        self.tails.retain(|(topic, partition), tail| {
-            let ours = tail.commit_lsn <= wal_end;
-            if !ours {
-                tracing::warn!(topic, partition, tail = %tail.header_value(), wal_end,
-                    "the partition ends with a record from past this database's WAL (another \
-                     history?); not de-duplicating against it");
-            }
-            ours
-        });
-    }
-
-    /// Waits up to `timeout` until every record handed to librdkafka is delivered or failed, so
-    /// that nothing of this publisher lands in Kafka after the next session read the tails.
-    pub fn settle(&self, timeout: Duration) -> impl std::future::Future<Output = ()> + Send {
-        let producer = self.producer.clone();
-        async move {
-            let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
-            if !matches!(flushed, Ok(Ok(()))) {
-                tracing::warn!("records still in flight after {timeout:?}; a duplicate may follow");
-            }
-        }
-    }
-
-    /// Waits up to `timeout` for librdkafka to deliver what it holds (on shutdown).
-    pub fn flush(&self, timeout: Duration) {
-        if let Err(error) = self.producer.flush(timeout) {
-            tracing::warn!(%error, "not every record was delivered before shutdown; they will be re-read from the slot");
-        }
-    }
-}
-
-/// How long the partitions' ends must stay put before a session trusts them.
-const TAIL_QUIET: Duration = Duration::from_millis(500);
-
-/// The partition of a keyed record among `n`: murmur2 of the key, as Java's default partitioner.
-pub fn partition_of(key: &[u8], n: i32) -> i32 {
-    let n = n.max(1);
-    #[allow(clippy::cast_possible_wrap)]
-    let positive = (murmur2(key) & 0x7fff_ffff) as i32;
-    positive % n
-}
-
-/// Kafka's murmur2 (seed 0x9747b28c), as in the Java client's `Utils.murmur2`.
-fn murmur2(data: &[u8]) -> u32 {
-    const M: u32 = 0x5bd1_e995;
-    const R: u32 = 24;
-    #[allow(clippy::cast_possible_truncation)]
-    let mut h: u32 = 0x9747_b28c ^ (data.len() as u32);
-    let mut chunks = data.chunks_exact(4);
-    for c in &mut chunks {
-        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        k = k.wrapping_mul(M);
-        k ^= k >> R;
-        k = k.wrapping_mul(M);
-        h = h.wrapping_mul(M);
-        h ^= k;
-    }
-    let tail = chunks.remainder();
-    if tail.len() >= 3 {
-        h ^= u32::from(tail[2]) << 16;
-    }
-    if tail.len() >= 2 {
-        h ^= u32::from(tail[1]) << 8;
-    }
-    if !tail.is_empty() {
-        h ^= u32::from(tail[0]);
-        h = h.wrapping_mul(M);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(M);
-    h ^= h >> 15;
-    h
+        .map_err(|_| PublishError::Cancelled)
 }
 
 /// A consumer that reads assigned partitions and commits nothing; it reports where each partition
@@ -450,7 +616,7 @@ fn murmur2(data: &[u8]) -> u32 {
 fn reading_consumer(brokers: &str) -> Result<BaseConsumer<TracingContext>, PublishError> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", "cdc-reader-tail")
+        .set("group.id", "cdc-reader-read-back")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
@@ -528,7 +694,7 @@ where
         }
         for (topic, starts) in &by_topic {
             read_to_end(&consumer, topic, starts, |m| {
-                f(&mut state, topic, m.key(), m.payload(), tail_position(m));
+                f(&mut state, topic, m.key(), m.payload(), record_position(m));
             })
             .map_err(|(partition, source)| PublishError::ReadBack {
                 topic: topic.clone(),
@@ -542,70 +708,8 @@ where
     .map_err(|_| PublishError::Cancelled)?
 }
 
-/// The position of the last record of each `(topic, partition)` that has one. Blocking.
-fn read_tails(
-    brokers: &str,
-    partitions: &[(String, i32)],
-) -> Result<HashMap<(String, i32), RecordPosition>, PublishError> {
-    let consumer = reading_consumer(brokers)?;
-    let mut by_topic: HashMap<&str, Vec<i32>> = HashMap::new();
-    for (topic, partition) in partitions {
-        by_topic.entry(topic).or_default().push(*partition);
-    }
-    let mut tails = HashMap::new();
-    let mut unmarked = Vec::new();
-    for (topic, partitions) in by_topic {
-        let err = |partition, source| PublishError::Tail {
-            topic: topic.to_owned(),
-            partition,
-            source,
-        };
-        // Per non-empty partition: (low and high watermark, where to read from). The last record
-        // is read from the offset before the end; where that holds none (a transaction marker,
-        // say), the read starts twice as far back.
-        let mut todo: HashMap<i32, (i64, i64, i64)> = HashMap::new();
-        for p in partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .map_err(|e| err(p, e))?;
-            if high > low {
-                todo.insert(p, (low, high, high - 1));
-            }
-        }
-        while !todo.is_empty() {
-            let starts: Vec<(i32, i64)> = todo.iter().map(|(p, (.., from))| (*p, *from)).collect();
-            let mut last: HashMap<i32, Option<RecordPosition>> = HashMap::new();
-            read_to_end(&consumer, topic, &starts, |m| {
-                last.insert(m.partition(), tail_position(m));
-            })
-            .map_err(|(p, e)| err(p, e))?;
-            let mut again = HashMap::new();
-            for (p, (low, high, from)) in todo {
-                match last.remove(&p) {
-                    Some(Some(position)) => {
-                        tails.insert((topic.to_owned(), p), position);
-                    }
-                    Some(None) => unmarked.push((topic.to_owned(), p)),
-                    // Nothing from `from` to the end: records were deleted under the read, or
-                    // only markers follow `from`.
-                    None if from > low => {
-                        again.insert(p, (low, high, (high - 2 * (high - from)).max(low)));
-                    }
-                    None => {}
-                }
-            }
-            todo = again;
-        }
-    }
-    for (topic, partition) in unmarked {
-        tracing::warn!(topic, partition,
-            "the last record of the partition carries no position (not written by this reader?); records after a restart may be sent twice");
-    }
-    Ok(tails)
-}
-
 /// The position a record carries: its `cdc.position` header, else `source` in its value.
-fn tail_position<M: Message>(m: &M) -> Option<RecordPosition> {
+fn record_position<M: Message>(m: &M) -> Option<RecordPosition> {
     if let Some(headers) = m.headers() {
         for h in headers.iter() {
             if h.key == RecordPosition::HEADER {
@@ -624,7 +728,15 @@ fn tail_position<M: Message>(m: &M) -> Option<RecordPosition> {
     })
 }
 
-/// Creates each topic that does not exist yet.
+/// Settings of the position topic: only the latest position per key matters, and the topic is
+/// read from its start whenever a session begins, so it is compacted and kept in small segments.
+const POSITION_TOPIC_CONFIG: [(&str, &str); 3] = [
+    ("cleanup.policy", "compact"),
+    ("segment.bytes", "8388608"),
+    ("min.cleanable.dirty.ratio", "0.1"),
+];
+
+/// Creates each of `topics` (and, exactly once, the position topic) that does not exist yet.
 pub async fn ensure_topics(
     settings: &KafkaSettings,
     topics: &[String],
@@ -632,19 +744,24 @@ pub async fn ensure_topics(
     let admin: AdminClient<TracingContext> = client_config(settings)
         .create_with_context(TracingContext)
         .map_err(PublishError::Client)?;
-    let new: Vec<NewTopic<'_>> = topics
+    let replication = || TopicReplication::Fixed(settings.topic_replication_factor);
+    let mut new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
             settings.topic_config.iter().fold(
-                NewTopic::new(
-                    t,
-                    settings.topic_partitions,
-                    TopicReplication::Fixed(settings.topic_replication_factor),
-                ),
+                NewTopic::new(t, settings.topic_partitions, replication()),
                 |topic, (k, v)| topic.set(k, v),
             )
         })
         .collect();
+    let mut topics = topics.to_vec();
+    if settings.delivery == Delivery::ExactlyOnce {
+        new.push(POSITION_TOPIC_CONFIG.iter().fold(
+            NewTopic::new(&settings.position_topic, 1, replication()),
+            |topic, (k, v)| topic.set(k, v),
+        ));
+        topics.push(settings.position_topic.clone());
+    }
     let results = admin
         .create_topics(
             &new,
@@ -657,9 +774,11 @@ pub async fn ensure_topics(
         })?;
     for result in results {
         match result {
-            Ok(topic) => tracing::info!(topic, partitions = settings.topic_partitions,
+            Ok(topic) => tracing::info!(
+                topic,
                 replication_factor = settings.topic_replication_factor,
-                config = ?settings.topic_config, "created topic"),
+                "created topic"
+            ),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
                 return Err(PublishError::CreateTopic {
@@ -671,7 +790,6 @@ pub async fn ensure_topics(
     }
     // A created topic reaches every broker's metadata a moment later; until then a producer asking
     // for its partitions is told it does not exist.
-    let topics = topics.to_vec();
     tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
         loop {
@@ -708,12 +826,12 @@ pub async fn ensure_topics(
 /// retrying forever; nothing past the last acknowledged position was confirmed.
 pub fn is_transient(err: &PublishError) -> bool {
     match err {
-        PublishError::Client(_) => false,
+        PublishError::Client(_) | PublishError::Position { .. } => false,
         PublishError::Cancelled => true,
         PublishError::Delivery(e)
         | PublishError::CreateTopic { source: e, .. }
         | PublishError::Metadata { source: e, .. }
-        | PublishError::Tail { source: e, .. }
+        | PublishError::Transaction { source: e, .. }
         | PublishError::ReadBack { source: e, .. } => {
             // rdkafka gives no code for a failed admin operation; its code is inside.
             let code = match e {
@@ -747,6 +865,7 @@ fn definite(code: RDKafkaErrorCode) -> bool {
             | C::ClusterAuthorizationFailed
             | C::SaslAuthenticationFailed
             | C::Authentication
+            | C::TransactionalIdAuthorizationFailed
     )
 }
 
@@ -785,11 +904,29 @@ mod tests {
         assert!(is_transient(&PublishError::Cancelled));
     }
 
-    #[test]
-    fn murmur2_matches_the_java_client() {
-        // Vectors of Kafka's UtilsTest.testMurmur2 (signed 32-bit results).
-        for (input, expected) in [
-            ("21", -973_932_308),
+    /// The reader leaves keyed records to librdkafka's `murmur2_random` partitioner: it must put
+    /// every key where Java's default partitioner does, `(murmur2(key) & 0x7fffffff) % n`. The
+    /// keys and their murmur2 values are the vectors of Kafka's `UtilsTest.testMurmur2`; client
+    /// logic only, so librdkafka's in-process mock cluster serves as the broker.
+    #[tokio::test]
+    async fn keys_land_where_the_java_client_puts_them() {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let n = 61;
+        cluster.create_topic("placed", n, 1).unwrap();
+        let settings = KafkaSettings {
+            brokers: cluster.bootstrap_servers(),
+            overrides: Vec::new(),
+            topic_partitions: n,
+            topic_replication_factor: 1,
+            topic_config: Vec::new(),
+            delivery: Delivery::AtLeastOnce,
+            transactional_id: String::new(),
+            position_topic: String::new(),
+        };
+        let producer: FutureProducer = client_config(&settings).create().unwrap();
+        for (key, murmur2) in [
+            ("21", -973_932_308_i32),
             ("foobar", -790_332_482),
             ("a-little-bit-long-string", -985_981_536),
             ("a-little-bit-longer-string", -1_486_304_829),
@@ -799,23 +936,50 @@ mod tests {
             ),
             ("abc", 479_470_107),
         ] {
-            #[allow(clippy::cast_possible_wrap)]
-            let got = murmur2(input.as_bytes()) as i32;
-            assert_eq!(got, expected, "{input}");
+            let delivered = producer
+                .send(
+                    FutureRecord::<str, str>::to("placed").key(key).payload("v"),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+            assert_eq!(delivered.partition, (murmur2 & 0x7fff_ffff) % n, "{key}");
         }
     }
 
     #[test]
-    fn partitions_spread_and_stay_in_range() {
-        let mut seen = [0; 6];
-        for id in 0..600 {
-            let key = format!("{{\"id\":{id}}}");
-            let p = partition_of(key.as_bytes(), 6);
-            assert_eq!(p, partition_of(key.as_bytes(), 6), "deterministic");
-            seen[usize::try_from(p).unwrap()] += 1;
+    fn committed_positions_round_trip() {
+        for position in [
+            None,
+            Some(RecordPosition {
+                commit_lsn: 0x16B_3748,
+                event_index: 7,
+                sub: 1,
+            }),
+        ] {
+            let committed = Committed {
+                end_lsn: 0x16B_3700,
+                position,
+            };
+            let json = committed.to_json("cdc-reader.cdc.slot");
+            assert_eq!(Committed::parse(&json), Some(committed));
         }
-        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
-        assert_eq!(partition_of(b"", 1), 0);
+        let text = String::from_utf8(
+            Committed {
+                end_lsn: 0x16B_3700,
+                position: None,
+            }
+            .to_json("k"),
+        )
+        .unwrap();
+        assert!(text.contains(r#""end_lsn":"0/16B3700""#), "{text}");
+        for bad in [
+            &b"{}"[..],
+            b"not json",
+            br#"{"end_lsn":"0/1","position":"x"}"#,
+        ] {
+            assert_eq!(Committed::parse(bad), None);
+        }
     }
 
     #[test]

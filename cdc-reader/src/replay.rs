@@ -3,9 +3,9 @@
 //! A logical slot decodes only from its confirmed position on; `--wal-replay-window-bytes N` keeps
 //! that position up to N bytes behind what Kafka has, so a replay can reach back that far. The
 //! request goes through the database (`cdc_reader_replays`, one row per slot): the reader takes it
-//! within a second, ends its session and starts the next one from the requested LSN. The
-//! de-duplication every session does (the partitions' tails are read first) keeps Kafka free of
-//! doubles: only what Kafka lacks is sent. The request is done once Kafka has everything up to the
+//! within a second, commits what it has open, and starts the next session from the requested LSN:
+//! every change from there is published again (consumers see those changes twice; the projector
+//! skips what its views already reflect). The request is done once Kafka has everything up to the
 //! WAL's end at the time it was made.
 
 use change_event::{format_lsn, parse_lsn};

@@ -304,7 +304,7 @@ pub async fn take(
             out.push(topic.clone(), key, envelope).await?;
         }
     }
-    out.finish(consistent_point).await?;
+    out.finish().await?;
     tx.commit()
         .await
         .map_err(pg("ending the snapshot transaction"))?;
@@ -546,6 +546,9 @@ fn content_hash(after: &Row) -> u64 {
     hasher.finish()
 }
 
+/// How long committing a chunk of the snapshot may take.
+const SNAPSHOT_COMMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The snapshot's records on their way out. One is held back so that the final one can be marked
 /// `snapshot: "last"`; a delete is followed by its tombstone.
 struct Out<'a> {
@@ -575,25 +578,23 @@ impl Out<'_> {
         Ok(())
     }
 
-    /// Sends the held-back record as the last one and waits until Kafka acknowledged everything.
-    async fn finish(&mut self, consistent_point: Lsn) -> Result<(), PublishError> {
+    /// Sends the held-back record as the last one and commits everything to Kafka.
+    async fn finish(&mut self) -> Result<(), PublishError> {
         if let Some((topic, key, mut envelope)) = self.pending.take() {
             envelope.source.snapshot = "last".to_owned();
             self.send((topic, key, envelope)).await?;
         }
-        self.publisher.commit(consistent_point);
-        while !self.publisher.is_idle() {
-            self.ack().await?;
-        }
-        Ok(())
+        self.commit().await
     }
 
-    async fn ack(&mut self) -> Result<(), PublishError> {
-        if self.publisher.next_ack().await?.is_none() {
-            self.metrics
-                .events_published
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+    /// Commits the open Kafka transaction. No resume position goes with it: an interrupted
+    /// snapshot is taken again, leaving out what earlier attempts committed (see
+    /// [`earlier_attempts`]).
+    async fn commit(&mut self) -> Result<(), PublishError> {
+        let records = self.publisher.commit(None, SNAPSHOT_COMMIT_TIMEOUT).await?;
+        self.metrics
+            .events_published
+            .fetch_add(records as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -617,8 +618,8 @@ impl Out<'_> {
             all_partitions: false,
         };
         for record in std::iter::once(event).chain(tombstone) {
-            while self.publisher.records_in_flight() >= self.max_in_flight {
-                self.ack().await?;
+            if self.publisher.open_records() >= self.max_in_flight {
+                self.commit().await?;
             }
             self.publisher.send(record).await?;
             self.sent += 1;

@@ -1,15 +1,21 @@
 //! The replication session: slot → decode → envelope → publish, and the progress rule.
 //!
-//! **Progress rule.** The LSN reported to PostgreSQL as flushed is only ever
-//! - the end LSN of a transaction once Kafka acknowledged every record of it and of every earlier
-//!   transaction (the publisher releases transaction ends in stream order), or
-//! - the WAL end of a keepalive received while no transaction is open and nothing is in flight, so
-//!   an idle slot advances (writes to tables outside the publication do not pin WAL) and a fast
-//!   shutdown of PostgreSQL is not held up.
+//! **Batches.** Records of whole source transactions go into the publisher's open Kafka
+//! transaction; it is committed, with the position the stream resumes from, when the WAL has
+//! nothing more to read between two source transactions, after the commit interval, or at the
+//! record limit (a source transaction that reaches the limit, or stays open [`SPLIT_AFTER`], is split
+//! at a record; the position committed then names that record).
 //!
-//! Any failure ends the session; [`run`] starts a new one after a backoff, from the last
-//! acknowledged position. Nothing is confirmed that Kafka does not have, so nothing is lost; what
-//! was sent but not confirmed is sent again.
+//! **Progress rule.** The LSN reported to PostgreSQL as flushed is only ever
+//! - the end LSN of a source transaction once the Kafka transaction holding its last records
+//!   committed, or
+//! - the WAL end of a keepalive received while no source or Kafka transaction is open, so an idle
+//!   slot advances (writes to tables outside the publication do not pin WAL) and a fast shutdown of
+//!   PostgreSQL is not held up.
+//!
+//! Any failure ends the session (its open Kafka transaction aborted); [`run`](crate::run) starts a new one after
+//! a backoff, from the position committed in Kafka. Nothing is confirmed that Kafka does not have,
+//! so nothing is lost; nothing committed is sent again, so nothing is doubled.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -138,13 +144,13 @@ async fn stream(
     let kafka = config.kafka()?;
     let topics = config.captured_topics()?;
     publish::ensure_topics(&kafka, &topics).await?;
-    let mut publisher = Publisher::new(&kafka)?;
+    // Exactly once: registering the transactional id fences an earlier producer of this slot and
+    // ends what it left open, so the committed position read next is final.
+    let mut publisher = Publisher::new(&kafka).await?;
     // Per-key order: the keys' partitions depend on the partition count, which must not change.
     let counts = publisher.partition_counts(&topics).await?;
     setup::check_partition_counts(db, &config.slot, &counts).await?;
-    // No duplicates across sessions: what each partition already has is not sent again.
-    publisher.learn_tails(&kafka, &topics).await?;
-    publisher.forget_tails_after(setup::current_wal_lsn(db).await?);
+    let committed = publisher.committed(&kafka).await?;
     let result = stream_with(
         config,
         pg_config,
@@ -153,28 +159,50 @@ async fn stream(
         resume,
         shutdown,
         &mut publisher,
+        committed,
     )
     .await;
+    if result.is_err() {
+        // What this session left open never shows to read_committed consumers; the next session
+        // resumes from the committed position.
+        publisher.abort().await;
+    }
     if publisher.skipped > 0 {
         tracing::info!(
             skipped = publisher.skipped,
             "records not sent again: Kafka had them from an earlier session"
         );
     }
-    // The next session reads the partitions' ends: nothing of this one may land after that. On a
-    // shutdown the drain has had its time already; the next start's tail read waits for stragglers.
-    let limit = if shutdown.is_cancelled() {
-        Duration::from_secs(5)
-    } else {
-        SETTLE_LIMIT
-    };
-    publisher.settle(limit).await;
     result
 }
 
-/// How long a session end waits for its records to be delivered or failed.
-const SETTLE_LIMIT: Duration = Duration::from_secs(60);
+/// Where a session starts streaming an existing slot: the later of the slot's confirmed position,
+/// what this process confirmed, and what Kafka committed — unless a replay asks for an earlier
+/// point. A committed position past the WAL's end belongs to another history of the database (a
+/// restored or re-created cluster) and is not trusted.
+fn start_position(
+    confirmed: Lsn,
+    acknowledged: Lsn,
+    rewind: Option<Lsn>,
+    committed: Option<publish::Committed>,
+    wal_end: Lsn,
+) -> (Lsn, Option<crate::envelope::RecordPosition>) {
+    if let Some(from) = rewind {
+        return (from.max(confirmed), None);
+    }
+    let start = confirmed.max(acknowledged);
+    match committed {
+        Some(c) if c.end_lsn <= wal_end => (start.max(c.end_lsn), c.position),
+        Some(c) => {
+            tracing::warn!(committed = %setup::lsn_text(c.end_lsn), wal_end = %setup::lsn_text(wal_end),
+                "the committed position is past this database's WAL (another history?); not resuming from it");
+            (start, None)
+        }
+        None => (start, None),
+    }
+}
 
+#[allow(clippy::too_many_arguments)]
 async fn stream_with(
     config: &Config,
     pg_config: &tokio_postgres::Config,
@@ -183,6 +211,7 @@ async fn stream_with(
     resume: &mut Resume,
     shutdown: &CancellationToken,
     publisher: &mut Publisher,
+    committed: Option<publish::Committed>,
 ) -> Result<(), SessionError> {
     let settings = envelope::Settings {
         server_name: config.server_name.clone(),
@@ -198,7 +227,8 @@ async fn stream_with(
     }
     let mut repl = match slot {
         Some(confirmed) => {
-            if let Some(from) = resume.rewind.take() {
+            let mut rewind = resume.rewind.take();
+            if let Some(from) = rewind {
                 if confirmed > from {
                     // The slot moved on before this session began: it cannot start there.
                     let refusal = crate::replay::Refusal::NotRetained {
@@ -208,9 +238,14 @@ async fn stream_with(
                     };
                     crate::replay::refuse(db, &config.slot, &refusal).await?;
                     resume.replay_sent_base = None;
+                    rewind = None;
                 }
             }
-            let start = resume.acknowledged.max(confirmed);
+            let wal_end = setup::current_wal_lsn(db).await?;
+            let (start, skip) =
+                start_position(confirmed, resume.acknowledged, rewind, committed, wal_end);
+            publisher.skip_through(skip);
+            resume.acknowledged = resume.acknowledged.max(start);
             let repl = ReplicationClient::connect(replication_config(config, pg_config, start))
                 .await
                 .map_err(SessionError::Replication)?;
@@ -257,7 +292,7 @@ async fn stream_with(
     // The slot is told a position `window` bytes behind what Kafka has (never backwards: the
     // server ignores that), so a replay can start that far back.
     let window = config.wal_replay_window_bytes;
-    let mut acknowledge = |lsn: Lsn, repl: &ReplicationClient, resume: &mut Resume| {
+    let acknowledge = |lsn: Lsn, repl: &ReplicationClient, resume: &mut Resume| {
         if lsn > resume.acknowledged {
             repl.update_applied_lsn(PgLsn(lsn.saturating_sub(window)));
             resume.acknowledged = lsn;
@@ -267,19 +302,42 @@ async fn stream_with(
     let mut replays = tokio::time::interval(Duration::from_secs(1));
     replays.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut replay_poll_failed = false;
+    let mut batch = Batch::default();
+    let limits = Limits {
+        interval: config.commit_interval(),
+        max_records: config.max_in_flight,
+    };
 
     loop {
         metrics
             .in_flight
-            .store(publisher.records_in_flight() as u64, Ordering::Relaxed);
-        let can_read = publisher.records_in_flight() < config.max_in_flight;
+            .store(publisher.open_records() as u64, Ordering::Relaxed);
+        if limits.due(publisher, builder.in_transaction()) {
+            let split = builder.in_transaction();
+            if let Some(lsn) = batch
+                .commit(publisher, split, resume, metrics, COMMIT_TIMEOUT)
+                .await?
+            {
+                acknowledge(lsn, &repl, resume);
+            }
+        }
         tokio::select! {
             biased;
             () = shutdown.cancelled() => {
                 metrics.set_state(State::Stopping);
-                drain(publisher, &repl, resume, &mut acknowledge).await;
+                // What is open goes in (a split position, if a source transaction is open).
+                match batch.commit(publisher, builder.in_transaction(), resume, metrics, SHUTDOWN_COMMIT_TIMEOUT).await {
+                    Ok(end) => {
+                        if let Some(lsn) = end {
+                            acknowledge(lsn, &repl, resume);
+                        }
+                    }
+                    Err(error) => tracing::warn!(error = %service::error_chain(&error),
+                        "the last Kafka transaction did not commit; the next start sends it again"),
+                }
                 // Stopping sends no status update of its own: wait (bounded) until the worker has
-                // reported the last confirmed position, or a restart re-sends what Kafka has.
+                // reported the last confirmed position (a restart resumes from Kafka's committed
+                // position anyway).
                 let reported = tokio::time::timeout(config.status_interval() * 3, async {
                     while repl.metrics().last_applied_lsn().0 < resume.acknowledged.saturating_sub(window) {
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -288,7 +346,7 @@ async fn stream_with(
                 .await;
                 if reported.is_err() {
                     tracing::warn!(acknowledged = %setup::lsn_text(resume.acknowledged),
-                        "the last confirmed position may not have reached PostgreSQL; a restart re-sends from the previous one");
+                        "the last confirmed position may not have reached PostgreSQL");
                 }
                 repl.stop();
                 // Let the worker send its last status update and close the stream.
@@ -303,7 +361,13 @@ async fn stream_with(
             }
             _ = replays.tick() => {
                 let polled = match poll_replays(db, &config.slot, resume, publisher.skipped, metrics, window).await {
-                    Ok(Some(from)) => return Err(SessionError::Rewind(from)),
+                    Ok(Some(from)) => {
+                        // Whatever is open goes in first: the replay starts from a clean state.
+                        if let Some(lsn) = batch.commit(publisher, builder.in_transaction(), resume, metrics, COMMIT_TIMEOUT).await? {
+                            acknowledge(lsn, &repl, resume);
+                        }
+                        return Err(SessionError::Rewind(from));
+                    }
                     Ok(None) => poll_snapshots(db, config, &mut on_demand, &snapshot_settings, resume.acknowledged, publisher.is_idle()).await,
                     Err(e) => Err(e),
                 };
@@ -318,16 +382,7 @@ async fn stream_with(
                     }
                 }
             }
-            ack = publisher.next_ack(), if !publisher.is_idle() => match ack? {
-                Some(end_lsn) => {
-                    metrics.transactions.fetch_add(1, Ordering::Relaxed);
-                    acknowledge(end_lsn, &repl, resume);
-                }
-                None => {
-                    metrics.events_published.fetch_add(1, Ordering::Relaxed);
-                }
-            },
-            event = repl.recv(), if can_read => {
+            event = repl.recv() => {
                 let Some(event) = event.map_err(SessionError::Replication)? else {
                     return Err(SessionError::Ended);
                 };
@@ -352,7 +407,13 @@ async fn stream_with(
                         )?;
                         if let Step::Commit { end_lsn } = step {
                             metrics.received_lsn.store(end_lsn, Ordering::Relaxed);
-                            publisher.commit(end_lsn);
+                            if publisher.is_idle() {
+                                // Nothing of it is open (no records, or Kafka had them all).
+                                metrics.transactions.fetch_add(1, Ordering::Relaxed);
+                                acknowledge(end_lsn, &repl, resume);
+                            } else {
+                                batch.source_end(end_lsn);
+                            }
                         }
                     }
                     ReplicationEvent::XLogData { data, .. } => {
@@ -366,11 +427,8 @@ async fn stream_with(
                                 if let Some(snapshot) = &mut on_demand {
                                     snapshot.streamed(&record);
                                 }
+                                batch.sending(&record);
                                 publisher.send(record).await?;
-                            }
-                            // Transaction ends the publisher released while it waited for room.
-                            if let Some(lsn) = publisher.take_released() {
-                                acknowledge(lsn, &repl, resume);
                             }
                         }
                     }
@@ -378,10 +436,8 @@ async fn stream_with(
                         if let Some(snapshot) = &mut on_demand {
                             if let resnapshot::Watermark::Publish(records) = snapshot.watermark(&content, lsn.0, &snapshot_settings).await? {
                                 for record in records {
+                                    batch.sending(&record);
                                     publisher.send(record).await?;
-                                }
-                                if let Some(lsn) = publisher.take_released() {
-                                    acknowledge(lsn, &repl, resume);
                                 }
                             }
                         }
@@ -390,7 +446,101 @@ async fn stream_with(
                     ReplicationEvent::StoppedAt { .. } => return Ok(()),
                 }
             }
+            // Nothing more to read right now, between source transactions: commit what is open.
+            () = std::future::ready(()), if !publisher.is_idle() && !builder.in_transaction() => {
+                if let Some(lsn) = batch.commit(publisher, false, resume, metrics, COMMIT_TIMEOUT).await? {
+                    acknowledge(lsn, &repl, resume);
+                }
+            }
         }
+    }
+}
+
+/// How long a commit may take before the session ends (and the next one starts over from the
+/// committed position); on shutdown, less.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
+const SHUTDOWN_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A source transaction larger than a Kafka transaction may hold is split once it has been open
+/// this long, well within the `transaction.timeout.ms` (60 s) after which the broker aborts it.
+const SPLIT_AFTER: Duration = Duration::from_secs(10);
+
+/// When the open Kafka transaction is committed.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// Longest a transaction stays open collecting whole source transactions.
+    interval: Duration,
+    /// Most records in one; a source transaction is split at this count.
+    max_records: usize,
+}
+
+impl Limits {
+    fn due(&self, publisher: &Publisher, in_source_tx: bool) -> bool {
+        if publisher.is_idle() {
+            return false;
+        }
+        let open_for = publisher.open_for();
+        publisher.open_records() >= self.max_records
+            || if in_source_tx {
+                open_for >= SPLIT_AFTER
+            } else {
+                open_for >= self.interval
+            }
+    }
+}
+
+/// What the open Kafka transaction holds, for the position committed with it.
+#[derive(Debug, Default)]
+struct Batch {
+    /// End LSN of the last source transaction wholly in it.
+    source_end: Option<Lsn>,
+    /// Source transactions wholly in it.
+    source_transactions: u64,
+    /// The last record handed to the publisher.
+    last: Option<crate::envelope::RecordPosition>,
+}
+
+impl Batch {
+    fn sending(&mut self, record: &crate::envelope::Record) {
+        self.last = Some(record.position);
+    }
+
+    fn source_end(&mut self, end_lsn: Lsn) {
+        self.source_end = Some(end_lsn);
+        self.source_transactions += 1;
+    }
+
+    /// Commits the open Kafka transaction with the position the stream resumes from; `split` when
+    /// a source transaction is open (its records so far go in, the rest follows in the next).
+    /// Returns the source transaction end that may now be confirmed to PostgreSQL.
+    async fn commit(
+        &mut self,
+        publisher: &mut Publisher,
+        split: bool,
+        resume: &Resume,
+        metrics: &Metrics,
+        timeout: Duration,
+    ) -> Result<Option<Lsn>, PublishError> {
+        if publisher.is_idle() {
+            return Ok(None);
+        }
+        let position = publish::Committed {
+            end_lsn: self.source_end.unwrap_or(resume.acknowledged),
+            position: if split { self.last } else { None },
+        };
+        let records = publisher.commit(Some(position), timeout).await?;
+        if split {
+            tracing::info!(records, position = ?self.last.map(|p| p.header_value()),
+                "a large source transaction split across Kafka transactions");
+        }
+        metrics
+            .events_published
+            .fetch_add(records as u64, Ordering::Relaxed);
+        metrics.transactions.fetch_add(
+            std::mem::take(&mut self.source_transactions),
+            Ordering::Relaxed,
+        );
+        Ok(self.source_end.take())
     }
 }
 
@@ -454,31 +604,6 @@ async fn poll_snapshots(
         ));
     }
     Ok(())
-}
-
-/// On shutdown: wait (bounded) for what Kafka still owes, confirming what it acknowledges.
-async fn drain(
-    publisher: &mut Publisher,
-    repl: &ReplicationClient,
-    resume: &mut Resume,
-    acknowledge: &mut impl FnMut(Lsn, &ReplicationClient, &mut Resume),
-) {
-    let limit = Duration::from_secs(10);
-    let deadline = tokio::time::Instant::now() + limit;
-    while !publisher.is_idle() {
-        match tokio::time::timeout_at(deadline, publisher.next_ack()).await {
-            Ok(Ok(Some(lsn))) => acknowledge(lsn, repl, resume),
-            Ok(Ok(None)) => {}
-            Ok(Err(error)) => {
-                tracing::warn!(error = %service::error_chain(&error), "a record failed while draining; it will be re-read from the slot");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(in_flight = publisher.records_in_flight(), "Kafka did not acknowledge everything within {limit:?}; the rest will be re-read from the slot");
-                return;
-            }
-        }
-    }
 }
 
 fn replication_config(

@@ -501,6 +501,24 @@ impl Projector<'_> {
     ) -> Result<(), Error> {
         let message = match message {
             Ok(m) => m,
+            Err(KafkaError::PartitionEOF(partition)) => {
+                // A replay (which asks to be told) read the partition to its end: no record is
+                // left below its stop, even where the last offsets hold none (a transaction
+                // marker, compaction). A stop is never past the end a read_committed consumer
+                // reaches, except by records still uncommitted when it was taken, which the live
+                // projector applies.
+                if let Some(b) = &mut self.bounds {
+                    let positioned = self.positions.get(&partition).is_some_and(|c| {
+                        c.generation == self.positioned_generation
+                            && c.generation
+                                == self.consumer.context().generation.load(Ordering::SeqCst)
+                    });
+                    if positioned && b.stop.contains_key(&partition) {
+                        b.ended.insert(partition);
+                    }
+                }
+                return Ok(());
+            }
             Err(e) => {
                 // librdkafka retries by itself; this is for the operator (and a short pause).
                 tracing::warn!(error = %e, "consuming failed");

@@ -260,6 +260,9 @@ pub async fn replay(
     let consumer: StreamConsumer<Context> =
         consumer_config(config, &format!("{}.replay", config.group))
             .map_err(|e| ReplayError::Projector(Box::new(e)))?
+            // The end of a partition ends its range even where no record follows the last one
+            // of the range (a transaction marker, compaction).
+            .set("enable.partition.eof", "true")
             .create_with_context(Context {
                 generation: AtomicU64::new(0),
                 assigned: std::sync::Mutex::new(std::collections::BTreeSet::new()),
@@ -790,6 +793,7 @@ async fn scan(
         .set("bootstrap.servers", &config.kafka_brokers)
         .set("group.id", format!("{}.replay-scan", config.group))
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
         .create()
         .map_err(kafka("creating a consumer"))?;
@@ -814,6 +818,14 @@ async fn scan(
     while !todo.is_empty() {
         let message = match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await {
             Ok(Ok(m)) => m,
+            // Read to its end without finding one (the last offsets may hold no record: a
+            // transaction marker, compaction).
+            Ok(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                if let Some((_, high)) = todo.remove(&p) {
+                    result.insert(p, high);
+                }
+                continue;
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "reading the topic failed; retrying");
                 continue;

@@ -23,8 +23,11 @@ pub struct Options {
     pub kills: u32,
     /// Also restart PostgreSQL (immediate), through `control`.
     pub restarts: Option<Control>,
-    /// With `restarts`: kill the stack's one-node Kafka with SIGKILL and start it again too.
-    pub broker_restarts: bool,
+    /// With `restarts`, broker faults too: on the one-node Kafka a SIGKILL and a restart; on the
+    /// three-node cluster (which the pipeline then runs on), in turn, the node coordinating the
+    /// reader's transactions killed with SIGKILL for 15 s and a partition leader paused with
+    /// SIGSTOP for 70 s.
+    pub broker_faults: Option<Kafka>,
     /// Quiet time at the end before the retained WAL is measured.
     pub idle: Duration,
 }
@@ -37,7 +40,8 @@ pub struct Summary {
     pub reader_kills: u32,
     pub projector_kills: u32,
     pub postgres_restarts: u32,
-    pub broker_restarts: u32,
+    pub broker_kills: u32,
+    pub broker_pauses: u32,
     pub records: usize,
     pub duplicates: usize,
     pub lost: i64,
@@ -54,7 +58,8 @@ impl Summary {
         json!({
             "changes": self.changes, "transactions": self.transactions,
             "reader_kills": self.reader_kills, "projector_kills": self.projector_kills,
-            "postgres_restarts": self.postgres_restarts, "broker_restarts": self.broker_restarts,
+            "postgres_restarts": self.postgres_restarts, "broker_kills": self.broker_kills,
+            "broker_pauses": self.broker_pauses,
             "records": self.records, "duplicates": self.duplicates, "lost": self.lost,
             "views_equal": self.view_mismatch.is_none(),
             "workload_s": (self.workload_s * 10.0).round() / 10.0,
@@ -177,11 +182,32 @@ pub async fn run(stack: Stack, options: &Options) -> anyhow::Result<Summary> {
             if kills % 6 == 3 {
                 control.control(&["pg-restart", "immediate"]).await?;
                 summary.postgres_restarts += 1;
-            } else if kills % 6 == 0 && options.broker_restarts {
-                control.kafka(Kafka::Single, "kill", 1).await?;
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                control.kafka(Kafka::Single, "start", 1).await?;
-                summary.broker_restarts += 1;
+            } else if kills % 6 == 0 {
+                match options.broker_faults {
+                    Some(Kafka::Single) => {
+                        control.kafka(Kafka::Single, "kill", 1).await?;
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        control.kafka(Kafka::Single, "start", 1).await?;
+                        summary.broker_kills += 1;
+                    }
+                    Some(Kafka::Cluster) if summary.broker_kills <= summary.broker_pauses => {
+                        let id = format!("cdc-reader.cdc.{}", reader_config.slot);
+                        let node =
+                            crate::transaction_coordinator(&stack.kafka_brokers, &id).await?;
+                        control.kafka(Kafka::Cluster, "kill", node).await?;
+                        tokio::time::sleep(Duration::from_secs(15)).await;
+                        control.kafka(Kafka::Cluster, "start", node).await?;
+                        summary.broker_kills += 1;
+                    }
+                    Some(Kafka::Cluster) => {
+                        let node = crate::partition_leader(&stack.kafka_brokers, &topic, 0)?;
+                        control.kafka(Kafka::Cluster, "pause", node).await?;
+                        tokio::time::sleep(Duration::from_secs(70)).await;
+                        control.kafka(Kafka::Cluster, "resume", node).await?;
+                        summary.broker_pauses += 1;
+                    }
+                    None => {}
+                }
             }
         }
     }

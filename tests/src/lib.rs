@@ -131,6 +131,97 @@ pub fn partition_leader(brokers: &str, topic: &str, partition: i32) -> anyhow::R
         .with_context(|| format!("{topic} [{partition}] has no leader"))
 }
 
+/// The node coordinating `transactional_id`'s transactions, as Kafka's own
+/// `kafka-transactions describe` (through `scripts/kafka-tool`) says.
+pub async fn transaction_coordinator(brokers: &str, transactional_id: &str) -> anyhow::Result<i32> {
+    let tool = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka-tool");
+    let out = tokio::process::Command::new(tool)
+        .args([
+            "transactions",
+            "--bootstrap-server",
+            brokers,
+            "describe",
+            "--transactional-id",
+            transactional_id,
+        ])
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "kafka-transactions describe: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // CoordinatorId TransactionalId ProducerId ...
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let mut cells = l.split_whitespace();
+            let coordinator = cells.next()?.parse().ok()?;
+            (cells.next()? == transactional_id).then_some(coordinator)
+        })
+        .next()
+        .with_context(|| format!("no coordinator of {transactional_id} in: {stdout}"))
+}
+
+/// Records in all `partitions` of `topic` as a `read_uncommitted` consumer sees them: those of open
+/// and aborted transactions included.
+pub fn count_uncommitted(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<usize> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("count-{}", unique_suffix()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_uncommitted")
+        .create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let (mut n, mut open) = (0, partitions);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while open > 0 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "reading {topic} stalled"
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(_)) => n += 1,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => open -= 1,
+            Some(Err(e)) => return Err(e.into()),
+            None => {}
+        }
+    }
+    Ok(n)
+}
+
+/// The reader binary as a child process (so it can be killed with SIGKILL), capturing the users
+/// table of `db` into `topic` on `brokers`, with `env` on top.
+pub fn reader_process(
+    brokers: &str,
+    db: &TestDb,
+    topic: &str,
+    env: &[(&str, &str)],
+) -> tokio::process::Child {
+    tokio::process::Command::new(workspace_binary("cdc-reader").expect("the cdc-reader binary"))
+        .env("CDC_READER_DATABASE_URL", &db.url)
+        .env("CDC_READER_SLOT", &db.name)
+        .env("CDC_READER_PUBLICATION", &db.name)
+        .env("CDC_READER_TOPICS", format!("public.users={topic}"))
+        .env("CDC_READER_HTTP_LISTEN", "127.0.0.1:0")
+        .env("KAFKA_BROKERS", brokers)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .envs(env.iter().copied())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the cdc-reader binary starts")
+}
+
 /// Whether every partition of `topic` has a leader and `replicas` in-sync replicas (what a rolling
 /// restart waits for before it takes the next node down).
 pub fn fully_in_sync(brokers: &str, topic: &str, replicas: usize) -> anyhow::Result<bool> {
@@ -417,6 +508,10 @@ impl Reader {
                 "cleanup.policy=delete".to_owned(),
                 "retention.ms=-1".to_owned(),
             ],
+            delivery: cdc_reader::publish::Delivery::ExactlyOnce,
+            transactional_id: None,
+            position_topic: "cdc-reader-positions".to_owned(),
+            commit_interval_ms: 100,
             max_in_flight: 50_000,
             status_interval_ms: 100,
             snapshot: cdc_reader::config::SnapshotMode::Initial,

@@ -224,6 +224,22 @@ async fn kafka_killed_under_load_loses_and_doubles_nothing() {
     finish_load(p, projector, stop, load, 1).await;
 }
 
+/// The one Kafka node paused with SIGSTOP for 70 s under steady writes (a network partition: the
+/// connections stay open, nothing answers), longer than the producer's message timeout, then
+/// resumed: every change reaches the topic once and the views equal the source.
+#[tokio::test]
+async fn kafka_paused_longer_than_the_message_timeout_loses_and_doubles_nothing() {
+    let control = Control::from_env();
+    let (p, projector, stop, load) =
+        setup_under_load("kafka_pause", &Stack::from_env().kafka_brokers, 1).await;
+    control.kafka(Kafka::Single, "pause", 1).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(70)).await;
+    control.kafka(Kafka::Single, "resume", 1).await.unwrap();
+    // The load goes on a while after the pause, as it did before it.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    finish_load(p, projector, stop, load, 0).await;
+}
+
 /// On the three-node cluster, under steady writes: the leader of a partition killed with SIGKILL
 /// (and started again), then a rolling restart of all three nodes. Every change reaches the topic
 /// once and the views equal the source.
@@ -265,6 +281,143 @@ async fn cluster_leader_kill_and_rolling_restart_lose_and_double_nothing() {
     finish_load(p, projector, stop, load, 0).await;
 }
 
+/// On the three-node cluster, under steady writes: the node coordinating the reader's Kafka
+/// transactions killed with SIGKILL, away 15 s, started again. Every change reaches the topic
+/// once and the views equal the source.
+#[tokio::test]
+async fn cluster_transaction_coordinator_kill_loses_and_doubles_nothing() {
+    let d = Disruptive::from_env();
+    let (p, projector, stop, load) = setup_under_load("coordinator", &d.cluster_brokers, 3).await;
+    let id = format!("cdc-reader.cdc.{}", p.user_db.name);
+    let coordinator = e2e::transaction_coordinator(&d.cluster_brokers, &id)
+        .await
+        .unwrap();
+    eprintln!("killing node {coordinator}, the transaction coordinator of {id}");
+    d.control
+        .kafka(Kafka::Cluster, "kill", coordinator)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    d.control
+        .kafka(Kafka::Cluster, "start", coordinator)
+        .await
+        .unwrap();
+    let moved = e2e::transaction_coordinator(&d.cluster_brokers, &id)
+        .await
+        .unwrap();
+    eprintln!("coordinator of {id} now: node {moved}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    finish_load(p, projector, stop, load, 0).await;
+}
+
+/// On the three-node cluster, under steady writes: the leader of a partition paused with SIGSTOP
+/// for 70 s (its connections open, nothing answering), then resumed. Every change reaches the
+/// topic once and the views equal the source.
+#[tokio::test]
+async fn cluster_node_paused_for_70_s_loses_and_doubles_nothing() {
+    let d = Disruptive::from_env();
+    let (p, projector, stop, load) = setup_under_load("cluster_pause", &d.cluster_brokers, 3).await;
+    let leader = e2e::partition_leader(&d.cluster_brokers, &p.topic, 0).unwrap();
+    eprintln!("pausing node {leader}, the leader of {} [0]", p.topic);
+    d.control
+        .kafka(Kafka::Cluster, "pause", leader)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(70)).await;
+    d.control
+        .kafka(Kafka::Cluster, "resume", leader)
+        .await
+        .unwrap();
+    e2e::wait_for("every partition back in sync on 3 nodes", WAIT, || async {
+        Ok(e2e::fully_in_sync(&d.cluster_brokers, &p.topic, 3)?.then_some(()))
+    })
+    .await
+    .unwrap();
+    finish_load(p, projector, stop, load, 0).await;
+}
+
+/// On the three-node cluster: the reader (a process) killed with SIGKILL while the records of a
+/// 200,000-row source transaction are going into an open Kafka transaction. A `read_committed`
+/// consumer sees none of them then; a `read_uncommitted` one sees some. The restarted reader
+/// fences the killed one's producer and publishes the transaction again: every change once for
+/// `read_committed`, the aborted records still there for `read_uncommitted`.
+#[tokio::test]
+async fn a_reader_killed_inside_a_kafka_transaction_shows_nothing_of_it_to_read_committed() {
+    let d = Disruptive::from_env();
+    let mut stack = Stack::from_env();
+    stack.kafka_brokers = d.cluster_brokers.clone();
+    let db = TestDb::create(&stack, "txn_kill", Some(schema::Database::UserDb))
+        .await
+        .unwrap();
+    let topic = format!("t-users-{}", e2e::unique_suffix());
+    // One Kafka transaction for the whole source transaction (no split before 1,000,000 records).
+    let env = [
+        ("CDC_READER_TOPIC_PARTITIONS", "3"),
+        ("CDC_READER_MAX_IN_FLIGHT", "1000000"),
+    ];
+    let mut reader = e2e::reader_process(&stack.kafka_brokers, &db, &topic, &env);
+    insert(&db, "before", 10).await;
+    // The reader process creates the topic when it starts.
+    e2e::wait_for("the first 10 changes", WAIT, || async {
+        let read = e2e::read_topic_from(&stack.kafka_brokers, &topic, 10, Duration::from_secs(5));
+        Ok(read.await.ok().filter(|r| r.len() == 10))
+    })
+    .await
+    .unwrap();
+
+    let rows = 200_000;
+    insert(&db, "big", rows).await;
+    // Records of the open transaction reach the partitions: their ends (high watermarks, which
+    // count records of open transactions) pass what was committed by more than 1,000.
+    let seen = {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let ends: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &stack.kafka_brokers)
+            .set("isolation.level", "read_uncommitted")
+            .create()
+            .unwrap();
+        let started = std::time::Instant::now();
+        loop {
+            let end: i64 = (0..3)
+                .map(|p| {
+                    ends.fetch_watermarks(&topic, p, Duration::from_secs(5))
+                        .unwrap()
+                        .1
+                })
+                .sum();
+            if end > 1_100 {
+                break end;
+            }
+            assert!(
+                started.elapsed() < WAIT,
+                "no records of the open transaction"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    reader.start_kill().unwrap();
+    reader.wait().await.unwrap();
+    eprintln!("killed the reader with the partitions' ends at {seen} offsets in all");
+    // read_committed: only what was committed before.
+    assert_eq!(emails(&stack, &topic, 10).await.len(), 10);
+
+    let mut reader = e2e::reader_process(&stack.kafka_brokers, &db, &topic, &env);
+    let n = 10 + usize::try_from(rows).unwrap();
+    let emails = emails(&stack, &topic, n).await;
+    assert_eq!(emails.len(), n, "a change was lost or doubled");
+    let (brokers, t) = (stack.kafka_brokers.clone(), topic.clone());
+    let uncommitted = tokio::task::spawn_blocking(move || e2e::count_uncommitted(&brokers, &t, 3))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        uncommitted > n + 1_000,
+        "read_uncommitted sees {uncommitted} records: the aborted ones should be among them"
+    );
+    reader.start_kill().unwrap();
+    reader.wait().await.unwrap();
+}
+
 /// `scripts/chaos` in its short mode: SIGKILLs of the reader and the projector under a mixed
 /// workload, then every guarantee checked.
 #[tokio::test]
@@ -273,7 +426,7 @@ async fn chaos_short_run_finds_no_violation() {
         changes: 10_000,
         kills: 6,
         restarts: None,
-        broker_restarts: false,
+        broker_faults: None,
         idle: Duration::from_secs(5),
     };
     let summary = e2e::chaos::run(Stack::from_env(), &options).await.unwrap();

@@ -327,9 +327,10 @@ async fn the_inspection_views_show_where_the_pipeline_is() {
         .rev()
         .find_map(|r| r.value.as_ref()?["source"]["commit_lsn"].as_i64())
         .unwrap();
-    let end = records.len() as i64;
+    // Offsets count the transaction markers too: the next offset follows the last record.
+    let end = records.last().unwrap().offset + 1;
 
-    // The projector: next offset = the topic's end, the last record's source LSN, fresh.
+    // The projector: next offset = after the topic's last record, its source LSN, fresh.
     let views = p.view_db.client().await.unwrap();
     let status = e2e::wait_for("the projector's status", WAIT, || {
         let views = &views;

@@ -485,6 +485,9 @@ async fn produce_limit(stack: &Stack, topic: &str, n: i64) -> anyhow::Result<f64
         topic_partitions: 1,
         topic_replication_factor: -1,
         topic_config: Vec::new(),
+        delivery: cdc_reader::publish::Delivery::AtLeastOnce,
+        transactional_id: String::new(),
+        position_topic: String::new(),
     };
     let limit_topic = format!("bench-produce-{}", unique_suffix());
     cdc_reader::publish::ensure_topics(&settings, std::slice::from_ref(&limit_topic)).await?;

@@ -4,9 +4,10 @@
 //! ```text
 //! chaos [--changes N] [--kills K] [--long [--no-broker-restarts]]
 //! ```
-//! `--long` also restarts PostgreSQL and kills the stack's Kafka node with SIGKILL (and starts it
-//! again), and idles a minute before measuring the WAL the slot retains; `--no-broker-restarts`
-//! keeps Kafka up.
+//! `--long` runs on the stack's three-node Kafka cluster and also restarts PostgreSQL, kills the
+//! node coordinating the reader's transactions with SIGKILL (and starts it again) and pauses a
+//! partition leader for 70 s, in turn, and idles a minute before measuring the WAL the slot
+//! retains; `--no-broker-restarts` leaves Kafka alone (and on the one-node Kafka).
 
 // A report printer: stdout is its output.
 #![allow(clippy::print_stdout)]
@@ -14,20 +15,24 @@
 use std::time::Duration;
 
 use e2e::chaos::{self, Options};
-use e2e::{arg, Control, Stack};
+use e2e::{arg, Control, Disruptive, Kafka, Stack};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let long = std::env::args().any(|a| a == "--long");
-    let broker_restarts = long && !std::env::args().any(|a| a == "--no-broker-restarts");
+    let broker_faults = long && !std::env::args().any(|a| a == "--no-broker-restarts");
     let options = Options {
         changes: arg::<u64>("--changes", if long { 100_000 } else { 20_000 })?,
         kills: u32::try_from(arg::<u64>("--kills", if long { 24 } else { 8 })?)?,
         restarts: long.then(Control::from_env),
-        broker_restarts,
+        broker_faults: broker_faults.then_some(Kafka::Cluster),
         idle: Duration::from_secs(if long { 60 } else { 10 }),
     };
-    let s = chaos::run(Stack::from_env(), &options).await?;
+    let mut stack = Stack::from_env();
+    if broker_faults {
+        stack.kafka_brokers = Disruptive::from_env().cluster_brokers;
+    }
+    let s = chaos::run(stack, &options).await?;
     println!("chaos run ({})", if long { "long" } else { "short" });
     println!(
         "  changes committed       {:>10} in {} transactions, {:.1} s",
@@ -38,8 +43,8 @@ async fn main() -> anyhow::Result<()> {
         s.reader_kills, s.projector_kills
     );
     println!(
-        "  restarts                {:>10} PostgreSQL, {} Kafka (SIGKILL)",
-        s.postgres_restarts, s.broker_restarts
+        "  restarts                {:>10} PostgreSQL, {} Kafka node SIGKILLs, {} 70 s pauses",
+        s.postgres_restarts, s.broker_kills, s.broker_pauses
     );
     println!("  records in the topic    {:>10}", s.records);
     println!("  duplicates              {:>10}", s.duplicates);
