@@ -528,7 +528,13 @@ impl Batch {
             end_lsn: self.source_end.unwrap_or(resume.acknowledged),
             position: if split { self.last } else { None },
         };
+        let began = std::time::Instant::now();
         let records = publisher.commit(Some(position), timeout).await?;
+        metrics.kafka_commits.fetch_add(1, Ordering::Relaxed);
+        metrics.kafka_commit_micros.fetch_add(
+            u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         if split {
             tracing::info!(records, position = ?self.last.map(|p| p.header_value()),
                 "a large source transaction split across Kafka transactions");

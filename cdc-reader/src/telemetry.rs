@@ -44,6 +44,10 @@ pub struct Metrics {
     pub acknowledged_lsn: AtomicU64,
     pub received_lsn: AtomicU64,
     pub in_flight: AtomicU64,
+    /// Kafka transactions committed (at least once: batches confirmed), and the time spent in
+    /// those commits, in microseconds.
+    pub kafka_commits: AtomicU64,
+    pub kafka_commit_micros: AtomicU64,
     pub errors: AtomicU64,
     pub reconnects: AtomicU64,
     /// -1 until first measured.
@@ -86,13 +90,13 @@ impl Metrics {
         out.metric(
             "cdc_reader_events_published_total",
             "counter",
-            "Records Kafka acknowledged.",
+            "Records committed to Kafka.",
             g(&self.events_published),
         );
         out.metric(
             "cdc_reader_transactions_total",
             "counter",
-            "Source transactions fully acknowledged.",
+            "Source transactions wholly committed to Kafka.",
             g(&self.transactions),
         );
         out.metric(
@@ -110,8 +114,20 @@ impl Metrics {
         out.metric(
             "cdc_reader_in_flight_records",
             "gauge",
-            "Records sent and not yet acknowledged.",
+            "Records in the open Kafka transaction.",
             g(&self.in_flight),
+        );
+        out.metric(
+            "cdc_reader_kafka_commits_total",
+            "counter",
+            "Kafka transactions committed (at least once: batches confirmed delivered).",
+            g(&self.kafka_commits),
+        );
+        out.metric(
+            "cdc_reader_kafka_commit_seconds_total",
+            "counter",
+            "Time spent committing Kafka transactions.",
+            g(&self.kafka_commit_micros) as f64 / 1e6,
         );
         out.metric(
             "cdc_reader_errors_total",

@@ -5,8 +5,11 @@
 //! 2. N inserts in transactions of 1,000 rows.
 //! 3. `pg_recvlogical` (pgoutput, same publication) drains slot 1 to the workload's end LSN: the
 //!    rate PostgreSQL can decode and ship this WAL at.
-//! 4. The cdc-reader binary streams slot 2 into a fresh topic; its rate is N over the time between
-//!    the first and the last record's Kafka timestamp, and its peak RSS is read from /proc.
+//! 4. The cdc-reader binary streams slot 2 into a fresh topic with Kafka transactions (its default,
+//!    exactly once); its rate is N over the time between the first and the last record's Kafka
+//!    timestamp, and its peak RSS is read from /proc.
+//! 5. The same with the idempotent producer alone (`CDC_READER_DELIVERY=at-least-once`) on slot 3,
+//!    into another topic: what the transactions cost.
 //!
 //! Prints a report and, last, `BENCH {json}`.
 
@@ -38,6 +41,8 @@ async fn main() -> anyhow::Result<()> {
         format!("CREATE PUBLICATION {publication} FOR TABLE users"),
         "SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput')".to_owned(),
         "SELECT pg_create_logical_replication_slot('bench_reader', 'pgoutput')".to_owned(),
+        "SELECT pg_create_logical_replication_slot('bench_reader_idempotent', 'pgoutput')"
+            .to_owned(),
     ] {
         client.execute(sql.as_str(), &[]).await?;
     }
@@ -68,15 +73,105 @@ async fn main() -> anyhow::Result<()> {
     }
     let recvlogical_s = started.elapsed().as_secs_f64();
 
-    // The reader, as its own process.
+    let txn = run_reader(
+        &stack,
+        &reader_bin,
+        &db,
+        "bench_reader",
+        "exactly-once",
+        changes,
+    )
+    .await?;
+    let idem = run_reader(
+        &stack,
+        &reader_bin,
+        &db,
+        "bench_reader_idempotent",
+        "at-least-once",
+        changes,
+    )
+    .await?;
+
+    let recv_rate = changes as f64 / recvlogical_s;
+    let reader_rate = txn.rate;
+    println!("cdc-reader benchmark: {changes} inserts in transactions of {TX_ROWS}");
+    println!("  workload written in            {write_s:8.2} s");
+    println!("  pg_recvlogical (decode limit)  {recvlogical_s:8.2} s  {recv_rate:10.0} changes/s");
+    for (name, run) in [("transactions", &txn), ("idempotent only", &idem)] {
+        println!("  cdc-reader, {name}:");
+        println!(
+            "    first→last in Kafka          {:8.2} s  {:10.0} changes/s  ({:.2}× pg_recvlogical)",
+            run.span_s,
+            run.rate,
+            run.rate / recv_rate
+        );
+        println!("    start→all consumed           {:8.2} s", run.wall_s);
+        println!("    CPU time                     {:8.2} s", run.cpu_s);
+        println!("    peak RSS                     {:8.1} MB", run.rss_mb);
+        println!(
+            "    batches committed            {:8.0}    {:.2} s committing",
+            run.commits, run.commit_s
+        );
+    }
+    let cost = 1.0 - txn.rate / idem.rate;
+    println!(
+        "  transactions cost              {:8.1} % of the idempotent rate",
+        cost * 100.0
+    );
+    println!(
+        "BENCH {}",
+        serde_json::json!({
+            "changes": changes,
+            "reader_changes_per_s": reader_rate.round(),
+            "reader_idempotent_changes_per_s": idem.rate.round(),
+            "reader_transactions_cost": (cost * 1000.0).round() / 1000.0,
+            "pg_recvlogical_changes_per_s": recv_rate.round(),
+            "reader_vs_recvlogical": (reader_rate / recv_rate * 100.0).round() / 100.0,
+            "reader_wall_s": (txn.wall_s * 100.0).round() / 100.0,
+            "reader_cpu_s": txn.cpu_s,
+            "reader_idempotent_cpu_s": idem.cpu_s,
+            "reader_kafka_transactions": txn.commits,
+            "reader_commit_s": (txn.commit_s * 100.0).round() / 100.0,
+            "reader_peak_rss_mb": (txn.rss_mb * 10.0).round() / 10.0,
+        })
+    );
+    Ok(())
+}
+
+/// One drain of the WAL by the reader binary.
+struct ReaderRun {
+    /// Changes/s from the first to the last record's Kafka timestamp.
+    rate: f64,
+    span_s: f64,
+    /// From the process start to the last record consumed (`read_committed`).
+    wall_s: f64,
+    cpu_s: f64,
+    rss_mb: f64,
+    /// Kafka transactions (batches) and the seconds spent committing them.
+    commits: f64,
+    commit_s: f64,
+}
+
+/// The reader binary streaming `slot` into a fresh topic with `delivery`, until all `changes` are
+/// consumed.
+async fn run_reader(
+    stack: &Stack,
+    reader_bin: &str,
+    db: &TestDb,
+    slot: &str,
+    delivery: &str,
+    changes: i64,
+) -> anyhow::Result<ReaderRun> {
+    let publication = "bench";
     let topic = format!("bench-{}", unique_suffix());
     let http_port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
     };
-    let mut reader = tokio::process::Command::new(&reader_bin)
+    let mut reader = tokio::process::Command::new(reader_bin)
         .env("CDC_READER_DATABASE_URL", &db.url)
-        .env("CDC_READER_SLOT", "bench_reader")
+        .env("CDC_READER_SLOT", slot)
+        .env("CDC_READER_DELIVERY", delivery)
         .env("CDC_READER_PUBLICATION", publication)
         .env("CDC_READER_TOPICS", format!("public.users={topic}"))
         .env("CDC_READER_SNAPSHOT", "never")
@@ -95,6 +190,7 @@ async fn main() -> anyhow::Result<()> {
         .set("group.id", format!("bench-{}", unique_suffix()))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
         .create()?;
     let mut subscribed = false;
     let (mut first_ts, mut last_ts, mut count) = (i64::MAX, 0_i64, 0_i64);
@@ -138,6 +234,19 @@ async fn main() -> anyhow::Result<()> {
             (tick(11) + tick(12)) / 100.0
         })
         .unwrap_or(0.0);
+    // How many Kafka transactions (batches) that took, and the time spent committing them.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{http_port}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let metric = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let commits = metric("cdc_reader_kafka_commits_total");
+    let commit_s = metric("cdc_reader_kafka_commit_seconds_total");
     let rss_kb: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))?
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -158,29 +267,13 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let span_s = ((last_ts - first_ts).max(1)) as f64 / 1000.0;
-    let reader_rate = changes as f64 / span_s;
-    let recv_rate = changes as f64 / recvlogical_s;
-    println!("cdc-reader benchmark: {changes} inserts in transactions of {TX_ROWS}");
-    println!("  workload written in            {write_s:8.2} s");
-    println!("  pg_recvlogical (decode limit)  {recvlogical_s:8.2} s  {recv_rate:10.0} changes/s");
-    println!("  cdc-reader first→last in Kafka {span_s:8.2} s  {reader_rate:10.0} changes/s  ({:.2}× pg_recvlogical)", reader_rate / recv_rate);
-    println!("  cdc-reader start→all consumed  {reader_wall_s:8.2} s");
-    println!("  cdc-reader CPU time            {cpu_s:8.2} s");
-    println!(
-        "  cdc-reader peak RSS            {:8.1} MB",
-        rss_kb as f64 / 1024.0
-    );
-    println!(
-        "BENCH {}",
-        serde_json::json!({
-            "changes": changes,
-            "reader_changes_per_s": reader_rate.round(),
-            "pg_recvlogical_changes_per_s": recv_rate.round(),
-            "reader_vs_recvlogical": (reader_rate / recv_rate * 100.0).round() / 100.0,
-            "reader_wall_s": (reader_wall_s * 100.0).round() / 100.0,
-            "reader_cpu_s": cpu_s,
-            "reader_peak_rss_mb": (rss_kb as f64 / 1024.0 * 10.0).round() / 10.0,
-        })
-    );
-    Ok(())
+    Ok(ReaderRun {
+        rate: changes as f64 / span_s,
+        span_s,
+        wall_s: reader_wall_s,
+        cpu_s,
+        rss_mb: rss_kb as f64 / 1024.0,
+        commits,
+        commit_s,
+    })
 }
