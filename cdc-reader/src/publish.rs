@@ -194,6 +194,15 @@ struct Open {
     records: usize,
 }
 
+/// A commit under way on a blocking thread, and the records handed over meanwhile: they go into
+/// the next transaction once it is done.
+#[derive(Debug)]
+struct Committing {
+    done: tokio::task::JoinHandle<Result<(), KafkaError>>,
+    records: usize,
+    waiting: Vec<Record>,
+}
+
 /// Sends records in Kafka transactions (see the module documentation).
 pub struct Publisher {
     producer: Arc<Client>,
@@ -202,6 +211,11 @@ pub struct Publisher {
     position_topic: String,
     partitions: HashMap<String, i32>,
     open: Option<Open>,
+    committing: Option<Committing>,
+    /// Records handed over while the last commit ran, to send now.
+    waiting: Vec<Record>,
+    /// A commit failed: the transaction is to be aborted.
+    failed: bool,
     /// Records at or below this position are in Kafka already (a split source transaction).
     skip_through: Option<RecordPosition>,
     /// Records not sent because the committed position says Kafka has them.
@@ -271,6 +285,9 @@ impl Publisher {
             position_topic: settings.position_topic.clone(),
             partitions: HashMap::new(),
             open: None,
+            committing: None,
+            waiting: Vec::new(),
+            failed: false,
             skip_through: None,
             skipped: 0,
         })
@@ -354,9 +371,24 @@ impl Publisher {
             .map_or(Duration::ZERO, |o| o.began.elapsed())
     }
 
-    /// True when no transaction is open: everything sent is committed.
+    /// True when nothing is open, committing or waiting: everything sent is committed.
     pub fn is_idle(&self) -> bool {
-        self.open.is_none()
+        self.open.is_none() && self.committing.is_none() && self.waiting.is_empty()
+    }
+
+    /// True while a transaction is open (records sent, no commit begun).
+    pub fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// True while a commit runs.
+    pub fn is_committing(&self) -> bool {
+        self.committing.is_some()
+    }
+
+    /// Records handed over while a commit runs, waiting for the next transaction.
+    pub fn waiting_records(&self) -> usize {
+        self.committing.as_ref().map_or(0, |c| c.waiting.len()) + self.waiting.len()
     }
 
     /// Sends `record` (to every partition when it asks for that) in the open transaction, opening
@@ -370,6 +402,10 @@ impl Publisher {
             tracing::info!(skipped = self.skipped, position = %through.header_value(),
                 "past the committed position inside a split transaction; publishing again");
             self.skip_through = None;
+        }
+        if let Some(committing) = &mut self.committing {
+            committing.waiting.push(record);
+            return Ok(());
         }
         if record.all_partitions {
             let n = self.partition_count(&record.topic).await?;
@@ -447,60 +483,108 @@ impl Publisher {
         Ok(())
     }
 
-    /// Ends the open batch: exactly once, commits the transaction with `position` (where the
-    /// stream resumes) written into the position topic inside it; at least once, waits until every
-    /// record of it is delivered. Returns the records it held. On an error the transaction is
-    /// aborted (what it held never shows to `read_committed` consumers).
-    pub async fn commit(
-        &mut self,
-        position: Option<Committed>,
-        timeout: Duration,
-    ) -> Result<usize, PublishError> {
+    /// Begins ending the open batch: exactly once, writes `position` (where the stream resumes)
+    /// into the position topic inside the transaction and starts committing it; at least once,
+    /// starts waiting until every record of it is delivered. Either runs on a blocking thread:
+    /// records sent meanwhile wait for the next transaction. [`Publisher::commit_done`] reports
+    /// the outcome.
+    pub async fn begin_commit(&mut self, position: Option<Committed>) -> Result<(), PublishError> {
+        if self.committing.is_some() {
+            return Ok(());
+        }
         let Some(open) = self.open.take() else {
-            return Ok(0);
+            return Ok(());
         };
-        let result = match self.delivery {
-            Delivery::ExactlyOnce => {
-                if let Some(position) = position {
-                    let value = position.to_json(&self.transactional_id);
-                    let key = self.transactional_id.as_bytes();
-                    let r = BaseRecord::to(&self.position_topic)
-                        .key(key)
-                        .payload(&value[..]);
-                    if let Err(e) = self.produce(r).await {
-                        self.abort_open().await;
-                        return Err(e);
-                    }
-                }
-                let producer = self.producer.clone();
-                match blocking(move || producer.commit_transaction(timeout)).await? {
-                    Ok(()) => Ok(()),
-                    Err(source) => {
-                        self.abort_open().await;
-                        Err(self.producer.context().failure().unwrap_or(
-                            PublishError::Transaction {
-                                action: "committing",
-                                source,
-                            },
-                        ))
-                    }
-                }
+        if let (Delivery::ExactlyOnce, Some(position)) = (self.delivery, position) {
+            let value = position.to_json(&self.transactional_id);
+            let key = self.transactional_id.as_bytes();
+            let r = BaseRecord::to(&self.position_topic)
+                .key(key)
+                .payload(&value[..]);
+            if let Err(e) = self.produce(r).await {
+                self.failed = true;
+                return Err(e);
             }
-            Delivery::AtLeastOnce => {
-                let producer = self.producer.clone();
-                blocking(move || producer.flush(timeout))
-                    .await?
-                    .map_err(PublishError::Delivery)
-                    .and_then(|()| self.producer.context().failure().map_or(Ok(()), Err))
-            }
-        };
-        result.map(|()| open.records)
+        }
+        let producer = self.producer.clone();
+        let delivery = self.delivery;
+        let done = tokio::task::spawn_blocking(move || match delivery {
+            Delivery::ExactlyOnce => producer.commit_transaction(COMMIT_TIMEOUT),
+            Delivery::AtLeastOnce => producer.flush(COMMIT_TIMEOUT),
+        });
+        self.committing = Some(Committing {
+            done,
+            records: open.records,
+            waiting: Vec::new(),
+        });
+        Ok(())
     }
 
-    /// Aborts the open transaction, if any (a failed session's last act); at least once, drops
-    /// what librdkafka still holds.
+    /// Waits for the commit under way (pending forever when none is): the records it held, once
+    /// Kafka has them all. Cancel-safe. Records that waited for it are sent by
+    /// [`Publisher::send_waiting`].
+    pub async fn commit_done(&mut self) -> Result<usize, PublishError> {
+        let Some(committing) = &mut self.committing else {
+            return std::future::pending().await;
+        };
+        let outcome = (&mut committing.done).await;
+        let Some(committing) = self.committing.take() else {
+            return Ok(0);
+        };
+        self.waiting = committing.waiting;
+        let failure = self.producer.context().failure();
+        match outcome {
+            Ok(Ok(())) if failure.is_none() => Ok(committing.records),
+            Ok(result) => {
+                self.failed = true;
+                Err(failure.unwrap_or(PublishError::Transaction {
+                    action: "committing",
+                    source: result
+                        .err()
+                        .unwrap_or(KafkaError::MessageProduction(RDKafkaErrorCode::Fail)),
+                }))
+            }
+            Err(_) => {
+                self.failed = true;
+                Err(PublishError::Cancelled)
+            }
+        }
+    }
+
+    /// Sends the records that waited for the last commit, in a new transaction.
+    pub async fn send_waiting(&mut self) -> Result<(), PublishError> {
+        for record in std::mem::take(&mut self.waiting) {
+            self.send(record).await?;
+        }
+        Ok(())
+    }
+
+    /// Commits everything: the commit under way, what waited for it and what is open, with
+    /// `position` (see [`Publisher::begin_commit`]). Returns the records committed.
+    pub async fn commit(&mut self, position: Option<Committed>) -> Result<usize, PublishError> {
+        let mut records = 0;
+        if self.committing.is_some() {
+            records += self.commit_done().await?;
+            self.send_waiting().await?;
+        }
+        if self.open.is_some() {
+            self.begin_commit(position).await?;
+            records += self.commit_done().await?;
+        }
+        Ok(records)
+    }
+
+    /// Aborts what is open or failed to commit (a failed session's last act); at least once,
+    /// drops what librdkafka still holds.
     pub async fn abort(&mut self) {
-        if self.open.take().is_some() {
+        let committing = self.committing.take();
+        if let Some(c) = committing {
+            // Its outcome no longer matters: what it held is aborted or sent again.
+            let _ = c.done.await;
+            self.failed = true;
+        }
+        self.waiting.clear();
+        if self.open.take().is_some() || std::mem::take(&mut self.failed) {
             self.abort_open().await;
         }
     }

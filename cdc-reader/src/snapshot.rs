@@ -546,9 +546,6 @@ fn content_hash(after: &Row) -> u64 {
     hasher.finish()
 }
 
-/// How long committing a chunk of the snapshot may take.
-const SNAPSHOT_COMMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
 /// The snapshot's records on their way out. One is held back so that the final one can be marked
 /// `snapshot: "last"`; a delete is followed by its tombstone.
 struct Out<'a> {
@@ -591,7 +588,7 @@ impl Out<'_> {
     /// snapshot is taken again, leaving out what earlier attempts committed (see
     /// [`earlier_attempts`]).
     async fn commit(&mut self) -> Result<(), PublishError> {
-        let records = self.publisher.commit(None, SNAPSHOT_COMMIT_TIMEOUT).await?;
+        let records = self.publisher.commit(None).await?;
         self.metrics
             .events_published
             .fetch_add(records as u64, std::sync::atomic::Ordering::Relaxed);

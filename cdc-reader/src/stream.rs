@@ -309,31 +309,36 @@ async fn stream_with(
     };
 
     loop {
-        metrics
-            .in_flight
-            .store(publisher.open_records() as u64, Ordering::Relaxed);
-        if limits.due(publisher, builder.in_transaction()) {
-            let split = builder.in_transaction();
-            if let Some(lsn) = batch
-                .commit(publisher, split, resume, metrics, COMMIT_TIMEOUT)
-                .await?
-            {
-                acknowledge(lsn, &repl, resume);
-            }
+        metrics.in_flight.store(
+            (publisher.open_records() + publisher.waiting_records()) as u64,
+            Ordering::Relaxed,
+        );
+        if !publisher.is_committing() && limits.due(publisher, builder.in_transaction()) {
+            batch
+                .begin(publisher, builder.in_transaction(), resume)
+                .await?;
         }
+        // While a commit runs, records wait in memory for the next transaction, up to the limit.
+        let can_read = publisher.waiting_records() < config.max_in_flight;
         tokio::select! {
             biased;
             () = shutdown.cancelled() => {
                 metrics.set_state(State::Stopping);
                 // What is open goes in (a split position, if a source transaction is open).
-                match batch.commit(publisher, builder.in_transaction(), resume, metrics, SHUTDOWN_COMMIT_TIMEOUT).await {
-                    Ok(end) => {
+                let finished = tokio::time::timeout(
+                    SHUTDOWN_COMMIT_TIMEOUT,
+                    batch.finish(publisher, builder.in_transaction(), resume, metrics),
+                );
+                match finished.await {
+                    Ok(Ok(end)) => {
                         if let Some(lsn) = end {
                             acknowledge(lsn, &repl, resume);
                         }
                     }
-                    Err(error) => tracing::warn!(error = %service::error_chain(&error),
+                    Ok(Err(error)) => tracing::warn!(error = %service::error_chain(&error),
                         "the last Kafka transaction did not commit; the next start sends it again"),
+                    Err(_) => tracing::warn!("the last Kafka transaction did not commit within \
+                        {SHUTDOWN_COMMIT_TIMEOUT:?}; the next start sends it again"),
                 }
                 // Stopping sends no status update of its own: wait (bounded) until the worker has
                 // reported the last confirmed position (a restart resumes from Kafka's committed
@@ -363,7 +368,7 @@ async fn stream_with(
                 let polled = match poll_replays(db, &config.slot, resume, publisher.skipped, metrics, window).await {
                     Ok(Some(from)) => {
                         // Whatever is open goes in first: the replay starts from a clean state.
-                        if let Some(lsn) = batch.commit(publisher, builder.in_transaction(), resume, metrics, COMMIT_TIMEOUT).await? {
+                        if let Some(lsn) = batch.finish(publisher, builder.in_transaction(), resume, metrics).await? {
                             acknowledge(lsn, &repl, resume);
                         }
                         return Err(SessionError::Rewind(from));
@@ -382,7 +387,19 @@ async fn stream_with(
                     }
                 }
             }
-            event = repl.recv() => {
+            done = publisher.commit_done(), if publisher.is_committing() => {
+                if let Some(lsn) = batch.done(done?, metrics) {
+                    acknowledge(lsn, &repl, resume);
+                }
+                publisher.send_waiting().await?;
+                if publisher.is_idle() {
+                    // Source transactions that ended while the commit ran, with nothing to send.
+                    if let Some(lsn) = batch.nothing_open(metrics) {
+                        acknowledge(lsn, &repl, resume);
+                    }
+                }
+            }
+            event = repl.recv(), if can_read => {
                 let Some(event) = event.map_err(SessionError::Replication)? else {
                     return Err(SessionError::Ended);
                 };
@@ -447,18 +464,14 @@ async fn stream_with(
                 }
             }
             // Nothing more to read right now, between source transactions: commit what is open.
-            () = std::future::ready(()), if !publisher.is_idle() && !builder.in_transaction() => {
-                if let Some(lsn) = batch.commit(publisher, false, resume, metrics, COMMIT_TIMEOUT).await? {
-                    acknowledge(lsn, &repl, resume);
-                }
+            () = std::future::ready(()), if publisher.is_open() && !publisher.is_committing() && !builder.in_transaction() => {
+                batch.begin(publisher, false, resume).await?;
             }
         }
     }
 }
 
-/// How long a commit may take before the session ends (and the next one starts over from the
-/// committed position); on shutdown, less.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a shutdown waits for the last commit.
 const SHUTDOWN_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A source transaction larger than a Kafka transaction may hold is split once it has been open
@@ -476,7 +489,7 @@ struct Limits {
 
 impl Limits {
     fn due(&self, publisher: &Publisher, in_source_tx: bool) -> bool {
-        if publisher.is_idle() {
+        if !publisher.is_open() {
             return false;
         }
         let open_for = publisher.open_for();
@@ -489,15 +502,18 @@ impl Limits {
     }
 }
 
-/// What the open Kafka transaction holds, for the position committed with it.
+/// What the open Kafka transaction holds, for the position committed with it, and what the one
+/// being committed held.
 #[derive(Debug, Default)]
 struct Batch {
-    /// End LSN of the last source transaction wholly in it.
+    /// End LSN of the last source transaction wholly in the open transaction.
     source_end: Option<Lsn>,
     /// Source transactions wholly in it.
     source_transactions: u64,
     /// The last record handed to the publisher.
     last: Option<crate::envelope::RecordPosition>,
+    /// The commit under way: its last source transaction end, source transactions, start.
+    committing: Option<(Option<Lsn>, u64, std::time::Instant)>,
 }
 
 impl Batch {
@@ -510,43 +526,85 @@ impl Batch {
         self.source_transactions += 1;
     }
 
-    /// Commits the open Kafka transaction with the position the stream resumes from; `split` when
-    /// a source transaction is open (its records so far go in, the rest follows in the next).
-    /// Returns the source transaction end that may now be confirmed to PostgreSQL.
-    async fn commit(
+    /// Begins committing the open Kafka transaction with the position the stream resumes from;
+    /// `split` when a source transaction is open (its records so far go in, the rest follows in
+    /// the next).
+    async fn begin(
         &mut self,
         publisher: &mut Publisher,
         split: bool,
         resume: &Resume,
-        metrics: &Metrics,
-        timeout: Duration,
-    ) -> Result<Option<Lsn>, PublishError> {
-        if publisher.is_idle() {
-            return Ok(None);
+    ) -> Result<(), PublishError> {
+        if !publisher.is_open() || publisher.is_committing() {
+            return Ok(());
         }
         let position = publish::Committed {
             end_lsn: self.source_end.unwrap_or(resume.acknowledged),
             position: if split { self.last } else { None },
         };
-        let began = std::time::Instant::now();
-        let records = publisher.commit(Some(position), timeout).await?;
+        publisher.begin_commit(Some(position)).await?;
+        if split {
+            tracing::info!(records = publisher.open_records(), position = ?self.last.map(|p| p.header_value()),
+                "a large source transaction split across Kafka transactions");
+        }
+        self.committing = Some((
+            self.source_end.take(),
+            std::mem::take(&mut self.source_transactions),
+            std::time::Instant::now(),
+        ));
+        Ok(())
+    }
+
+    /// The commit under way is done (`records` in it): the source transaction end that may now
+    /// be confirmed to PostgreSQL.
+    fn done(&mut self, records: usize, metrics: &Metrics) -> Option<Lsn> {
+        let (end, transactions, began) = self.committing.take()?;
         metrics.kafka_commits.fetch_add(1, Ordering::Relaxed);
         metrics.kafka_commit_micros.fetch_add(
             u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-        if split {
-            tracing::info!(records, position = ?self.last.map(|p| p.header_value()),
-                "a large source transaction split across Kafka transactions");
-        }
         metrics
             .events_published
             .fetch_add(records as u64, Ordering::Relaxed);
+        metrics
+            .transactions
+            .fetch_add(transactions, Ordering::Relaxed);
+        end
+    }
+
+    /// With nothing open, committing or waiting: source transactions that ended meanwhile
+    /// without records to send are confirmed as they are.
+    fn nothing_open(&mut self, metrics: &Metrics) -> Option<Lsn> {
         metrics.transactions.fetch_add(
             std::mem::take(&mut self.source_transactions),
             Ordering::Relaxed,
         );
-        Ok(self.source_end.take())
+        self.source_end.take()
+    }
+
+    /// Commits everything (the commit under way, what waited for it, what is open): for a
+    /// shutdown or a replay. Returns the last source transaction end it covers.
+    async fn finish(
+        &mut self,
+        publisher: &mut Publisher,
+        split: bool,
+        resume: &Resume,
+        metrics: &Metrics,
+    ) -> Result<Option<Lsn>, PublishError> {
+        let mut end = None;
+        if publisher.is_committing() {
+            end = self.done(publisher.commit_done().await?, metrics).or(end);
+            publisher.send_waiting().await?;
+        }
+        if publisher.is_open() {
+            self.begin(publisher, split, resume).await?;
+            end = self.done(publisher.commit_done().await?, metrics).or(end);
+        }
+        if publisher.is_idle() {
+            end = self.nothing_open(metrics).or(end);
+        }
+        Ok(end)
     }
 }
 
