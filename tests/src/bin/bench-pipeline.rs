@@ -445,6 +445,8 @@ async fn main() -> anyhow::Result<()> {
     }
     for key in [
         "reader_changes_per_s",
+        "reader_idempotent_changes_per_s",
+        "reader_transactions_cost",
         "pg_recvlogical_changes_per_s",
         "reader_vs_recvlogical",
     ] {
