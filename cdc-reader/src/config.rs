@@ -102,8 +102,9 @@ pub struct Config {
     #[arg(long, env = "CDC_READER_COMMIT_INTERVAL_MS", default_value_t = 100)]
     pub commit_interval_ms: u64,
 
-    /// Most records in one Kafka transaction; a source transaction larger than this is split
-    /// across Kafka transactions (at a record it resumes exactly after).
+    /// Most records in one Kafka transaction, and held in memory for the next one while one
+    /// commits; a source transaction larger than this is split across Kafka transactions (at a
+    /// record it resumes exactly after).
     #[arg(long, env = "CDC_READER_MAX_IN_FLIGHT", default_value_t = 50_000)]
     pub max_in_flight: usize,
 
