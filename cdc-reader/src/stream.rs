@@ -3,8 +3,8 @@
 //! **Batches.** Records of whole source transactions go into the publisher's open Kafka
 //! transaction; it is committed, with the position the stream resumes from, when the WAL has
 //! nothing more to read between two source transactions, after the commit interval, or at the
-//! record limit (a source transaction that reaches the limit, or stays open [`SPLIT_AFTER`], is split
-//! at a record; the position committed then names that record).
+//! record limit (a source transaction that reaches the limit, or stays open [`SPLIT_AFTER`], is
+//! split at a record; the position committed then names that record).
 //!
 //! **Progress rule.** The LSN reported to PostgreSQL as flushed is only ever
 //! - the end LSN of a source transaction once the Kafka transaction holding its last records
@@ -13,9 +13,9 @@
 //!   slot advances (writes to tables outside the publication do not pin WAL) and a fast shutdown of
 //!   PostgreSQL is not held up.
 //!
-//! Any failure ends the session (its open Kafka transaction aborted); [`run`](crate::run) starts a new one after
-//! a backoff, from the position committed in Kafka. Nothing is confirmed that Kafka does not have,
-//! so nothing is lost; nothing committed is sent again, so nothing is doubled.
+//! Any failure ends the session (its open Kafka transaction aborted); [`run`](crate::run) starts
+//! a new one after a backoff, from the position committed in Kafka. Nothing is confirmed that
+//! Kafka does not have, so nothing is lost; nothing committed is sent again, so nothing is doubled.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -703,4 +703,46 @@ fn replication_config(
     .with_wakeup_interval(Duration::from_secs(1))
     .with_options(SESSION_OPTIONS)
     .with_application_name("cdc-reader")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::RecordPosition;
+    use crate::publish::Committed;
+
+    #[test]
+    fn a_session_starts_at_the_latest_position_kafka_or_postgres_knows() {
+        let split = RecordPosition {
+            commit_lsn: 900,
+            event_index: 41,
+            sub: 0,
+        };
+        let committed = |end_lsn, position| Some(Committed { end_lsn, position });
+        // The committed position is ahead of the slot (confirmed lags, or a replay window).
+        assert_eq!(
+            start_position(100, 0, None, committed(800, Some(split)), 1000),
+            (800, Some(split))
+        );
+        // The slot or this process is ahead (an idle slot advanced on keepalives).
+        assert_eq!(
+            start_position(850, 0, None, committed(800, None), 1000).0,
+            850
+        );
+        assert_eq!(
+            start_position(100, 870, None, committed(800, None), 1000).0,
+            870
+        );
+        // A replay starts where it asked, with nothing skipped.
+        assert_eq!(
+            start_position(100, 0, Some(300), committed(800, Some(split)), 1000),
+            (300, None)
+        );
+        // A committed position past the WAL's end is another history of the database.
+        assert_eq!(
+            start_position(100, 0, None, committed(5000, Some(split)), 1000),
+            (100, None)
+        );
+        assert_eq!(start_position(100, 0, None, None, 1000), (100, None));
+    }
 }

@@ -676,6 +676,16 @@ impl Pipeline {
         prefix: &str,
         partitions: i32,
     ) -> anyhow::Result<Pipeline> {
+        Self::start_configured(stack, prefix, partitions, |_| {}).await
+    }
+
+    /// [`Pipeline::start_with`], the reader's configuration changed by `configure` first.
+    pub async fn start_configured(
+        stack: Stack,
+        prefix: &str,
+        partitions: i32,
+        configure: impl FnOnce(&mut cdc_reader::Config),
+    ) -> anyhow::Result<Pipeline> {
         let user_db = TestDb::create(
             &stack,
             &format!("{prefix}_u"),
@@ -696,6 +706,7 @@ impl Pipeline {
             &[format!("public.users={topic}")],
         );
         config.topic_partitions = partitions;
+        configure(&mut config);
         let reader = Reader::start(config).await?;
         reader.wait_streaming().await?;
         Ok(Pipeline {
