@@ -301,7 +301,7 @@ impl Publisher {
     /// least once there is none). Read after [`Publisher::new`], when nothing of an earlier
     /// producer is open any more.
     pub async fn committed(
-        &self,
+        &mut self,
         settings: &KafkaSettings,
     ) -> Result<Option<Committed>, PublishError> {
         if self.delivery != Delivery::ExactlyOnce {
@@ -310,23 +310,10 @@ impl Publisher {
         let key = self.transactional_id.clone();
         let topic = self.position_topic.clone();
         let brokers = settings.brokers.clone();
+        let partitions = self.partition_count(&topic).await?;
         blocking(move || {
             let consumer = reading_consumer(&brokers)?;
-            let metadata = consumer
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .map_err(|source| PublishError::Metadata {
-                    topic: topic.clone(),
-                    source,
-                })?;
-            let partitions = metadata
-                .topics()
-                .iter()
-                .find(|t| t.name() == topic)
-                .map(|t| t.partitions().len())
-                .unwrap_or(0);
-            let starts: Vec<(i32, i64)> = (0..i32::try_from(partitions).unwrap_or(0))
-                .map(|p| (p, 0))
-                .collect();
+            let starts: Vec<(i32, i64)> = (0..partitions).map(|p| (p, 0)).collect();
             let mut last: Option<Option<Vec<u8>>> = None;
             read_to_end(&consumer, &topic, &starts, |m| {
                 if m.key() == Some(key.as_bytes()) {

@@ -197,6 +197,55 @@ pub fn count_uncommitted(brokers: &str, topic: &str, partitions: i32) -> anyhow:
     Ok(n)
 }
 
+/// Waits until the reader of `slot` in `db` recorded its initial snapshot as finished.
+pub async fn wait_snapshot_done(db: &tokio_postgres::Client, slot: &str) -> anyhow::Result<()> {
+    wait_for("the initial snapshot", Duration::from_secs(90), || async {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM cdc_reader_snapshots WHERE slot = $1",
+                &[&slot],
+            )
+            .await?
+            .get(0);
+        Ok((n == 1).then_some(()))
+    })
+    .await
+}
+
+/// Waits (blocking) until the ends of `topic`'s first `partitions` partitions add up to more than
+/// `above`, as a consumer with `isolation` (`read_committed`: the last stable offsets, so committed
+/// transactions only; `read_uncommitted`: the high watermarks) sees them. Returns that sum.
+pub fn wait_partition_ends(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    isolation: &str,
+    above: i64,
+) -> anyhow::Result<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let ends: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("isolation.level", isolation)
+        .create()?;
+    let started = std::time::Instant::now();
+    loop {
+        let mut sum = 0;
+        for p in 0..partitions {
+            sum += ends
+                .fetch_watermarks(topic, p, Duration::from_secs(5))
+                .map_or(0, |(_, high)| high);
+        }
+        if sum > above {
+            return Ok(sum);
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(90),
+            "the ends of {topic} stayed at {sum} (want more than {above})"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// The reader binary as a child process (so it can be killed with SIGKILL), capturing the users
 /// table of `db` into `topic` on `brokers`, with `env` on top.
 pub fn reader_process(

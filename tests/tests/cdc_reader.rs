@@ -586,41 +586,13 @@ async fn a_reader_killed_between_the_parts_of_a_split_transaction_resumes_inside
     let env = [("CDC_READER_MAX_IN_FLIGHT", "1000")];
     let mut reader = e2e::reader_process(&stack.kafka_brokers, &db, &topic, &env);
     let client = db.client().await.unwrap();
-    wait_for("the initial snapshot", WAIT, || async {
-        let n: i64 = client
-            .query_one(
-                "SELECT count(*) FROM cdc_reader_snapshots WHERE slot = $1",
-                &[&db.name],
-            )
-            .await?
-            .get(0);
-        Ok((n == 1).then_some(()))
-    })
-    .await
-    .unwrap();
+    e2e::wait_snapshot_done(&client, &db.name).await.unwrap();
     e2e::insert_bench_users(&client, 20_000, 20_000)
         .await
         .unwrap();
     // Some parts committed (read_committed sees them), not all.
-    let committed = {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let ends: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &stack.kafka_brokers)
-            .set("isolation.level", "read_committed")
-            .create()
-            .unwrap();
-        let started = std::time::Instant::now();
-        loop {
-            let (_, end) = ends
-                .fetch_watermarks(&topic, 0, Duration::from_secs(5))
-                .unwrap_or_default();
-            if end >= 3_000 {
-                break end;
-            }
-            assert!(started.elapsed() < WAIT, "no part committed");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
+    let committed =
+        e2e::wait_partition_ends(&stack.kafka_brokers, &topic, 1, "read_committed", 2_999).unwrap();
     reader.start_kill().unwrap();
     reader.wait().await.unwrap();
     eprintln!("killed the reader with {committed} offsets committed");
@@ -667,18 +639,7 @@ async fn killed_at_random_moments(delivery: &str) {
     // Kills during the initial snapshot are another test's matter (an interrupted snapshot
     // resumes); here they hit the stream.
     let client = db.client().await.unwrap();
-    e2e::wait_for("the initial snapshot", WAIT, || async {
-        let n: i64 = client
-            .query_one(
-                "SELECT count(*) FROM cdc_reader_snapshots WHERE slot = $1",
-                &[&db.name],
-            )
-            .await?
-            .get(0);
-        Ok((n == 1).then_some(()))
-    })
-    .await
-    .unwrap();
+    e2e::wait_snapshot_done(&client, &db.name).await.unwrap();
     let writer = db.client().await.unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let workload = tokio::spawn({

@@ -261,8 +261,8 @@ async fn kafka_paused_longer_than_the_message_timeout_loses_and_doubles_nothing(
     control.kafka(Kafka::Single, "pause", 1).await.unwrap();
     tokio::time::sleep(Duration::from_secs(70)).await;
     control.kafka(Kafka::Single, "resume", 1).await.unwrap();
-    // The load goes on a while after the pause, as it did before it.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // The load goes on until the reader works again, as it did before the pause.
+    reader_commits_again(&p, 20.0).await;
     finish_load(p, projector, stop, load, 0).await;
 }
 
@@ -281,7 +281,7 @@ async fn kafka_paused_longer_than_the_message_timeout_at_least_once_loses_nothin
     control.kafka(Kafka::Single, "pause", 1).await.unwrap();
     tokio::time::sleep(Duration::from_secs(70)).await;
     control.kafka(Kafka::Single, "resume", 1).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    reader_commits_again(&p, 20.0).await;
     stop.cancel();
     let n = usize::try_from(load.await.unwrap()).unwrap();
     let records = e2e::read_topic(&p.stack, &p.topic, n, WAIT).await.unwrap();
@@ -337,6 +337,22 @@ async fn cluster_leader_kill_and_rolling_restart_lose_and_double_nothing() {
     finish_load(p, projector, stop, load, 0).await;
 }
 
+/// Waits until the reader committed `n` more Kafka transactions: it works again, under the load
+/// that went on through the fault.
+async fn reader_commits_again(p: &Pipeline, n: f64) {
+    let before = p
+        .reader
+        .metric("cdc_reader_kafka_commits_total")
+        .await
+        .unwrap();
+    e2e::wait_for("the reader to commit again", WAIT, || async {
+        let now = p.reader.metric("cdc_reader_kafka_commits_total").await?;
+        Ok((now >= before + n).then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
 /// On the three-node cluster, under steady writes: the node coordinating the reader's Kafka
 /// transactions killed with SIGKILL, away 15 s, started again. Every change reaches the topic
 /// once and the views equal the source.
@@ -362,7 +378,7 @@ async fn cluster_transaction_coordinator_kill_loses_and_doubles_nothing() {
         .await
         .unwrap();
     eprintln!("coordinator of {id} now: node {moved}");
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    reader_commits_again(&p, 20.0).await;
     finish_load(p, projector, stop, load, 0).await;
 }
 
@@ -425,32 +441,8 @@ async fn a_reader_killed_inside_a_kafka_transaction_shows_nothing_of_it_to_read_
     insert(&db, "big", rows).await;
     // Records of the open transaction reach the partitions: their ends (high watermarks, which
     // count records of open transactions) pass what was committed by more than 1,000.
-    let seen = {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let ends: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &stack.kafka_brokers)
-            .set("isolation.level", "read_uncommitted")
-            .create()
-            .unwrap();
-        let started = std::time::Instant::now();
-        loop {
-            let end: i64 = (0..3)
-                .map(|p| {
-                    ends.fetch_watermarks(&topic, p, Duration::from_secs(5))
-                        .unwrap()
-                        .1
-                })
-                .sum();
-            if end > 1_100 {
-                break end;
-            }
-            assert!(
-                started.elapsed() < WAIT,
-                "no records of the open transaction"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
+    let seen = e2e::wait_partition_ends(&stack.kafka_brokers, &topic, 3, "read_uncommitted", 1_100)
+        .unwrap();
     reader.start_kill().unwrap();
     reader.wait().await.unwrap();
     eprintln!("killed the reader with the partitions' ends at {seen} offsets in all");
