@@ -76,6 +76,12 @@ pub struct Config {
     )]
     pub topic_config: Vec<String>,
 
+    /// Write every key and value with its schema, as Kafka Connect's JsonConverter does with
+    /// `schemas.enable=true` (`{"schema": ..., "payload": ...}`), for Connect sinks that need
+    /// schemas, such as Debezium's JDBC sink. json and jsonb values are then written as text.
+    #[arg(long, env = "CDC_READER_SCHEMAS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub schemas: bool,
+
     /// What the reader guarantees: `exactly-once` commits records in Kafka transactions together
     /// with its resume position (consumers read with `isolation.level=read_committed`);
     /// `at-least-once` uses the idempotent producer alone, for brokers without transactions

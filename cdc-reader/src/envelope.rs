@@ -6,10 +6,12 @@
 //! the transaction the change belongs to (from Begin), and the change's index in it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use change_event::{Envelope, Op, Row, Source};
 use serde_json::Value;
 
+use crate::connect::TableSchemas;
 use crate::decode::{self, Lsn, Message, OldTuple, Relation, Tuple};
 use crate::values;
 
@@ -95,6 +97,56 @@ pub struct Settings {
     pub database: String,
     /// `schema.table` → topic; tables not listed go to `schema.table`.
     pub topics: HashMap<String, String>,
+    /// Keys and values with Connect schemas (see [`crate::connect`]).
+    pub schemas: bool,
+}
+
+impl Settings {
+    /// A column value as this reader writes it.
+    pub fn value(&self, type_oid: u32, text: &str) -> Value {
+        if self.schemas {
+            values::to_connect_json(type_oid, text)
+        } else {
+            values::to_json(type_oid, text)
+        }
+    }
+
+    /// The schemas of a table's records, when records carry them.
+    pub fn table_schemas(
+        &self,
+        schema: &str,
+        table: &str,
+        columns: &[(String, u32)],
+        key: &[String],
+    ) -> Option<Arc<TableSchemas>> {
+        self.schemas.then(|| {
+            Arc::new(TableSchemas::new(
+                &self.server_name,
+                schema,
+                table,
+                columns,
+                key,
+            ))
+        })
+    }
+}
+
+/// A record's key bytes: plain JSON, or with its schema.
+pub fn key_bytes(schemas: Option<&TableSchemas>, key: &Row) -> Vec<u8> {
+    let plain = to_json_bytes(key);
+    match schemas {
+        Some(s) => s.key(&plain),
+        None => plain,
+    }
+}
+
+/// A record's value bytes: plain JSON, or with its schema.
+pub fn value_bytes(schemas: Option<&TableSchemas>, envelope: &Envelope) -> Vec<u8> {
+    let plain = to_json_bytes(envelope);
+    match schemas {
+        Some(s) => s.value(&plain),
+        None => plain,
+    }
 }
 
 #[derive(Debug)]
@@ -103,6 +155,7 @@ struct Table {
     topic: String,
     /// Indexes of the key columns (see [`event_key`]).
     key: Vec<usize>,
+    schemas: Option<Arc<TableSchemas>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -149,8 +202,10 @@ pub struct Builder {
     settings: Settings,
     tables: HashMap<u32, Table>,
     tx: Option<Transaction>,
-    /// End LSN of the last commit seen, for `source.sequence`.
+    /// End LSN of the last commit seen, for `source.sequence` (0: none yet in this session).
     last_commit: Lsn,
+    /// LSN of the WAL record the message being applied came from (0: not known).
+    message_lsn: Lsn,
 }
 
 /// What a message means for the caller.
@@ -171,6 +226,7 @@ impl Builder {
             tables: HashMap::new(),
             tx: None,
             last_commit: 0,
+            message_lsn: 0,
         }
     }
 
@@ -185,14 +241,18 @@ impl Builder {
         self.tx.is_some()
     }
 
-    /// `primary_key` gives, for a relation, the names of its primary key columns (looked up by the
-    /// caller in the catalog); `None` when the table has none.
+    /// `wal_lsn` is the LSN of the WAL record `message` came from (the XLogData's start; 0 when not
+    /// known): a row change's `source.lsn`, as Debezium's. `primary_key` gives, for a relation, the
+    /// names of its primary key columns (looked up by the caller in the catalog); `None` when the
+    /// table has none.
     pub fn apply(
         &mut self,
         message: Message,
+        wal_lsn: Lsn,
         now_ms: i64,
         primary_key: impl FnOnce(&Relation) -> Option<Vec<String>>,
     ) -> Result<Step, EnvelopeError> {
+        self.message_lsn = wal_lsn;
         match message {
             Message::Begin(b) => {
                 self.tx = Some(Transaction {
@@ -217,12 +277,25 @@ impl Builder {
                     .cloned()
                     .unwrap_or(qualified);
                 let key = event_key(&relation, primary_key(&relation));
+                let schemas = self.settings.table_schemas(
+                    &relation.namespace,
+                    &relation.name,
+                    &relation
+                        .columns
+                        .iter()
+                        .map(|c| (c.name.clone(), c.type_oid))
+                        .collect::<Vec<_>>(),
+                    &key.iter()
+                        .map(|&i| relation.columns[i].name.clone())
+                        .collect::<Vec<_>>(),
+                );
                 self.tables.insert(
                     relation.id,
                     Table {
                         relation,
                         topic,
                         key,
+                        schemas,
                     },
                 );
                 Ok(Step::Nothing)
@@ -234,6 +307,7 @@ impl Builder {
                 let mut records = Vec::with_capacity(t.relation_ids.len());
                 for id in t.relation_ids {
                     let (source, topic) = self.source(id)?;
+                    let schemas = self.tables.get(&id).and_then(|t| t.schemas.clone());
                     let position = RecordPosition::of(&source, 0);
                     let envelope = Envelope {
                         before: None,
@@ -246,7 +320,7 @@ impl Builder {
                     records.push(Record {
                         topic,
                         key: None,
-                        value: Some(to_json_bytes(&envelope)),
+                        value: Some(value_bytes(schemas.as_deref(), &envelope)),
                         all_partitions: true,
                         position,
                     });
@@ -267,6 +341,16 @@ impl Builder {
             .ok_or(EnvelopeError::UnknownRelation(id))?;
         let index = tx.next_index;
         tx.next_index += 1;
+        // Debezium: the change's own WAL position, and `[last commit, it]` with null before the
+        // session's first commit.
+        let lsn = match self.message_lsn {
+            0 => tx.commit_lsn,
+            lsn => lsn,
+        };
+        let last_commit = match last_commit {
+            0 => "null".to_owned(),
+            lsn => format!("\"{lsn}\""),
+        };
         let source = Source {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             connector: "postgresql".to_owned(),
@@ -275,9 +359,9 @@ impl Builder {
             schema: table.relation.namespace.clone(),
             table: table.relation.name.clone(),
             tx_id: Some(i64::from(tx.xid)),
-            lsn: Some(tx.commit_lsn),
+            lsn: Some(lsn),
             // Debezium writes LSNs here as decimal strings.
-            sequence: Some(format!("[\"{last_commit}\",\"{}\"]", tx.commit_lsn)),
+            sequence: Some(format!("[{last_commit},\"{lsn}\"]")),
             ts_ms: tx.commit_time_ms,
             snapshot: "false".to_owned(),
             commit_lsn: tx.commit_lsn,
@@ -303,14 +387,14 @@ impl Builder {
             .ok_or(EnvelopeError::UnknownRelation(id))?;
         let old_full = matches!(old, Some(OldTuple::Full(_)));
         let before = match &old {
-            Some(OldTuple::Full(t)) => Some(row(table, t, None)?.0),
+            Some(OldTuple::Full(t)) => Some(row(&self.settings, table, t, None)?.0),
             // Only the key columns of a key image carry values.
-            Some(OldTuple::Key(t)) => Some(row(table, t, Some(&table.key))?.0),
+            Some(OldTuple::Key(t)) => Some(row(&self.settings, table, t, Some(&table.key))?.0),
             None => None,
         };
         let (after, unchanged_toast) = match &new {
             Some(t) => {
-                let (mut after, missing) = row(table, t, None)?;
+                let (mut after, missing) = row(&self.settings, table, t, None)?;
                 let mut unchanged = Vec::new();
                 for name in missing {
                     // A full old image has the value; otherwise the consumer keeps what it has.
@@ -345,7 +429,8 @@ impl Builder {
                         unchanged_toast: Vec<String>|
          -> Result<(), EnvelopeError> {
             let (source, topic) = this.source(id)?;
-            let key = Some(to_json_bytes(key));
+            let schemas = this.tables.get(&id).and_then(|t| t.schemas.clone());
+            let key = Some(key_bytes(schemas.as_deref(), key));
             let position = RecordPosition::of(&source, 0);
             let envelope = Envelope {
                 before,
@@ -358,7 +443,7 @@ impl Builder {
             records.push(Record {
                 topic: topic.clone(),
                 key: key.clone(),
-                value: Some(to_json_bytes(&envelope)),
+                value: Some(value_bytes(schemas.as_deref(), &envelope)),
                 all_partitions: false,
                 position,
             });
@@ -393,6 +478,7 @@ impl Builder {
 /// The JSON row of `tuple`, restricted to `only` columns when given, and the names of columns whose
 /// value was an unchanged TOAST marker (left out of the row).
 fn row(
+    settings: &Settings,
     table: &Table,
     tuple: &Tuple,
     only: Option<&[usize]>,
@@ -423,7 +509,7 @@ fn row(
                     relation: relation(),
                     column: column.name.clone(),
                 })?;
-                values::to_json(column.type_oid, text)
+                settings.value(column.type_oid, text)
             }
             decode::Value::Binary(_) => {
                 return Err(EnvelopeError::Binary {
@@ -452,6 +538,7 @@ mod tests {
             server_name: "cdc".into(),
             database: "capture".into(),
             topics: [("public.t".to_owned(), "t-events".to_owned())].into(),
+            schemas: false,
         }
     }
 
@@ -462,7 +549,9 @@ mod tests {
         for (lsn, bytes) in testdata::captured() {
             let msg = decode::decode(&bytes).unwrap();
             let step = b
-                .apply(msg, 1, |r| (r.name == "f").then(|| vec!["id".to_owned()]))
+                .apply(msg, 0, 1, |r| {
+                    (r.name == "f").then(|| vec!["id".to_owned()])
+                })
                 .unwrap_or_else(|e| panic!("{lsn}: {e}"));
             if let Step::Records(rs) = step {
                 for r in rs {
@@ -608,7 +697,7 @@ mod tests {
             new: Tuple(vec![]),
         });
         assert_eq!(
-            b.apply(insert.clone(), 0, |_| None),
+            b.apply(insert.clone(), 0, 0, |_| None),
             Err(EnvelopeError::NoTransaction)
         );
         let begin = Message::Begin(decode::Begin {
@@ -616,9 +705,9 @@ mod tests {
             commit_time: 0,
             xid: 1,
         });
-        b.apply(begin, 0, |_| None).unwrap();
+        b.apply(begin, 0, 0, |_| None).unwrap();
         assert_eq!(
-            b.apply(insert, 0, |_| None),
+            b.apply(insert, 0, 0, |_| None),
             Err(EnvelopeError::UnknownRelation(9))
         );
     }

@@ -17,6 +17,7 @@
 //! - [`config`], [`telemetry`]: flags, `/health` and `/metrics`.
 
 pub mod config;
+pub mod connect;
 pub mod decode;
 pub mod envelope;
 pub mod publish;

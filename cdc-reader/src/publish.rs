@@ -808,7 +808,7 @@ fn record_position<M: Message>(m: &M) -> Option<RecordPosition> {
             }
         }
     }
-    let value: serde_json::Value = serde_json::from_slice(m.payload()?).ok()?;
+    let value: serde_json::Value = change_event::parse(m.payload()?).ok()?;
     let source = &value["source"];
     Some(RecordPosition {
         commit_lsn: source["commit_lsn"].as_u64()?,

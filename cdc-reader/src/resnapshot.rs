@@ -15,18 +15,19 @@
 //! Requests are rows of `user_db.cdc_reader_snapshot_requests`, taken one at a time within a
 //! second; one interrupted by a reader restart is taken again from the start.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::sync::Arc;
 
 use change_event::{Envelope, Op, Row, Source};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
+use crate::connect::TableSchemas;
 use crate::decode::Lsn;
-use crate::envelope::{Record, RecordPosition, Settings};
+use crate::envelope::{value_bytes, Record, RecordPosition, Settings};
 use crate::setup::{self, pg, SetupError};
 use crate::snapshot::published_columns;
-use crate::values;
 
 /// The prefix of the watermark messages.
 pub const PREFIX: &str = "cdc-reader.snapshot";
@@ -134,10 +135,12 @@ pub async fn status(
 #[derive(Debug, Clone)]
 struct ChunkRow {
     topic: String,
+    /// Plain JSON (without its schema).
     key: Vec<u8>,
     schema: String,
     table: String,
     after: Row,
+    schemas: Option<Arc<TableSchemas>>,
 }
 
 /// Rows read between a low and a high watermark.
@@ -154,9 +157,9 @@ fn mark(slot: &str, request: i64, run: u64, chunk: u64) -> String {
     format!("{slot}:{request}:{run}:{chunk}")
 }
 
-/// A key in a form that compares equal however its JSON was written.
+/// A key in a form that compares equal however its JSON was written (with its schema or not).
 fn canonical(key: &[u8]) -> Option<Value> {
-    serde_json::from_slice(key).ok()
+    change_event::parse(key).ok()
 }
 
 /// The session's side of a running on-demand snapshot.
@@ -228,7 +231,7 @@ impl Running {
             slot.to_owned(),
             publication.to_owned(),
             database_url.to_owned(),
-            settings.topics.clone(),
+            settings.clone(),
             tx,
         ));
         Running {
@@ -346,10 +349,14 @@ impl Running {
                         ts_ms: crate::stream::now_ms(),
                         unchanged_toast: Vec::new(),
                     };
+                    let key = match &row.schemas {
+                        Some(s) => s.key(&row.key),
+                        None => row.key,
+                    };
                     records.push(Record {
                         topic: row.topic,
-                        key: Some(row.key),
-                        value: serde_json::to_vec(&envelope).ok(),
+                        key: Some(key),
+                        value: Some(value_bytes(row.schemas.as_deref(), &envelope)),
                         all_partitions: false,
                         position,
                     });
@@ -401,7 +408,7 @@ async fn worker(
     slot: String,
     publication: String,
     database_url: String,
-    topics: HashMap<String, String>,
+    settings: Settings,
     chunks: mpsc::Sender<Chunk>,
 ) -> Result<(), SetupError> {
     let (mut db, conn) = tokio_postgres::connect(&database_url, tokio_postgres::NoTls)
@@ -418,7 +425,11 @@ async fn worker(
     let mut n: u64 = 0;
     for table in &request.tables {
         let (schema, name) = setup::split_table(table)?;
-        let topic = topics.get(table).cloned().unwrap_or_else(|| table.clone());
+        let topic = settings
+            .topics
+            .get(table)
+            .cloned()
+            .unwrap_or_else(|| table.clone());
         let oid: u32 = db
             .query_one("SELECT $1::text::regclass::oid", &[table])
             .await
@@ -431,6 +442,7 @@ async fn worker(
         let (columns, row_filter) = published_columns(&tx, oid, &publication).await?;
         let names: Vec<String> = columns.iter().map(|(c, _)| c.clone()).collect();
         let keys = setup::event_key_columns(&tx, oid, &names).await?;
+        let schemas = settings.table_schemas(schema, name, &columns, &keys);
         let key_types: Vec<String> = tx
             .query(
                 "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
@@ -515,7 +527,7 @@ async fn worker(
                     let text: Option<&str> = row.get(i);
                     after.insert(
                         column.clone(),
-                        text.map_or(Value::Null, |t| values::to_json(*type_oid, t)),
+                        text.map_or(Value::Null, |t| settings.value(*type_oid, t)),
                     );
                 }
                 let mut key = Row::new();
@@ -528,6 +540,7 @@ async fn worker(
                     schema: schema.to_owned(),
                     table: name.to_owned(),
                     after,
+                    schemas: schemas.clone(),
                 });
             }
             let full = rows.len() as i64 == CHUNK;

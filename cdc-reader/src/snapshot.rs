@@ -32,6 +32,7 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::Instant;
 
 use change_event::{Envelope, Op, Row, Source};
@@ -39,12 +40,12 @@ use pgwire_replication::ReplicationClient;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use crate::connect::TableSchemas;
 use crate::decode::Lsn;
-use crate::envelope::{to_json_bytes, Record, RecordPosition, Settings};
+use crate::envelope::{to_json_bytes, value_bytes, Record, RecordPosition, Settings};
 use crate::publish::{self, KafkaSettings, PublishError, Publisher};
 use crate::setup::{self, SetupError};
 use crate::telemetry::Metrics;
-use crate::values;
 
 /// Rows fetched per round trip.
 const FETCH: usize = 5000;
@@ -211,6 +212,9 @@ pub async fn take(
         let (columns, row_filter) = published_columns(&tx, oid, target.publication).await?;
         let names: Vec<String> = columns.iter().map(|(c, _)| c.clone()).collect();
         let key_names = setup::event_key_columns(&tx, oid, &names).await?;
+        let schemas = target
+            .settings
+            .table_schemas(schema, name, &columns, &key_names);
         let estimate: f32 = tx
             .query_one(
                 "SELECT greatest(reltuples, 0)::real FROM pg_class WHERE oid = $1",
@@ -260,7 +264,9 @@ pub async fn take(
                     let text: Option<&str> = row.get(i);
                     after.insert(
                         column.clone(),
-                        text.map_or(serde_json::Value::Null, |t| values::to_json(*type_oid, t)),
+                        text.map_or(serde_json::Value::Null, |t| {
+                            target.settings.value(*type_oid, t)
+                        }),
                     );
                 }
                 let mut key = Row::new();
@@ -281,7 +287,8 @@ pub async fn take(
                     ts_ms: now,
                     unchanged_toast: Vec::new(),
                 };
-                out.push(topic.clone(), key, envelope).await?;
+                out.push(topic.clone(), key, envelope, schemas.clone())
+                    .await?;
             }
             done += batch.len() as u64;
             out.rows += batch.len() as u64;
@@ -301,7 +308,8 @@ pub async fn take(
                 ts_ms: crate::stream::now_ms(),
                 unchanged_toast: Vec::new(),
             };
-            out.push(topic.clone(), key, envelope).await?;
+            out.push(topic.clone(), key, envelope, schemas.clone())
+                .await?;
         }
     }
     out.finish().await?;
@@ -493,7 +501,11 @@ impl Published {
         if position.commit_lsn < self.since {
             return;
         }
-        let Ok(event) = serde_json::from_slice::<serde_json::Value>(value) else {
+        // Keys and values as plain JSON, whether they were written with schemas or not.
+        let (Ok(event), Ok(key)) = (
+            change_event::parse::<serde_json::Value>(value),
+            change_event::parse::<Row>(key),
+        ) else {
             return;
         };
         let source = &event["source"];
@@ -501,7 +513,7 @@ impl Published {
         else {
             return;
         };
-        let id = (format!("{schema}.{table}"), key.to_vec());
+        let id = (format!("{schema}.{table}"), to_json_bytes(&key));
         match (event["op"].as_str(), event["after"].as_object()) {
             (Some("r" | "c" | "u"), Some(after)) => {
                 self.rows.insert(id, content_hash(after));
@@ -546,13 +558,17 @@ fn content_hash(after: &Row) -> u64 {
     hasher.finish()
 }
 
+/// A record of the snapshot: topic, plain JSON key, envelope, and the table's schemas when records
+/// carry them.
+type Pending = (String, Vec<u8>, Envelope, Option<Arc<TableSchemas>>);
+
 /// The snapshot's records on their way out. One is held back so that the final one can be marked
 /// `snapshot: "last"`; a delete is followed by its tombstone.
 struct Out<'a> {
     publisher: &'a mut Publisher,
     metrics: &'a Metrics,
     max_in_flight: usize,
-    pending: Option<(String, Vec<u8>, Envelope)>,
+    pending: Option<Pending>,
     /// Rows read; records sent; rows left out because an earlier attempt published them unchanged.
     rows: u64,
     sent: u64,
@@ -567,9 +583,10 @@ impl Out<'_> {
         topic: String,
         key: Vec<u8>,
         envelope: Envelope,
+        schemas: Option<Arc<TableSchemas>>,
     ) -> Result<(), PublishError> {
         self.next_index += 1;
-        if let Some(previous) = self.pending.replace((topic, key, envelope)) {
+        if let Some(previous) = self.pending.replace((topic, key, envelope, schemas)) {
             self.send(previous).await?;
         }
         Ok(())
@@ -577,9 +594,9 @@ impl Out<'_> {
 
     /// Sends the held-back record as the last one and commits everything to Kafka.
     async fn finish(&mut self) -> Result<(), PublishError> {
-        if let Some((topic, key, mut envelope)) = self.pending.take() {
+        if let Some((topic, key, mut envelope, schemas)) = self.pending.take() {
             envelope.source.snapshot = "last".to_owned();
-            self.send((topic, key, envelope)).await?;
+            self.send((topic, key, envelope, schemas)).await?;
         }
         self.commit().await
     }
@@ -595,11 +612,12 @@ impl Out<'_> {
         Ok(())
     }
 
-    async fn send(
-        &mut self,
-        (topic, key, envelope): (String, Vec<u8>, Envelope),
-    ) -> Result<(), PublishError> {
+    async fn send(&mut self, (topic, key, envelope, schemas): Pending) -> Result<(), PublishError> {
         let position = RecordPosition::of(&envelope.source, 0);
+        let key = match &schemas {
+            Some(s) => s.key(&key),
+            None => key,
+        };
         let tombstone = (envelope.op == Op::Delete).then(|| Record {
             topic: topic.clone(),
             key: Some(key.clone()),
@@ -611,7 +629,7 @@ impl Out<'_> {
             topic,
             key: Some(key),
             position,
-            value: Some(to_json_bytes(&envelope)),
+            value: Some(value_bytes(schemas.as_deref(), &envelope)),
             all_partitions: false,
         };
         for record in std::iter::once(event).chain(tombstone) {

@@ -217,6 +217,7 @@ async fn stream_with(
         server_name: config.server_name.clone(),
         database: pg_config.get_dbname().unwrap_or_default().to_owned(),
         topics: config.topic_map()?,
+        schemas: config.schemas,
     };
 
     let mut slot = setup::slot_status(db, &config.slot).await?;
@@ -412,6 +413,7 @@ async fn stream_with(
                     ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
                         builder.apply(
                             Message::Begin(decode::Begin { final_lsn: final_lsn.0, commit_time: commit_time_micros, xid }),
+                            0,
                             now_ms(),
                             |_| None,
                         )?;
@@ -419,6 +421,7 @@ async fn stream_with(
                     ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
                         let step = builder.apply(
                             Message::Commit(decode::Commit { flags: 0, commit_lsn: lsn.0, end_lsn: end_lsn.0, commit_time: commit_time_micros }),
+                            0,
                             now_ms(),
                             |_| None,
                         )?;
@@ -433,13 +436,13 @@ async fn stream_with(
                             }
                         }
                     }
-                    ReplicationEvent::XLogData { data, .. } => {
+                    ReplicationEvent::XLogData { data, wal_start, .. } => {
                         let message = decode::decode(&data)?;
                         let primary_key = match &message {
                             Message::Relation(r) => setup::primary_key(db, r.id).await?,
                             _ => None,
                         };
-                        if let Step::Records(records) = builder.apply(message, now_ms(), |_| primary_key)? {
+                        if let Step::Records(records) = builder.apply(message, wal_start.0, now_ms(), |_| primary_key)? {
                             for record in records {
                                 if let Some(snapshot) = &mut on_demand {
                                     snapshot.streamed(&record);

@@ -44,7 +44,7 @@ mod oid {
 }
 
 /// Element type of a built-in array type, when the array is one this module maps.
-fn array_element(type_oid: u32) -> Option<u32> {
+pub(crate) fn array_element(type_oid: u32) -> Option<u32> {
     Some(match type_oid {
         1000 => oid::BOOL,
         1001 => oid::BYTEA,
@@ -73,6 +73,17 @@ pub fn to_json(type_oid: u32, text: &str) -> Value {
     scalar(type_oid, text).unwrap_or_else(|| Value::String(text.to_owned()))
 }
 
+/// [`to_json`] for records with Connect schemas (see [`crate::connect`]): json and jsonb values
+/// (and arrays of them) stay text, since Connect has no type for an embedded document.
+pub fn to_connect_json(type_oid: u32, text: &str) -> Value {
+    match type_oid {
+        oid::JSON | oid::JSONB => Value::String(text.to_owned()),
+        // json[] and jsonb[]: arrays of text.
+        199 | 3807 => to_json(1009, text),
+        _ => to_json(type_oid, text),
+    }
+}
+
 fn scalar(type_oid: u32, text: &str) -> Option<Value> {
     match type_oid {
         oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => text.parse::<i64>().ok().map(Value::from),
@@ -81,9 +92,11 @@ fn scalar(type_oid: u32, text: &str) -> Option<Value> {
             .ok()
             .and_then(Number::from_f64)
             .map(Value::Number),
+        // `t`/`f` from the output function (streamed rows), `true`/`false` from a `::text` cast
+        // (the snapshot's query).
         oid::BOOL => match text {
-            "t" => Some(Value::Bool(true)),
-            "f" => Some(Value::Bool(false)),
+            "t" | "true" => Some(Value::Bool(true)),
+            "f" | "false" => Some(Value::Bool(false)),
             _ => None,
         },
         oid::TIMESTAMPTZ => timestamptz(text).map(Value::String),
@@ -250,6 +263,17 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn json_stays_text_under_connect_schemas() {
+        assert_eq!(to_connect_json(3802, r#"{"a": 1}"#), json!(r#"{"a": 1}"#));
+        assert_eq!(to_connect_json(114, "[1]"), json!("[1]"));
+        assert_eq!(
+            to_connect_json(3807, r#"{"{\"a\": 1}",null}"#),
+            json!([r#"{"a": 1}"#, null])
+        );
+        assert_eq!(to_connect_json(23, "5"), json!(5));
+    }
+
+    #[test]
     fn numbers_and_bools() {
         assert_eq!(
             to_json(20, "9007199254740993"),
@@ -266,6 +290,9 @@ mod tests {
         );
         assert_eq!(to_json(16, "t"), json!(true));
         assert_eq!(to_json(16, "f"), json!(false));
+        // As a `::text` cast writes them (the snapshot reads columns that way).
+        assert_eq!(to_json(16, "true"), json!(true));
+        assert_eq!(to_json(16, "false"), json!(false));
     }
 
     #[test]

@@ -94,6 +94,35 @@ impl Source {
     }
 }
 
+/// Parses a key or value as JSON, whether plain (the default) or in the form Kafka Connect's
+/// `JsonConverter` writes with `schemas.enable=true`, `{"schema": ..., "payload": ...}`
+/// (`CDC_READER_SCHEMAS=true`): then the payload. Our envelope never begins with a `schema`
+/// member, so the first member tells the two apart without parsing twice.
+pub fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
+    #[derive(Deserialize)]
+    struct WithSchema<T> {
+        payload: T,
+    }
+    if with_schema(bytes) {
+        serde_json::from_slice::<WithSchema<T>>(bytes).map(|w| w.payload)
+    } else {
+        serde_json::from_slice(bytes)
+    }
+}
+
+fn with_schema(bytes: &[u8]) -> bool {
+    let mut rest = bytes.iter().skip_while(|b| b.is_ascii_whitespace());
+    if rest.next() != Some(&b'{') {
+        return false;
+    }
+    let rest: Vec<u8> = rest
+        .skip_while(|b| b.is_ascii_whitespace())
+        .take(8)
+        .copied()
+        .collect();
+    rest == b"\"schema\""
+}
+
 /// Total order of events of one source database: commit order, then order within the transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Position {
@@ -161,6 +190,20 @@ mod tests {
         );
         let back: Envelope = serde_json::from_value(v).unwrap();
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn parses_plain_json_and_connect_json_with_schemas() {
+        let plain = br#"{"id": 7}"#;
+        let wrapped = br#"{"schema":{"type":"struct","fields":[]},"payload":{"id":7}}"#;
+        let spaced = br#" { "schema" : null, "payload": {"id": 7}}"#;
+        for bytes in [&plain[..], &wrapped[..], &spaced[..]] {
+            let v: Value = parse(bytes).unwrap();
+            assert_eq!(v, json!({"id": 7}), "{}", String::from_utf8_lossy(bytes));
+        }
+        // A plain object whose first member merely starts like it is not unwrapped.
+        let v: Value = parse(br#"{"schemas": 1}"#).unwrap();
+        assert_eq!(v, json!({"schemas": 1}));
     }
 
     #[test]

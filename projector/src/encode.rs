@@ -167,7 +167,7 @@ pub fn decode(
         (_, Some(v)) => v,
     };
     let event: Envelope =
-        serde_json::from_slice(value).map_err(|e| BadEvent::NotAnEvent(e.to_string()))?;
+        change_event::parse(value).map_err(|e| BadEvent::NotAnEvent(e.to_string()))?;
     if (event.source.schema.as_str(), event.source.table.as_str()) != table {
         return Err(BadEvent::WrongTable(
             format!("{}.{}", event.source.schema, event.source.table),
@@ -213,7 +213,7 @@ pub fn decode(
 
 fn key_id(key: Option<&[u8]>) -> Result<i64, BadEvent> {
     let key = key.ok_or_else(|| BadEvent::Key("no key".to_owned()))?;
-    let key: Value = serde_json::from_slice(key).map_err(|e| BadEvent::Key(e.to_string()))?;
+    let key: Value = change_event::parse(key).map_err(|e| BadEvent::Key(e.to_string()))?;
     let id = key
         .get("id")
         .ok_or_else(|| BadEvent::Key(format!("no \"id\" in {key}")))?;

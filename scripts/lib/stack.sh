@@ -370,26 +370,33 @@ ensure_maven() {
   apt_install maven
 }
 
-# Fetches the pinned Kafka's jars once into $KAFKA_LIBS (outside the clone, reused by every clone).
-ensure_kafka() {
-  ensure_java
-  [ -f "$KAFKA_LIBS/.complete" ] && return
+# maven_fetch POM DIR WHAT: copies POM's runtime dependencies into DIR once (outside the clone,
+# reused by every clone; DIR/.complete marks a finished fetch).
+maven_fetch() {
+  local pom=$1 dir=$2 what=$3
+  [ -f "$dir/.complete" ] && return
   ensure_maven
   mkdir -p "$TOOLS_DIR"
   (
     # One download at a time, even when dev and test start together.
-    exec 9>"$TOOLS_DIR/.kafka.lock"
+    exec 9>"$TOOLS_DIR/.fetch.lock"
     flock 9
-    [ -f "$KAFKA_LIBS/.complete" ] && exit 0
-    log "fetching Apache Kafka $KAFKA_VERSION with Maven (once); log: $TOOLS_DIR/kafka-fetch.log"
-    rm -rf "$KAFKA_LIBS.tmp"
-    mvn -B -q -f "$KAFKA_POM" dependency:copy-dependencies -DincludeScope=runtime \
-      -DoutputDirectory="$KAFKA_LIBS.tmp" >"$TOOLS_DIR/kafka-fetch.log" 2>&1 \
-      || { tail -n 30 "$TOOLS_DIR/kafka-fetch.log" >&2; die "fetching Kafka's jars failed"; }
-    rm -rf "$KAFKA_LIBS"
-    mv "$KAFKA_LIBS.tmp" "$KAFKA_LIBS"
-    touch "$KAFKA_LIBS/.complete"
+    [ -f "$dir/.complete" ] && exit 0
+    log "fetching $what with Maven (once); log: $TOOLS_DIR/fetch.log"
+    rm -rf "$dir.tmp"
+    mvn -B -q -f "$pom" dependency:copy-dependencies -DincludeScope=runtime \
+      -DoutputDirectory="$dir.tmp" >"$TOOLS_DIR/fetch.log" 2>&1 \
+      || { tail -n 30 "$TOOLS_DIR/fetch.log" >&2; die "fetching $what failed"; }
+    rm -rf "$dir"
+    mv "$dir.tmp" "$dir"
+    touch "$dir/.complete"
   ) || exit 1
+}
+
+# Fetches the pinned Kafka's jars once into $KAFKA_LIBS.
+ensure_kafka() {
+  ensure_java
+  maven_fetch "$KAFKA_POM" "$KAFKA_LIBS" "Apache Kafka $KAFKA_VERSION"
 }
 
 # kafka_tool CLASS [ARGS...]: one of Kafka's command-line tools (org.apache.kafka.tools.* or
@@ -588,16 +595,101 @@ kafka_cluster_stop() {
   done
 }
 
+# --- Kafka Connect with Debezium (beside our reader, to compare with it) ----------------------
+
+# The worker's jars and one plugin.path folder per connector, each from its pom in scripts/connect;
+# the folder is named after the poms' content, as $KAFKA_LIBS is.
+CONNECT_POMS=$STACK_ROOT/scripts/connect
+CONNECT_PLUGINS="debezium-postgres debezium-jdbc"
+CONNECT_LIBS=$TOOLS_DIR/connect-$(cat "$CONNECT_POMS/pom.xml" "$CONNECT_POMS"/plugins/*/pom.xml | md5sum | cut -c1-8)
+# Heap of the Connect worker (Debezium's queue of max.queue.size records lives in it).
+CONNECT_HEAP=${CONNECT_HEAP:-512m}
+
+ensure_connect() {
+  local plugin
+  ensure_java
+  maven_fetch "$CONNECT_POMS/pom.xml" "$CONNECT_LIBS/runtime" "Kafka Connect $KAFKA_VERSION"
+  for plugin in $CONNECT_PLUGINS; do
+    maven_fetch "$CONNECT_POMS/plugins/$plugin/pom.xml" "$CONNECT_LIBS/plugins/$plugin" "Connect plugin $plugin"
+  done
+}
+
+# connect_start D BROKERS PORT: a standalone Connect worker in folder D (worker.properties, the
+# offsets file, logs/connect.log, connect.pid) for the Kafka at BROKERS, its REST API on
+# 127.0.0.1:PORT, with no connector: they are added through the REST API. Does not wait.
+connect_start() {
+  local d=$1 brokers=$2 port=$3
+  mkdir -p "$d/logs"
+  echo "$port" >"$d/rest.port"
+  cat >"$d/worker.properties" <<PROPS
+# Written by scripts/lib/stack.sh (connect_start); changes are overwritten.
+bootstrap.servers=$brokers
+listeners=http://127.0.0.1:$port
+plugin.path=$CONNECT_LIBS/plugins
+# Plain JSON unless a connector says otherwise (each sets its own converters).
+key.converter=org.apache.kafka.connect.json.JsonConverter
+value.converter=org.apache.kafka.connect.json.JsonConverter
+key.converter.schemas.enable=false
+value.converter.schemas.enable=false
+offset.storage.file.filename=$d/offsets
+offset.flush.interval.ms=1000
+# Connectors may set their own producer and consumer settings (producer.override.*).
+connector.client.config.override.policy=All
+PROPS
+  cat >"$d/log4j2.properties" <<PROPS
+# Written by scripts/lib/stack.sh: the worker's log, rolled at 50 MB, three kept.
+status = warn
+appender.file.type = RollingFile
+appender.file.name = file
+appender.file.fileName = $d/logs/connect.log
+appender.file.filePattern = $d/logs/connect.log.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %X{connector.context}%m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 50MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 3
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = file
+PROPS
+  start_process "$d/connect.pid" "$d/logs/connect.out" "$d" "$JAVA" \
+    "-Xms$CONNECT_HEAP" "-Xmx$CONNECT_HEAP" -XX:+UseG1GC -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$d/log4j2.properties" \
+    -cp "$CONNECT_LIBS/runtime/*" org.apache.kafka.connect.cli.ConnectStandalone "$d/worker.properties"
+}
+
+# connect_url D: the worker's REST API.
+connect_url() { echo "http://127.0.0.1:$(cat "$1/rest.port")"; }
+
+# connect_wait D SECONDS: until the worker's REST API answers, or it exits, or the time passes.
+connect_wait() {
+  wait_healthy "Kafka Connect" 127.0.0.1 "$(cat "$1/rest.port")" /connectors "$2" "$1/connect.pid" \
+    || { tail -n 30 "$1/logs/connect.log" "$1/logs/connect.out" >&2 2>/dev/null; die "Kafka Connect did not start (log: $1/logs/connect.log)"; }
+}
+
+connect_stop() { stop_process "$1/connect.pid" 30; }
+
 # --- the stacks of scripts/test, scripts/chaos and scripts/bench -------------------------------
 
-# test_stack_start STACK fast|durable [cluster]: a private PostgreSQL (fast: fsync off) and a
-# one-node Kafka in STACK, on free ports, and with `cluster` also a three-node Kafka cluster; exports
-# the CDC_TEST_* variables the test binaries read. test_stack_stop undoes it.
+# test_stack_start STACK fast|durable [cluster] [connect]: a private PostgreSQL (fast: fsync off)
+# and a one-node Kafka in STACK, on free ports; with `cluster` also a three-node Kafka cluster, with
+# `connect` also a Kafka Connect worker (Debezium's connectors on its plugin path) on the one-node
+# Kafka. Exports the CDC_TEST_* variables the test binaries read. test_stack_stop undoes it.
 test_stack_start() {
-  local stack=$1 mode=$2 cluster=${3:-} pg_port
+  local stack=$1 mode=$2 cluster="" connect="" word pg_port
+  shift 2
+  for word in "$@"; do
+    case $word in
+      cluster) cluster=1 ;;
+      connect) connect=1 ;;
+      *) die "test_stack_start: unknown part $word" ;;
+    esac
+  done
   [ "$mode" = durable ] && mode=
   ensure_postgres
   ensure_kafka
+  [ -z "$connect" ] || ensure_connect
   # Nothing listens on these until the processes start: draw until the ranges do not overlap.
   local k1 k3=0
   pg_port=$(free_port)
@@ -622,7 +714,14 @@ test_stack_start() {
   fi
   pg_start "$stack/postgres"
   kafka_cluster_start "$stack/kafka"
+  # Connect creates nothing on Kafka before its first connector: started once the broker runs.
+  [ -z "$connect" ] || connect_start "$stack/connect" "$(kafka_brokers "$stack/kafka")" "$(free_port)"
   [ -z "$cluster" ] || kafka_cluster_start "$stack/kafka-cluster"
+  if [ -n "$connect" ]; then
+    connect_wait "$stack/connect" 120
+    export CDC_TEST_CONNECT_URL
+    CDC_TEST_CONNECT_URL=$(connect_url "$stack/connect")
+  fi
   export CDC_TEST_PG_URL="postgres://$PG_SUPERUSER:$(pg_superuser_password "$stack/postgres")@127.0.0.1:$pg_port/postgres"
   export CDC_TEST_KAFKA_BROKERS
   CDC_TEST_KAFKA_BROKERS=$(kafka_brokers "$stack/kafka")
@@ -632,11 +731,12 @@ test_stack_start() {
   fi
   export CDC_TEST_STACK=$stack
   export CDC_TEST_CONTROL=$STACK_ROOT/scripts/lib/test-control.sh
-  log "PostgreSQL 127.0.0.1:$pg_port, Kafka $CDC_TEST_KAFKA_BROKERS${cluster:+, Kafka cluster $CDC_TEST_CLUSTER_KAFKA_BROKERS} ($stack)"
+  log "PostgreSQL 127.0.0.1:$pg_port, Kafka $CDC_TEST_KAFKA_BROKERS${cluster:+, Kafka cluster $CDC_TEST_CLUSTER_KAFKA_BROKERS}${connect:+, Kafka Connect $CDC_TEST_CONNECT_URL} ($stack)"
 }
 
 test_stack_stop() {
   local stack=$1
+  [ ! -f "$stack/connect/connect.pid" ] || connect_stop "$stack/connect"
   kafka_cluster_stop "$stack/kafka" kill || true
   kafka_cluster_stop "$stack/kafka-cluster" kill || true
   pg_stop "$stack/postgres" || true

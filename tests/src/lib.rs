@@ -7,6 +7,7 @@
 //! never see each other's state.
 
 pub mod chaos;
+pub mod connect;
 
 use std::time::Duration;
 
@@ -557,6 +558,7 @@ impl Reader {
                 "cleanup.policy=delete".to_owned(),
                 "retention.ms=-1".to_owned(),
             ],
+            schemas: false,
             delivery: cdc_reader::publish::Delivery::ExactlyOnce,
             transactional_id: None,
             position_topic: "cdc-reader-positions".to_owned(),
@@ -984,7 +986,7 @@ pub async fn read_topic_from(
     timeout: Duration,
 ) -> anyhow::Result<Vec<Received>> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
-    use rdkafka::error::KafkaError;
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
     use rdkafka::Message;
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -1027,6 +1029,9 @@ pub async fn read_topic_from(
             Err(KafkaError::PartitionEOF(p)) => {
                 at_end.insert(p);
             }
+            // A topic another process is about to create (e.g. Debezium's, created on its first
+            // record): reported before it exists, then read as soon as it does.
+            Err(KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
             Err(e) => return Err(e.into()),
         }
     }
