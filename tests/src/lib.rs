@@ -6,6 +6,7 @@
 //! with a random suffix ([`TestDb::create`]) and drops it afterwards, so tests run in parallel and
 //! never see each other's state.
 
+pub mod bench;
 pub mod chaos;
 pub mod connect;
 
