@@ -3,7 +3,7 @@
 //!
 //! 1. A fresh database with the users table, one publication and two slots created before any
 //!    write, so both readers face the same WAL.
-//! 2. N inserts in transactions of 1,000 rows.
+//! 2. N inserts in transactions of 1,000 rows, then VACUUM and CHECKPOINT (not during a drain).
 //! 3. The cdc-reader binary drains its slot into a fresh topic (its defaults: Kafka transactions,
 //!    acks=all, idempotence, lz4).
 //! 4. Debezium's PostgreSQL connector, in the Kafka Connect worker the script started, drains the
@@ -72,6 +72,10 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     e2e::insert_bench_users(&client, changes, TX_ROWS).await?;
     let write_s = started.elapsed().as_secs_f64();
+    // Neither reader shares the machine with autovacuum's first pass over the new rows or with a
+    // checkpoint the workload triggered.
+    client.batch_execute("VACUUM (ANALYZE) users").await?;
+    client.batch_execute("CHECKPOINT").await?;
 
     let ours = run_reader(
         &stack,
