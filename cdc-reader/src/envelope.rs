@@ -133,7 +133,11 @@ impl Settings {
 
 /// A record's key bytes: plain JSON, or with its schema.
 pub fn key_bytes(schemas: Option<&TableSchemas>, key: &Row) -> Vec<u8> {
-    let plain = to_json_bytes(key);
+    with_key_schema(schemas, to_json_bytes(key))
+}
+
+/// A plain JSON key as the record carries it: with its schema when records have them.
+pub fn with_key_schema(schemas: Option<&TableSchemas>, plain: Vec<u8>) -> Vec<u8> {
     match schemas {
         Some(s) => s.key(&plain),
         None => plain,

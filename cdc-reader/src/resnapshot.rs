@@ -25,7 +25,7 @@ use tokio_postgres::Client;
 
 use crate::connect::TableSchemas;
 use crate::decode::Lsn;
-use crate::envelope::{value_bytes, Record, RecordPosition, Settings};
+use crate::envelope::{value_bytes, with_key_schema, Record, RecordPosition, Settings};
 use crate::setup::{self, pg, SetupError};
 use crate::snapshot::published_columns;
 
@@ -349,10 +349,7 @@ impl Running {
                         ts_ms: crate::stream::now_ms(),
                         unchanged_toast: Vec::new(),
                     };
-                    let key = match &row.schemas {
-                        Some(s) => s.key(&row.key),
-                        None => row.key,
-                    };
+                    let key = with_key_schema(row.schemas.as_deref(), row.key);
                     records.push(Record {
                         topic: row.topic,
                         key: Some(key),

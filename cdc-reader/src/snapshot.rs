@@ -42,7 +42,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connect::TableSchemas;
 use crate::decode::Lsn;
-use crate::envelope::{to_json_bytes, value_bytes, Record, RecordPosition, Settings};
+use crate::envelope::{
+    to_json_bytes, value_bytes, with_key_schema, Record, RecordPosition, Settings,
+};
 use crate::publish::{self, KafkaSettings, PublishError, Publisher};
 use crate::setup::{self, SetupError};
 use crate::telemetry::Metrics;
@@ -614,10 +616,7 @@ impl Out<'_> {
 
     async fn send(&mut self, (topic, key, envelope, schemas): Pending) -> Result<(), PublishError> {
         let position = RecordPosition::of(&envelope.source, 0);
-        let key = match &schemas {
-            Some(s) => s.key(&key),
-            None => key,
-        };
+        let key = with_key_schema(schemas.as_deref(), key);
         let tombstone = (envelope.op == Op::Delete).then(|| Record {
             topic: topic.clone(),
             key: Some(key.clone()),

@@ -111,16 +111,15 @@ pub fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> serde_json::Result
 }
 
 fn with_schema(bytes: &[u8]) -> bool {
-    let mut rest = bytes.iter().skip_while(|b| b.is_ascii_whitespace());
-    if rest.next() != Some(&b'{') {
-        return false;
+    fn trimmed(b: &[u8]) -> &[u8] {
+        &b[b.iter()
+            .position(|c| !c.is_ascii_whitespace())
+            .unwrap_or(b.len())..]
     }
-    let rest: Vec<u8> = rest
-        .skip_while(|b| b.is_ascii_whitespace())
-        .take(8)
-        .copied()
-        .collect();
-    rest == b"\"schema\""
+    match trimmed(bytes).split_first() {
+        Some((b'{', rest)) => trimmed(rest).starts_with(b"\"schema\""),
+        _ => false,
+    }
 }
 
 /// Total order of events of one source database: commit order, then order within the transaction.

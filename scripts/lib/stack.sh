@@ -408,6 +408,28 @@ kafka_tool() {
     -cp "$KAFKA_LIBS/*" "$class" "$@"
 }
 
+# log4j2_rolling LOGFILE KEEP PATTERN: prints a log4j2 configuration writing everything at INFO to
+# LOGFILE, rolled at 50 MB, KEEP old files kept (for the JVMs we start: Kafka nodes, Connect).
+log4j2_rolling() {
+  cat <<PROPS
+# Written by scripts/lib/stack.sh; changes are overwritten.
+status = warn
+appender.file.type = RollingFile
+appender.file.name = file
+appender.file.fileName = $1
+appender.file.filePattern = $1.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = $3
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 50MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = $2
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = file
+PROPS
+}
+
 # A Kafka cluster lives in one directory C: C/cluster.env (id, node count, ports) and one folder per
 # node, C/node-N (server.properties, data/, logs/server.log, kafka.pid). Every node is a combined
 # KRaft broker and controller; the controllers form a static quorum of all nodes.
@@ -460,26 +482,11 @@ transaction.state.log.num.partitions=10
 # A group's first member gets its partitions at once (the default waits 3 s for more members).
 group.initial.rebalance.delay.ms=0
 PROPS
-    cat >"$c/node-$i/log4j2.properties" <<PROPS
-# Written by scripts/lib/stack.sh: the broker's log, rolled at 50 MB, five kept.
-status = warn
-appender.server.type = RollingFile
-appender.server.name = server
-appender.server.fileName = $c/node-$i/logs/server.log
-appender.server.filePattern = $c/node-$i/logs/server.log.%i
-appender.server.layout.type = PatternLayout
-appender.server.layout.pattern = [%d] %p %m (%c)%n
-appender.server.policies.type = Policies
-appender.server.policies.size.type = SizeBasedTriggeringPolicy
-appender.server.policies.size.size = 50MB
-appender.server.strategy.type = DefaultRolloverStrategy
-appender.server.strategy.max = 5
-rootLogger.level = INFO
-rootLogger.appenderRef.server.ref = server
-# Each request to a state-change or authorizer logger is noise at INFO on a dev machine.
-logger.state.name = state.change.logger
-logger.state.level = WARN
-PROPS
+    {
+      log4j2_rolling "$c/node-$i/logs/server.log" 5 '[%d] %p %m (%c)%n'
+      # Each request to a state-change or authorizer logger is noise at INFO on a dev machine.
+      printf 'logger.state.name = state.change.logger\nlogger.state.level = WARN\n'
+    } >"$c/node-$i/log4j2.properties"
     if [ ! -f "$c/node-$i/data/meta.properties" ]; then
       kafka_tool kafka.tools.StorageTool format -t "$id" -c "$c/node-$i/server.properties" \
         >"$c/node-$i/logs/format.log" 2>&1 \
@@ -636,23 +643,7 @@ offset.flush.interval.ms=1000
 # Connectors may set their own producer and consumer settings (producer.override.*).
 connector.client.config.override.policy=All
 PROPS
-  cat >"$d/log4j2.properties" <<PROPS
-# Written by scripts/lib/stack.sh: the worker's log, rolled at 50 MB, three kept.
-status = warn
-appender.file.type = RollingFile
-appender.file.name = file
-appender.file.fileName = $d/logs/connect.log
-appender.file.filePattern = $d/logs/connect.log.%i
-appender.file.layout.type = PatternLayout
-appender.file.layout.pattern = [%d] %p %X{connector.context}%m (%c)%n
-appender.file.policies.type = Policies
-appender.file.policies.size.type = SizeBasedTriggeringPolicy
-appender.file.policies.size.size = 50MB
-appender.file.strategy.type = DefaultRolloverStrategy
-appender.file.strategy.max = 3
-rootLogger.level = INFO
-rootLogger.appenderRef.file.ref = file
-PROPS
+  log4j2_rolling "$d/logs/connect.log" 3 '[%d] %p %X{connector.context}%m (%c)%n' >"$d/log4j2.properties"
   start_process "$d/connect.pid" "$d/logs/connect.out" "$d" "$JAVA" \
     "-Xms$CONNECT_HEAP" "-Xmx$CONNECT_HEAP" -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$d/log4j2.properties" \

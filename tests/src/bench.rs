@@ -10,6 +10,53 @@ use rdkafka::Message;
 
 use crate::{unique_suffix, Stack, TestDb};
 
+/// The publication of a [`backlog`]'s users table.
+pub const PUBLICATION: &str = "bench";
+
+/// A backlog for readers to drain: a fresh user_db with publication [`PUBLICATION`] and a
+/// pgoutput slot per name in `slots`, all made before any write so that every slot faces the same
+/// WAL, then `changes` inserts in transactions of `tx_rows`.
+#[derive(Debug)]
+pub struct Backlog {
+    pub db: TestDb,
+    pub client: tokio_postgres::Client,
+    /// Seconds the inserts took.
+    pub write_s: f64,
+}
+
+pub async fn backlog(
+    stack: &Stack,
+    prefix: &str,
+    slots: &[&str],
+    changes: i64,
+    tx_rows: i64,
+) -> anyhow::Result<Backlog> {
+    let db = TestDb::create(stack, prefix, Some(schema::Database::UserDb)).await?;
+    let client = crate::connect(&db.url).await?;
+    // One statement each: a slot cannot be created in a transaction that wrote.
+    client
+        .execute(
+            format!("CREATE PUBLICATION {PUBLICATION} FOR TABLE users").as_str(),
+            &[],
+        )
+        .await?;
+    for slot in slots {
+        client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[slot],
+            )
+            .await?;
+    }
+    let started = Instant::now();
+    crate::insert_bench_users(&client, changes, tx_rows).await?;
+    Ok(Backlog {
+        db,
+        client,
+        write_s: started.elapsed().as_secs_f64(),
+    })
+}
+
 /// One drain of the WAL by the reader binary.
 #[derive(Debug)]
 pub struct ReaderRun {

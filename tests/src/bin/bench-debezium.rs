@@ -22,9 +22,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use e2e::bench::{cpu_seconds, drain, peak_rss_mb, run_reader};
+use e2e::bench::{backlog, cpu_seconds, drain, peak_rss_mb, run_reader, Backlog, PUBLICATION};
 use e2e::connect::{postgres_source, Connect};
-use e2e::{arg, connect, unique_suffix, Stack, TestDb};
+use e2e::{arg, unique_suffix, Stack};
 use serde_json::{json, Value};
 
 const TX_ROWS: i64 = 1000;
@@ -32,7 +32,7 @@ const TX_ROWS: i64 = 1000;
 /// Debezium's settings for this run beyond [`e2e::connect::NATURAL_JSON`].
 const DEBEZIUM_TUNING: &[(&str, &str)] = &[
     // The slot and publication made before the workload; no snapshot: the backlog is the WAL.
-    ("publication.name", "bench"),
+    ("publication.name", PUBLICATION),
     ("publication.autocreate.mode", "disabled"),
     ("snapshot.mode", "no_data"),
     // Throughput: bigger batches from the queue, a deeper queue, shorter waits when it is empty
@@ -59,19 +59,18 @@ async fn main() -> anyhow::Result<()> {
         .context("CDC_BENCH_CONNECT_PID")?;
     let connect_api = Connect::from_env();
 
-    let db = TestDb::create(&stack, "bench_dbz", Some(schema::Database::UserDb)).await?;
-    let client = connect(&db.url).await?;
-    // One statement each: a slot cannot be created in a transaction that wrote.
-    for sql in [
-        "CREATE PUBLICATION bench FOR TABLE users",
-        "SELECT pg_create_logical_replication_slot('bench_ours', 'pgoutput')",
-        "SELECT pg_create_logical_replication_slot('bench_debezium', 'pgoutput')",
-    ] {
-        client.execute(sql, &[]).await?;
-    }
-    let started = Instant::now();
-    e2e::insert_bench_users(&client, changes, TX_ROWS).await?;
-    let write_s = started.elapsed().as_secs_f64();
+    let Backlog {
+        db,
+        client,
+        write_s,
+    } = backlog(
+        &stack,
+        "bench_dbz",
+        &["bench_ours", "bench_debezium"],
+        changes,
+        TX_ROWS,
+    )
+    .await?;
     // Neither reader shares the machine with autovacuum's first pass over the new rows or with a
     // checkpoint the workload triggered.
     client.batch_execute("VACUUM (ANALYZE) users").await?;
@@ -81,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
         &stack,
         &reader_bin,
         &db,
-        "bench",
+        PUBLICATION,
         "bench_ours",
         "exactly-once",
         changes,

@@ -20,8 +20,8 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use e2e::bench::{run_reader, ReaderRun};
-use e2e::{arg, connect, Stack, TestDb};
+use e2e::bench::{backlog, run_reader, Backlog, ReaderRun, PUBLICATION};
+use e2e::{arg, Stack};
 
 const TX_ROWS: i64 = 1000;
 
@@ -40,29 +40,15 @@ async fn main() -> anyhow::Result<()> {
     let pg_bin = std::env::var("CDC_BENCH_PG_BIN").context("CDC_BENCH_PG_BIN")?;
     let reader_bin = std::env::var("CDC_BENCH_READER_BIN").context("CDC_BENCH_READER_BIN")?;
 
-    let db = TestDb::create(&stack, "bench", Some(schema::Database::UserDb)).await?;
-    let client = connect(&db.url).await?;
-    let publication = "bench";
-    // One statement each: a slot cannot be created in a transaction that wrote.
-    for sql in [
-        format!("CREATE PUBLICATION {publication} FOR TABLE users"),
-        "SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput')".to_owned(),
-    ] {
-        client.execute(sql.as_str(), &[]).await?;
-    }
-    for (slot, _) in RUNS {
-        client
-            .execute(
-                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[&slot],
-            )
-            .await?;
-    }
-
-    // The workload.
-    let started = Instant::now();
-    e2e::insert_bench_users(&client, changes, TX_ROWS).await?;
-    let write_s = started.elapsed().as_secs_f64();
+    let publication = PUBLICATION;
+    let slots: Vec<&str> = std::iter::once("bench_recvlogical")
+        .chain(RUNS.iter().map(|(slot, _)| *slot))
+        .collect();
+    let Backlog {
+        db,
+        client,
+        write_s,
+    } = backlog(&stack, "bench", &slots, changes, TX_ROWS).await?;
     let end_lsn: String = client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await?
@@ -90,7 +76,16 @@ async fn main() -> anyhow::Result<()> {
     let mut txn: Option<ReaderRun> = None;
     let mut idem: Option<ReaderRun> = None;
     for (slot, delivery) in RUNS {
-        let run = run_reader(&stack, &reader_bin, &db, "bench", slot, delivery, changes).await?;
+        let run = run_reader(
+            &stack,
+            &reader_bin,
+            &db,
+            publication,
+            slot,
+            delivery,
+            changes,
+        )
+        .await?;
         let best = if delivery == "exactly-once" {
             &mut txn
         } else {
