@@ -126,6 +126,25 @@ static VIEW_DB: &[Migration] = &[
         "0003_projector_status.sql",
         "projector_status"
     ),
+    migration!(
+        "materialized_view_db",
+        4,
+        "0004_derived_views.sql",
+        "derived_views"
+    ),
+    migration!("materialized_view_db", 5, "0005_post_stats.sql", "post_stats"),
+    migration!(
+        "materialized_view_db",
+        6,
+        "0006_user_activity.sql",
+        "user_activity"
+    ),
+    migration!(
+        "materialized_view_db",
+        7,
+        "0007_department_performance.sql",
+        "department_performance"
+    ),
 ];
 
 /// Why migrating failed.

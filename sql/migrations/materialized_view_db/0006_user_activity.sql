@@ -1,0 +1,132 @@
+-- user_activity: per user of user_view, their profile, their posts and when they last did either.
+-- A derived view (see 0004_derived_views.sql): equal at every commit to user_activity_definition.
+-- Built on post_stats (a user's post_count and last_post_at are their author row there).
+
+CREATE TABLE user_activity (
+    user_id                bigint      PRIMARY KEY,
+    name                   text        NOT NULL,
+    department             text        NOT NULL,
+    status                 text        NOT NULL,
+    post_count             bigint      NOT NULL,
+    last_post_at           timestamptz,
+    last_profile_change_at timestamptz NOT NULL,
+    last_activity_at       timestamptz
+        GENERATED ALWAYS AS (greatest(last_post_at, last_profile_change_at)) STORED
+);
+-- A department's last post (department_performance) from the index alone.
+CREATE INDEX user_activity_department_last_post_at_idx ON user_activity (department, last_post_at);
+
+CREATE VIEW user_activity_definition AS
+SELECT u.user_id,
+       u.name,
+       u.department,
+       u.status,
+       count(p.id)                           AS post_count,
+       max(p.created_at)                     AS last_post_at,
+       u.updated_at                          AS last_profile_change_at,
+       greatest(max(p.created_at), u.updated_at) AS last_activity_at
+  FROM user_view u
+  LEFT JOIN posts p ON p.author_id = u.user_id
+ GROUP BY u.user_id;
+
+-- What a refresh changed in one row, for the views built on this one (old_* NULL: the row is new;
+-- new_* NULL: it is gone).
+CREATE TYPE user_activity_change AS (
+    user_id          bigint,
+    old_department   text,
+    old_status       text,
+    old_post_count   bigint,
+    old_last_post_at timestamptz,
+    new_department   text,
+    new_status       text,
+    new_post_count   bigint,
+    new_last_post_at timestamptz
+);
+
+-- Recomputes the rows of these users (NULL: every user) from user_view and post_stats; returns
+-- the rows it changed.
+CREATE FUNCTION user_activity_refresh(users bigint[]) RETURNS SETOF user_activity_change
+LANGUAGE plpgsql AS $$
+DECLARE
+    keys bigint[];
+    before user_activity[];
+BEGIN
+    keys := CASE WHEN users IS NULL
+                 THEN ARRAY(SELECT user_id FROM user_activity UNION SELECT user_id FROM user_view
+                            ORDER BY 1)
+                 ELSE ARRAY(SELECT DISTINCT u FROM unnest(users) AS u ORDER BY u) END;
+    IF cardinality(keys) = 0 THEN
+        RETURN;
+    END IF;
+    -- What is read must hold still until commit: the users' post_stats rows (locked after those
+    -- post_stats_refresh wrote, which this transaction holds already)...
+    PERFORM 1 FROM post_stats WHERE author_id = ANY(keys) ORDER BY author_id FOR SHARE;
+    -- ...and their rows here, kept as they were: the existing ones in key order, then the others
+    -- (in key order too), created empty so that a writer creating the same row meanwhile is
+    -- waited for and its row taken as the one before.
+    before := ARRAY(SELECT a FROM user_activity a WHERE a.user_id = ANY(keys)
+                    ORDER BY a.user_id FOR UPDATE);
+    WITH created AS (
+        INSERT INTO user_activity AS a (user_id, name, department, status, post_count,
+                                        last_profile_change_at)
+        SELECT k, '', '', '', 0, '-infinity'
+          FROM unnest(keys) AS k
+         WHERE k NOT IN (SELECT b.user_id FROM unnest(before) AS b)
+         ORDER BY k
+            ON CONFLICT (user_id) DO UPDATE SET user_id = a.user_id
+        RETURNING a.*, xmax = 0 AS placeholder
+    )
+    SELECT before || ARRAY(SELECT ROW(c.user_id, c.name, c.department, c.status, c.post_count,
+                                      c.last_post_at, c.last_profile_change_at,
+                                      c.last_activity_at)::user_activity
+                             FROM created AS c WHERE NOT c.placeholder)
+      INTO before;
+    -- Started after the locks: sees every row committed by then.
+    RETURN QUERY
+    WITH source AS (
+        SELECT u.user_id, u.name, u.department, u.status, coalesce(s.post_count, 0) AS post_count,
+               s.last_post_at, u.updated_at
+          FROM user_view u LEFT JOIN post_stats s ON s.author_id = u.user_id
+         WHERE u.user_id = ANY(keys)
+    ), gone AS (
+        DELETE FROM user_activity a
+         WHERE a.user_id = ANY(keys) AND NOT EXISTS (SELECT 1 FROM source s WHERE s.user_id = a.user_id)
+        RETURNING a.user_id
+    ), written AS (
+        UPDATE user_activity a
+           SET name = s.name, department = s.department, status = s.status,
+               post_count = s.post_count, last_post_at = s.last_post_at,
+               last_profile_change_at = s.updated_at
+          FROM source s
+         WHERE a.user_id = s.user_id
+           AND (a.name, a.department, a.status, a.post_count, a.last_post_at,
+                a.last_profile_change_at)
+               IS DISTINCT FROM (s.name, s.department, s.status, s.post_count, s.last_post_at,
+                                 s.updated_at)
+        RETURNING a.user_id, a.department, a.status, a.post_count, a.last_post_at
+    )
+    SELECT c.user_id, o.department, o.status, o.post_count, o.last_post_at,
+           w.department, w.status, w.post_count, w.last_post_at
+      FROM (SELECT user_id FROM gone UNION ALL SELECT user_id FROM written) AS c
+      LEFT JOIN unnest(before) AS o ON o.user_id = c.user_id
+      LEFT JOIN written AS w ON w.user_id = c.user_id
+     -- A row created empty above and deleted again was never there.
+     WHERE o.user_id IS NOT NULL OR w.user_id IS NOT NULL;
+END
+$$;
+
+INSERT INTO derived_views (name, key, position) VALUES ('user_activity', 'user_id', 2);
+INSERT INTO user_activity (user_id, name, department, status, post_count, last_post_at,
+                           last_profile_change_at)
+SELECT user_id, name, department, status, post_count, last_post_at, last_profile_change_at
+  FROM user_activity_definition;
+
+-- A user's posts count in user_activity: a changed author is a changed user.
+CREATE OR REPLACE FUNCTION derived_views_refresh(authors bigint[], users bigint[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM post_stats_refresh(authors);
+    PERFORM user_activity_refresh(
+        CASE WHEN authors IS NULL OR users IS NULL THEN NULL ELSE authors || users END);
+END
+$$;
