@@ -3,12 +3,16 @@
 //! - **Repair** (default): the replay takes the live projector's partition locks (the advisory
 //!   locks every batch takes), so the projector pauses after its current batch; it recomputes
 //!   `department_stats` from `user_view`, then re-applies every event from the start offsets up to
-//!   where the projector stands, over whatever position the view rows claim; then hands the
-//!   partitions back. A row damaged by hand is restored to what its events say.
+//!   where the projector stands, over whatever position the view rows claim (the derived views
+//!   over `user_view` and `posts` follow each batch); then compares every derived view with its
+//!   definition and rewrites the rows that differ; then hands the partitions back. A row damaged
+//!   by hand is restored to what its events (or, for a derived view, its definition) say.
 //! - **Rebuild** (`--rebuild`): fresh, empty copies of the view tables in the schema
 //!   `projector_rebuild` are filled from the start offsets while the projector keeps the live
 //!   tables current; once the copies have caught up, the live projector is paused, the copies catch
-//!   up to its offsets and are swapped in, in one transaction. Readers see the old tables or the
+//!   up to its offsets and are swapped in, in one transaction, which also carries the old tables'
+//!   triggers over, points the derived views' definitions at the new tables and brings the derived
+//!   views in line with them (post-api's writes wait for it). Readers see the old tables or the
 //!   new ones, never a half-built one.
 //!
 //! A replay writes no offsets: the live projector's `projector_offsets` stay what they are, and
@@ -245,6 +249,11 @@ const VIEW_TABLES: [&str; 4] = [
     "projector_truncations",
 ];
 
+/// Makes each derived view (post_stats, user_activity, ...: see `derived_views` in
+/// materialized_view_db) equal to its definition, in order; one row per view with the rows written.
+const REPAIR_DERIVED: &str =
+    "SELECT name, derived_view_repair(name) FROM derived_views ORDER BY position";
+
 /// Runs a replay. `confirm` sees the plan first and may refuse it (then `Ok(None)`); `progress`
 /// is called about once a second.
 pub async fn replay(
@@ -431,12 +440,17 @@ impl<'a> Run<'a> {
         recount_departments(db, None).await?;
         let mut p = self.projector(consumer, target, stop)?;
         match p.run().await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(ReplayError::Interrupted(
-                " but for the events re-applied so far (run the replay again)",
-            )),
-            Err(e) => Err(ReplayError::Projector(Box::new(e))),
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(ReplayError::Interrupted(
+                    " but for the events re-applied so far (run the replay again)",
+                ))
+            }
+            Err(e) => return Err(ReplayError::Projector(Box::new(e))),
         }
+        // The views derived from user_view and posts followed every re-applied event; rows
+        // damaged by hand are restored from their definitions.
+        repair_derived(db).await
     }
 
     async fn rebuild(
@@ -548,10 +562,58 @@ async fn swap(db: &Client, live_schema: &str) -> Result<(), ReplayError> {
             ));
         }
     }
+    // Their triggers (the notes that keep the derived views current, and any of the user's) are
+    // created again on the new tables, from their definitions as they read now.
+    let mut triggers = String::new();
+    for t in VIEW_TABLES {
+        for row in db
+            .query(
+                "SELECT pg_get_triggerdef(oid) FROM pg_trigger \
+                 WHERE tgrelid = ($1 || '.' || $2)::regclass AND NOT tgisinternal ORDER BY tgname",
+                &[&live, &t],
+            )
+            .await
+            .map_err(sql("reading the triggers on the view tables"))?
+        {
+            triggers.push_str(&format!(" {};", row.get::<_, String>(0)));
+        }
+    }
+    // The derived views' definitions read user_view: they go with the old tables and are created
+    // again over the new ones, with their privileges.
+    let (mut drop_definitions, mut definitions) = (Vec::new(), String::new());
+    for row in db
+        .query(
+            "SELECT quote_ident(v.relname), pg_get_viewdef(v.oid), \
+                    coalesce(string_agg(format(' GRANT %s ON %I TO %s;', a.privilege_type, \
+                        v.relname, CASE WHEN a.grantee = 0 THEN 'PUBLIC' \
+                                        ELSE quote_ident(pg_get_userbyid(a.grantee)) END), ''), '') \
+             FROM derived_views d \
+             JOIN pg_class v ON v.oid = (d.name || '_definition')::regclass \
+             LEFT JOIN LATERAL aclexplode(v.relacl) a ON a.grantee <> v.relowner \
+             GROUP BY d.position, v.oid, v.relname ORDER BY d.position",
+            &[],
+        )
+        .await
+        .map_err(sql("reading the definitions of the derived views"))?
+    {
+        let (name, query, grants): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        drop_definitions.push(format!("{live}.{name}"));
+        definitions.push_str(&format!(
+            " CREATE VIEW {live}.{name} AS {};{grants}",
+            query.trim().trim_end_matches(';')
+        ));
+    }
+    // posts first: post-api's writes wait from here to the commit (not in the middle of their
+    // own commit, which reads user_view), so the derived views are repaired against still posts.
     let mut text = format!(
-        "BEGIN; SET LOCAL lock_timeout = '10s'; DROP SCHEMA IF EXISTS {RETIRED_SCHEMA}; \
-         CREATE SCHEMA {RETIRED_SCHEMA};{grants}"
+        "BEGIN; SET LOCAL lock_timeout = '10s'; LOCK TABLE {live}.posts IN SHARE MODE;"
     );
+    if !drop_definitions.is_empty() {
+        text.push_str(&format!(" DROP VIEW {};", drop_definitions.join(", ")));
+    }
+    text.push_str(&format!(
+        " DROP SCHEMA IF EXISTS {RETIRED_SCHEMA}; CREATE SCHEMA {RETIRED_SCHEMA};{grants}"
+    ));
     for t in VIEW_TABLES {
         text.push_str(&format!(
             " ALTER TABLE {live}.{t} SET SCHEMA {RETIRED_SCHEMA};"
@@ -562,6 +624,9 @@ async fn swap(db: &Client, live_schema: &str) -> Result<(), ReplayError> {
             " ALTER TABLE {REBUILD_SCHEMA}.{t} SET SCHEMA {live};"
         ));
     }
+    text.push_str(&triggers);
+    text.push_str(&definitions);
+    text.push_str(&format!(" {REPAIR_DERIVED};"));
     // No CASCADE: a view or foreign key of someone else's on the old tables makes the swap fail
     // with PostgreSQL's message, and the live tables stay as they are.
     let retired: Vec<String> = VIEW_TABLES
@@ -625,6 +690,34 @@ async fn recount_departments(db: &Client, schema: Option<&str>) -> Result<(), Re
     ))
     .await
     .map_err(sql("recounting department_stats"))
+}
+
+/// Every derived view (`derived_views`, in order) := its definition, where they differ. post-api's
+/// writes wait meanwhile; the projector must be paused.
+async fn repair_derived(db: &Client) -> Result<(), ReplayError> {
+    db.batch_execute("BEGIN; LOCK TABLE posts IN SHARE MODE")
+        .await
+        .map_err(sql("locking posts to repair the derived views"))?;
+    let repaired = match db.query(REPAIR_DERIVED, &[]).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            if let Err(e) = db.batch_execute("ROLLBACK").await {
+                tracing::debug!(error = %e, "rolling back the repair failed");
+            }
+            return Err(ReplayError::Sql {
+                what: "repairing the derived views",
+                source: e,
+            });
+        }
+    };
+    db.batch_execute("COMMIT")
+        .await
+        .map_err(sql("committing the repair of the derived views"))?;
+    for row in repaired {
+        let (view, rows): (String, i64) = (row.get(0), row.get(1));
+        tracing::info!(view, rows, "derived view compared with its definition");
+    }
+    Ok(())
 }
 
 async fn connect(url: &str) -> Result<Client, ReplayError> {

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod chaos;
 pub mod connect;
+pub mod full;
 
 use std::time::Duration;
 
@@ -834,8 +835,53 @@ pub async fn views_differ(
          FROM department_stats ORDER BY department",
     )
     .await?;
-    Ok((stats != expected || stats != from_view)
-        .then(|| format!("department_stats {stats:?}, expected {expected:?}")))
+    if stats != expected || stats != from_view {
+        return Ok(Some(format!(
+            "department_stats {stats:?}, expected {expected:?}"
+        )));
+    }
+    let derived = derived_differences(views).await?;
+    Ok((!derived.is_empty()).then(|| format!("derived views differ from their definitions: {derived:?}")))
+}
+
+/// Each derived view of materialized_view_db (`derived_views`: post_stats, user_activity, ...)
+/// whose table differs from its `<name>_definition`, with the number of rows in one and not the
+/// other; all compared in one REPEATABLE READ snapshot. `views` must not be in a transaction.
+pub async fn derived_differences(
+    views: &tokio_postgres::Client,
+) -> anyhow::Result<Vec<(String, i64)>> {
+    let names: Vec<String> = views
+        .query("SELECT name FROM derived_views ORDER BY position", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    anyhow::ensure!(!names.is_empty(), "materialized_view_db lists no derived views");
+    let counts: Vec<String> = names
+        .iter()
+        .map(|n| {
+            let (t, d) = (quote_ident(n), quote_ident(&format!("{n}_definition")));
+            format!(
+                "SELECT {literal}::text, count(*) FROM \
+                 ((TABLE {t} EXCEPT ALL TABLE {d}) UNION ALL (TABLE {d} EXCEPT ALL TABLE {t})) x",
+                literal = format!("'{}'", n.replace('\'', "''"))
+            )
+        })
+        .collect();
+    views
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let result = views.query(&counts.join(" UNION ALL "), &[]).await;
+    views.batch_execute("COMMIT").await?;
+    Ok(result?
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+        .filter(|(_, n)| *n > 0)
+        .collect())
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Every row of `sql` as JSON texts of its columns, for comparisons across databases.

@@ -5,74 +5,8 @@
 // Helpers of a test binary: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
-
-use e2e::{wait_for, Pipeline, PostApi, Projector, UserApi};
+use e2e::full::full;
 use serde_json::{json, Value};
-
-const WAIT: Duration = Duration::from_secs(30);
-
-/// A whole pipeline: user-api → user_db → reader → topic → projector → view db ← post-api.
-struct Full {
-    pipeline: Pipeline,
-    projector: Projector,
-    users: UserApi,
-    posts: PostApi,
-    http: reqwest::Client,
-}
-
-async fn full(prefix: &str) -> Full {
-    e2e::init_logs();
-    let pipeline = Pipeline::start(prefix).await.unwrap();
-    let projector = Projector::start(pipeline.projector_config()).await.unwrap();
-    let users = UserApi::start(&pipeline.user_db.url).await.unwrap();
-    let posts = PostApi::start(&pipeline.view_db.url).await.unwrap();
-    Full {
-        pipeline,
-        projector,
-        users,
-        posts,
-        http: reqwest::Client::new(),
-    }
-}
-
-impl Full {
-    async fn stop(self) {
-        self.users.stop().await.unwrap();
-        self.posts.stop().await.unwrap();
-        self.projector.stop().await.unwrap();
-        self.pipeline.reader.stop().await.unwrap();
-    }
-
-    /// POST to user-api; the created user.
-    async fn create_user(&self, name: &str, email: &str, department: &str) -> Value {
-        let r = self
-            .http
-            .post(self.users.url("/api/users"))
-            .json(&json!({"name": name, "email": email, "department": department}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-        r.json().await.unwrap()
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.http.get(self.posts.url(path)).send().await.unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
-    /// Polls GET `path` on post-api until `check` accepts the JSON body.
-    async fn eventually(&self, path: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-        wait_for(what, WAIT, || async {
-            let (status, body) = self.get(path).await;
-            Ok((status == 200 && check(&body)).then_some(body))
-        })
-        .await
-        .unwrap()
-    }
-}
 
 fn stats_of<'a>(stats: &'a Value, department: &str) -> Option<&'a Value> {
     stats

@@ -11,16 +11,24 @@
 //! GET    /api/posts/users/department/{d}    user_view rows of one department, paged
 //! GET    /api/posts/by-department/{d}       posts whose author is in {d} now, paged
 //! GET    /api/posts/stats/departments       department_stats
+//! GET    /api/posts/stats/authors[/{id}]    post_stats, paged (derived view: [`post_stats`])
+//! GET    /api/posts/users/{id}/activity     user_activity ([`user_activity`])
+//! GET    /api/posts/stats/departments/performance[/{d}]
+//!                                           department_performance ([`department_performance`])
 //! GET    /health                            200 | 503
 //! ```
 //!
 //! Every post in a response carries `authorName`, `authorEmail` and `authorDepartment`, read from
 //! user_view in the same query, so an update of the author shows as soon as it is projected (and
 //! the fields are null once the author is deleted). [`model`] validates (pure), [`store`] holds the
-//! SQL.
+//! SQL. The derived views (tables materialized_view_db keeps equal to a definition over `posts` and
+//! `user_view` at every commit) have a module each.
 
+pub mod department_performance;
 pub mod model;
+pub mod post_stats;
 mod store;
+pub mod user_activity;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -94,7 +102,10 @@ pub async fn run(
 pub fn routes(
     pool: Pool,
 ) -> impl Filter<Extract = (impl Reply,), Error = std::convert::Infallible> + Clone {
-    let db = warp::any().map(move || pool.clone());
+    let db = {
+        let pool = pool.clone();
+        warp::any().map(move || pool.clone())
+    };
     let posts = warp::path!("api" / "posts");
     let post = warp::path!("api" / "posts" / String);
     let query = warp::query::<HashMap<String, String>>();
@@ -147,6 +158,11 @@ pub fn routes(
         .and(warp::get())
         .and(db)
         .then(db::health);
+    let derived = post_stats::routes(pool.clone())
+        .or(user_activity::routes(pool.clone()))
+        .unify()
+        .or(department_performance::routes(pool))
+        .unify();
 
     all_users
         .or(users_in)
@@ -154,6 +170,8 @@ pub fn routes(
         .or(by_department)
         .unify()
         .or(stats)
+        .unify()
+        .or(derived)
         .unify()
         .or(create)
         .unify()
