@@ -174,6 +174,7 @@ struct Statements {
     delete: Statement,
     record_deletions: Statement,
     forget_deletions: Statement,
+    stats_lock: Statement,
     stats_add: Statement,
     stats_change: Statement,
     drop_empty: Statement,
@@ -251,6 +252,12 @@ impl Store {
                                    source_seq = excluded.source_seq, deleted_at = now()")
             .await?,
             forget_deletions: p("DELETE FROM user_view_deletions WHERE user_id = ANY($1)").await?,
+            // The existing rows first, in key order: two projectors of a group (or a replay) that
+            // change the same departments then queue instead of deadlocking between the two
+            // statements below.
+            stats_lock: p("SELECT count(*) FROM (SELECT 1 FROM department_stats \
+                           WHERE department = ANY($1) ORDER BY department FOR UPDATE) AS l")
+            .await?,
             // Growing departments may be new: upsert. (An INSERT's row must pass the CHECKs before
             // the conflict is seen, so a shrinking department cannot take this path.)
             stats_add: p("INSERT INTO department_stats (department, user_count, active_users, \
@@ -573,6 +580,7 @@ async fn write_segment(
         }
     }
     let (add, change) = StatsColumns::split(&folded.stats);
+    let departments: Vec<&str> = folded.stats.keys().map(String::as_str).collect();
     // Pipelined; the server runs them in this order.
     tokio::try_join!(
         async {
@@ -619,6 +627,14 @@ async fn write_segment(
             tx.execute(&s.record_deletions, &[&del_ids, &del_lsns, &del_seqs])
                 .await
                 .map_err(sql("recording deletions"))
+        },
+        async {
+            if departments.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(&s.stats_lock, &[&departments])
+                .await
+                .map_err(sql("locking department_stats rows"))
         },
         async {
             if add.departments.is_empty() {

@@ -586,7 +586,8 @@ async fn swap(db: &Client, live_schema: &str) -> Result<(), ReplayError> {
             "SELECT quote_ident(v.relname), pg_get_viewdef(v.oid), \
                     coalesce(string_agg(format(' GRANT %s ON %I TO %s;', a.privilege_type, \
                         v.relname, CASE WHEN a.grantee = 0 THEN 'PUBLIC' \
-                                        ELSE quote_ident(pg_get_userbyid(a.grantee)) END), ''), '') \
+                                        ELSE quote_ident(pg_get_userbyid(a.grantee)) END), '') \
+                             FILTER (WHERE a.privilege_type IS NOT NULL), '') \
              FROM derived_views d \
              JOIN pg_class v ON v.oid = (d.name || '_definition')::regclass \
              LEFT JOIN LATERAL aclexplode(v.relacl) a ON a.grantee <> v.relowner \
@@ -605,9 +606,8 @@ async fn swap(db: &Client, live_schema: &str) -> Result<(), ReplayError> {
     }
     // posts first: post-api's writes wait from here to the commit (not in the middle of their
     // own commit, which reads user_view), so the derived views are repaired against still posts.
-    let mut text = format!(
-        "BEGIN; SET LOCAL lock_timeout = '10s'; LOCK TABLE {live}.posts IN SHARE MODE;"
-    );
+    let mut text =
+        format!("BEGIN; SET LOCAL lock_timeout = '10s'; LOCK TABLE {live}.posts IN SHARE MODE;");
     if !drop_definitions.is_empty() {
         text.push_str(&format!(" DROP VIEW {};", drop_definitions.join(", ")));
     }

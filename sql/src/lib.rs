@@ -132,7 +132,12 @@ static VIEW_DB: &[Migration] = &[
         "0004_derived_views.sql",
         "derived_views"
     ),
-    migration!("materialized_view_db", 5, "0005_post_stats.sql", "post_stats"),
+    migration!(
+        "materialized_view_db",
+        5,
+        "0005_post_stats.sql",
+        "post_stats"
+    ),
     migration!(
         "materialized_view_db",
         6,

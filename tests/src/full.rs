@@ -66,7 +66,12 @@ impl Full {
     }
 
     /// Polls GET `path` on post-api until `check` accepts the JSON body.
-    pub async fn eventually(&self, path: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    pub async fn eventually(
+        &self,
+        path: &str,
+        what: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
         wait_for(what, WAIT, || async {
             let (status, body) = self.get(path).await;
             Ok((status == 200 && check(&body)).then_some(body))
@@ -75,4 +80,3 @@ impl Full {
         .unwrap()
     }
 }
-

@@ -841,7 +841,8 @@ pub async fn views_differ(
         )));
     }
     let derived = derived_differences(views).await?;
-    Ok((!derived.is_empty()).then(|| format!("derived views differ from their definitions: {derived:?}")))
+    Ok((!derived.is_empty())
+        .then(|| format!("derived views differ from their definitions: {derived:?}")))
 }
 
 /// Each derived view of materialized_view_db (`derived_views`: post_stats, user_activity, ...)
@@ -856,7 +857,10 @@ pub async fn derived_differences(
         .iter()
         .map(|r| r.get(0))
         .collect();
-    anyhow::ensure!(!names.is_empty(), "materialized_view_db lists no derived views");
+    anyhow::ensure!(
+        !names.is_empty(),
+        "materialized_view_db lists no derived views"
+    );
     let counts: Vec<String> = names
         .iter()
         .map(|n| {

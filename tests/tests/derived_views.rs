@@ -116,7 +116,12 @@ async fn posts_counts_follow_their_authors_through_moves_and_deletes() {
     // Bob's only post goes: his author row goes, Sales's last post is Ann's again.
     let b1 = format!("/api/posts/{}", posts[2]["id"]);
     assert_eq!(
-        f.http.delete(f.posts.url(&b1)).send().await.unwrap().status(),
+        f.http
+            .delete(f.posts.url(&b1))
+            .send()
+            .await
+            .unwrap()
+            .status(),
         204
     );
     let (status, _) = f.get(&format!("/api/posts/stats/authors/{bob_id}")).await;
@@ -205,7 +210,10 @@ async fn post_api_pages_the_author_stats_and_rejects_bad_requests() {
         .collect();
     assert_eq!(authors, ids[..2]);
     let (_, rest) = f
-        .get(&format!("/api/posts/stats/authors?limit=2&after={}", ids[1]))
+        .get(&format!(
+            "/api/posts/stats/authors?limit=2&after={}",
+            ids[1]
+        ))
         .await;
     assert_eq!(rest.as_array().unwrap().len(), 1);
 
@@ -271,8 +279,10 @@ async fn concurrent_user_and_post_writers_keep_every_view_equal_to_its_definitio
     for i in 0..40 {
         let r = http
             .post(users.url("/api/users"))
-            .json(&json!({"name": format!("seed {i}"), "email": format!("seed{i}@example.org"),
-                          "department": e2e::DEPARTMENTS[i % 5]}))
+            .json(
+                &json!({"name": format!("seed {i}"), "email": format!("seed{i}@example.org"),
+                          "department": e2e::DEPARTMENTS[i % 5]}),
+            )
             .send()
             .await
             .unwrap();
@@ -334,7 +344,10 @@ async fn concurrent_user_and_post_writers_keep_every_view_equal_to_its_definitio
                     _ => http.delete(format!("{url}/{}", pick(&ids))).send().await,
                 };
                 let status = r.unwrap().status().as_u16();
-                assert!(matches!(status, 200 | 204 | 404), "user-api answered {status}");
+                assert!(
+                    matches!(status, 200 | 204 | 404),
+                    "user-api answered {status}"
+                );
                 counts.user_writes.fetch_add(1, Ordering::Relaxed);
             }
         }));
