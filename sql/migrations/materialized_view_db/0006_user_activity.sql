@@ -13,8 +13,10 @@ CREATE TABLE user_activity (
     last_activity_at       timestamptz
         GENERATED ALWAYS AS (greatest(last_post_at, last_profile_change_at)) STORED
 );
--- A department's last post (department_performance) from the index alone.
-CREATE INDEX user_activity_department_last_post_at_idx ON user_activity (department, last_post_at);
+-- A department's last post (department_performance) from the index alone; users without posts
+-- (most, often) cost it nothing.
+CREATE INDEX user_activity_department_last_post_at_idx ON user_activity (department, last_post_at)
+    WHERE last_post_at IS NOT NULL;
 
 CREATE VIEW user_activity_definition AS
 SELECT u.user_id,
@@ -50,6 +52,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     keys bigint[];
     before user_activity[];
+    created user_activity_change[];
 BEGIN
     keys := CASE WHEN users IS NULL
                  THEN ARRAY(SELECT user_id FROM user_activity UNION SELECT user_id FROM user_view
@@ -61,36 +64,70 @@ BEGIN
     -- What is read must hold still until commit: the users' post_stats rows (locked after those
     -- post_stats_refresh wrote, which this transaction holds already)...
     PERFORM 1 FROM post_stats WHERE author_id = ANY(keys) ORDER BY author_id FOR SHARE;
-    -- ...and their rows here, kept as they were: the existing ones in key order, then the others
-    -- (in key order too), created empty so that a writer creating the same row meanwhile is
-    -- waited for and its row taken as the one before.
+    -- ...and their rows here, kept as they were, in key order.
     before := ARRAY(SELECT a FROM user_activity a WHERE a.user_id = ANY(keys)
                     ORDER BY a.user_id FOR UPDATE);
-    WITH created AS (
-        INSERT INTO user_activity AS a (user_id, name, department, status, post_count,
-                                        last_profile_change_at)
-        SELECT k, '', '', '', 0, '-infinity'
-          FROM unnest(keys) AS k
-         WHERE k NOT IN (SELECT b.user_id FROM unnest(before) AS b)
-         ORDER BY k
-            ON CONFLICT (user_id) DO UPDATE SET user_id = a.user_id
-        RETURNING a.*, xmax = 0 AS placeholder
-    )
-    SELECT before || ARRAY(SELECT ROW(c.user_id, c.name, c.department, c.status, c.post_count,
-                                      c.last_post_at, c.last_profile_change_at,
-                                      c.last_activity_at)::user_activity
-                             FROM created AS c WHERE NOT c.placeholder)
-      INTO before;
-    -- Started after the locks: sees every row committed by then.
+    -- Rows of users new here. (Statements from here on started after the locks: they see every
+    -- row committed by then.) Another transaction may have created one of them meanwhile: then
+    -- the insert fails as a whole, is undone, and the rows are made one by one, a row made
+    -- meanwhile locked and kept as it was, then brought in line with the others below.
+    BEGIN
+        WITH new AS (
+            INSERT INTO user_activity (user_id, name, department, status, post_count,
+                                       last_post_at, last_profile_change_at)
+            SELECT u.user_id, u.name, u.department, u.status, coalesce(s.post_count, 0),
+                   s.last_post_at, u.updated_at
+              FROM user_view u LEFT JOIN post_stats s ON s.author_id = u.user_id
+             WHERE u.user_id = ANY(keys)
+               AND u.user_id NOT IN (SELECT b.user_id FROM unnest(before) AS b)
+             ORDER BY u.user_id
+            RETURNING user_id, department, status, post_count, last_post_at
+        )
+        SELECT coalesce(array_agg(ROW(n.user_id, NULL, NULL, NULL, NULL, n.department, n.status,
+                                      n.post_count, n.last_post_at)::user_activity_change), '{}')
+          INTO created
+          FROM new AS n;
+    EXCEPTION WHEN unique_violation THEN
+        WITH new AS (
+            INSERT INTO user_activity (user_id, name, department, status, post_count,
+                                       last_post_at, last_profile_change_at)
+            SELECT u.user_id, u.name, u.department, u.status, coalesce(s.post_count, 0),
+                   s.last_post_at, u.updated_at
+              FROM user_view u LEFT JOIN post_stats s ON s.author_id = u.user_id
+             WHERE u.user_id = ANY(keys)
+               AND u.user_id NOT IN (SELECT b.user_id FROM unnest(before) AS b)
+             ORDER BY u.user_id
+                ON CONFLICT (user_id) DO NOTHING
+            RETURNING user_id, department, status, post_count, last_post_at
+        )
+        SELECT coalesce(array_agg(ROW(n.user_id, NULL, NULL, NULL, NULL, n.department, n.status,
+                                      n.post_count, n.last_post_at)::user_activity_change), '{}')
+          INTO created
+          FROM new AS n;
+        before := before || ARRAY(
+            SELECT a FROM user_activity a
+             WHERE a.user_id = ANY(keys)
+               AND a.user_id NOT IN (SELECT b.user_id FROM unnest(before) AS b)
+               AND a.user_id NOT IN (SELECT c.user_id FROM unnest(created) AS c)
+             ORDER BY a.user_id FOR UPDATE);
+    END;
+    RETURN QUERY SELECT * FROM unnest(created);
+    IF cardinality(before) = 0 THEN
+        RETURN;
+    END IF;
     RETURN QUERY
-    WITH source AS (
-        SELECT u.user_id, u.name, u.department, u.status, coalesce(s.post_count, 0) AS post_count,
-               s.last_post_at, u.updated_at
-          FROM user_view u LEFT JOIN post_stats s ON s.author_id = u.user_id
-         WHERE u.user_id = ANY(keys)
+    WITH old AS (
+        SELECT * FROM unnest(before)
+    ), source AS MATERIALIZED (
+        SELECT o.user_id, u.user_id IS NOT NULL AS present, u.name, u.department, u.status,
+               coalesce(s.post_count, 0) AS post_count, s.last_post_at, u.updated_at
+          FROM old o
+          LEFT JOIN user_view u ON u.user_id = o.user_id
+          LEFT JOIN post_stats s ON s.author_id = o.user_id
     ), gone AS (
         DELETE FROM user_activity a
-         WHERE a.user_id = ANY(keys) AND NOT EXISTS (SELECT 1 FROM source s WHERE s.user_id = a.user_id)
+         USING source s
+         WHERE a.user_id = s.user_id AND NOT s.present
         RETURNING a.user_id
     ), written AS (
         UPDATE user_activity a
@@ -98,7 +135,7 @@ BEGIN
                post_count = s.post_count, last_post_at = s.last_post_at,
                last_profile_change_at = s.updated_at
           FROM source s
-         WHERE a.user_id = s.user_id
+         WHERE a.user_id = s.user_id AND s.present
            AND (a.name, a.department, a.status, a.post_count, a.last_post_at,
                 a.last_profile_change_at)
                IS DISTINCT FROM (s.name, s.department, s.status, s.post_count, s.last_post_at,
@@ -108,10 +145,8 @@ BEGIN
     SELECT c.user_id, o.department, o.status, o.post_count, o.last_post_at,
            w.department, w.status, w.post_count, w.last_post_at
       FROM (SELECT user_id FROM gone UNION ALL SELECT user_id FROM written) AS c
-      LEFT JOIN unnest(before) AS o ON o.user_id = c.user_id
-      LEFT JOIN written AS w ON w.user_id = c.user_id
-     -- A row created empty above and deleted again was never there.
-     WHERE o.user_id IS NOT NULL OR w.user_id IS NOT NULL;
+      JOIN old AS o ON o.user_id = c.user_id
+      LEFT JOIN written AS w ON w.user_id = c.user_id;
 END
 $$;
 

@@ -182,6 +182,12 @@ async fn main() -> anyhow::Result<()> {
     let rate = arg::<i64>("--rate", 1000)?;
     let seconds = arg::<i64>("--seconds", 30)?;
     let big_tx = arg::<i64>("--big-tx", 1_000_000)?;
+    // `off` measures what the derived views cost: their notes on user_view are disabled, so the
+    // projector's transactions leave post_stats, user_activity and department_performance alone.
+    let derived = arg::<String>("--derived-views", "on".to_owned())?;
+    if derived != "on" && derived != "off" {
+        bail!("--derived-views is on or off, not {derived:?}");
+    }
     if changes < rate * seconds {
         bail!("--changes ({changes}) must be at least --rate × --seconds: each steady-load change updates a distinct user");
     }
@@ -191,6 +197,11 @@ async fn main() -> anyhow::Result<()> {
     let view_db = TestDb::create(&stack, "benchv", Some(schema::Database::ViewDb)).await?;
     let users = connect(&user_db.url).await?;
     let views = connect(&view_db.url).await?;
+    if derived == "off" {
+        views
+            .batch_execute("ALTER TABLE user_view DISABLE TRIGGER USER")
+            .await?;
+    }
     let topic = format!("bench-{}", unique_suffix());
     let reader_env = [
         ("CDC_READER_DATABASE_URL", user_db.url.clone()),
@@ -387,7 +398,7 @@ async fn main() -> anyhow::Result<()> {
         .flatten()
         .fold(f64::INFINITY, f64::min);
 
-    println!("pipeline benchmark (commit in user_db → row in user_view)");
+    println!("pipeline benchmark (commit in user_db → row in user_view), derived views {derived}");
     println!(
         "  backlog: {changes} inserts written in {write_s:.2} s, then reader + projector started"
     );
@@ -429,6 +440,7 @@ async fn main() -> anyhow::Result<()> {
     let tenth = |x: f64| (x * 10.0).round() / 10.0;
     let mut bench = serde_json::json!({
         "changes": changes,
+        "derived_views": derived == "on",
         "e2e_changes_per_s": round(backlog_rate),
         "produce_limit_per_s": round(produce_rate),
         "apply_limit_per_s": round(apply_rate),
