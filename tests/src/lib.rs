@@ -865,10 +865,10 @@ pub async fn derived_differences(
         .iter()
         .map(|n| {
             let (t, d) = (quote_ident(n), quote_ident(&format!("{n}_definition")));
+            let literal = n.replace('\'', "''");
             format!(
-                "SELECT {literal}::text, count(*) FROM \
-                 ((TABLE {t} EXCEPT ALL TABLE {d}) UNION ALL (TABLE {d} EXCEPT ALL TABLE {t})) x",
-                literal = format!("'{}'", n.replace('\'', "''"))
+                "SELECT '{literal}'::text, count(*) FROM \
+                 ((TABLE {t} EXCEPT ALL TABLE {d}) UNION ALL (TABLE {d} EXCEPT ALL TABLE {t})) x"
             )
         })
         .collect();

@@ -31,8 +31,9 @@ CREATE UNLOGGED TABLE derived_views_pending (
 );
 CREATE INDEX derived_views_pending_tx_idx ON derived_views_pending (tx);
 
--- Brings the derived views' rows of these keys in line (NULL: every key). Redefined by each
--- migration that adds a view, to call that view's refresh in its place.
+-- Brings the derived views' rows of these keys in line (NULL: every key; a key may come more than
+-- once, in any order). Redefined by each migration that adds a view, to call that view's refresh in
+-- its place.
 CREATE FUNCTION derived_views_refresh(authors bigint[], users bigint[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -54,9 +55,9 @@ BEGIN
     )
     SELECT count(*),
            CASE WHEN bool_or(m.authors IS NULL) THEN NULL
-                ELSE ARRAY(SELECT DISTINCT a FROM mine, unnest(mine.authors) AS a ORDER BY a) END,
+                ELSE ARRAY(SELECT a FROM mine, unnest(mine.authors) AS a) END,
            CASE WHEN bool_or(m.users IS NULL) THEN NULL
-                ELSE ARRAY(SELECT DISTINCT u FROM mine, unnest(mine.users) AS u ORDER BY u) END
+                ELSE ARRAY(SELECT u FROM mine, unnest(mine.users) AS u) END
       INTO taken, authors, users
       FROM mine AS m;
     IF taken > 0 THEN

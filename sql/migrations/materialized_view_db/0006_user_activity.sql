@@ -47,19 +47,20 @@ CREATE TYPE user_activity_change AS (
 
 -- Recomputes the rows of these users (NULL: every user) from user_view and post_stats; returns
 -- the rows it changed.
-CREATE FUNCTION user_activity_refresh(users bigint[]) RETURNS SETOF user_activity_change
+CREATE FUNCTION user_activity_refresh(users bigint[]) RETURNS user_activity_change[]
 LANGUAGE plpgsql AS $$
 DECLARE
     keys bigint[];
     before user_activity[];
     created user_activity_change[];
+    changed user_activity_change[];
 BEGIN
     keys := CASE WHEN users IS NULL
                  THEN ARRAY(SELECT user_id FROM user_activity UNION SELECT user_id FROM user_view
                             ORDER BY 1)
                  ELSE ARRAY(SELECT DISTINCT u FROM unnest(users) AS u ORDER BY u) END;
     IF cardinality(keys) = 0 THEN
-        RETURN;
+        RETURN '{}';
     END IF;
     -- What is read must hold still until commit: the users' post_stats rows (locked after those
     -- post_stats_refresh wrote, which this transaction holds already)...
@@ -111,11 +112,9 @@ BEGIN
                AND a.user_id NOT IN (SELECT c.user_id FROM unnest(created) AS c)
              ORDER BY a.user_id FOR UPDATE);
     END;
-    RETURN QUERY SELECT * FROM unnest(created);
     IF cardinality(before) = 0 THEN
-        RETURN;
+        RETURN created;
     END IF;
-    RETURN QUERY
     WITH old AS (
         SELECT * FROM unnest(before)
     ), source AS MATERIALIZED (
@@ -142,11 +141,14 @@ BEGIN
                                  s.updated_at)
         RETURNING a.user_id, a.department, a.status, a.post_count, a.last_post_at
     )
-    SELECT c.user_id, o.department, o.status, o.post_count, o.last_post_at,
-           w.department, w.status, w.post_count, w.last_post_at
+    SELECT coalesce(array_agg(ROW(c.user_id, o.department, o.status, o.post_count, o.last_post_at,
+                                  w.department, w.status, w.post_count,
+                                  w.last_post_at)::user_activity_change), '{}')
+      INTO changed
       FROM (SELECT user_id FROM gone UNION ALL SELECT user_id FROM written) AS c
       JOIN old AS o ON o.user_id = c.user_id
       LEFT JOIN written AS w ON w.user_id = c.user_id;
+    RETURN created || changed;
 END
 $$;
 

@@ -41,14 +41,14 @@ BEGIN
         RETURN;
     END IF;
     WITH moves AS (
-        SELECT c.old_department AS department, -1 AS users,
-               -(c.old_status = 'ACTIVE')::int AS active, -c.old_post_count AS posts,
-               NULL::timestamptz AS added_last, c.old_last_post_at AS removed_last
-          FROM unnest(changes) AS c WHERE c.old_department IS NOT NULL
-        UNION ALL
-        SELECT c.new_department, 1, (c.new_status = 'ACTIVE')::int, c.new_post_count,
-               c.new_last_post_at, NULL
-          FROM unnest(changes) AS c WHERE c.new_department IS NOT NULL
+        SELECT m.*
+          FROM unnest(changes) AS c,
+               LATERAL (VALUES (c.old_department, -1, -(c.old_status = 'ACTIVE')::int,
+                                -c.old_post_count, NULL::timestamptz, c.old_last_post_at),
+                               (c.new_department, 1, (c.new_status = 'ACTIVE')::int,
+                                c.new_post_count, c.new_last_post_at, NULL))
+                   AS m(department, users, active, posts, added_last, removed_last)
+         WHERE m.department IS NOT NULL
     ), delta AS (
         SELECT department, sum(users) AS users, sum(active) AS active, sum(posts) AS posts,
                max(added_last) AS added_last, max(removed_last) AS removed_last
@@ -87,8 +87,7 @@ CREATE OR REPLACE FUNCTION derived_views_refresh(authors bigint[], users bigint[
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM post_stats_refresh(authors);
-    PERFORM department_performance_apply(ARRAY(
-        SELECT c FROM user_activity_refresh(
-            CASE WHEN authors IS NULL OR users IS NULL THEN NULL ELSE authors || users END) AS c));
+    PERFORM department_performance_apply(user_activity_refresh(
+        CASE WHEN authors IS NULL OR users IS NULL THEN NULL ELSE authors || users END));
 END
 $$;
