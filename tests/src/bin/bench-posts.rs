@@ -3,7 +3,8 @@
 //! with `--users` users in user_view; `--writers` concurrent clients (200) each send
 //! `POST /api/posts` for a random author, one after the other, for `--seconds` (20) after a 3 s
 //! warm-up. Every post also updates post_stats, user_activity and department_performance in its
-//! transaction; at the end each must still equal its definition.
+//! transaction; at the end each must still equal its definition. `--derived-views off` disables
+//! their notes on posts, to measure what they cost.
 //!
 //! Prints a report and, last, `BENCH {json}` (posts_per_s, post_p50_ms, post_p99_ms, ...; merged
 //! into `CDC_BENCH_MERGE_JSON`, a BENCH object of an earlier step, when set).
@@ -28,6 +29,11 @@ async fn main() -> anyhow::Result<()> {
     if users < 1 || writers < 1 || seconds < 1 {
         bail!("--users, --writers and --seconds must be at least 1");
     }
+    // `off` measures what the derived views cost a post: their notes on posts are disabled.
+    let derived = arg::<String>("--derived-views", "on".to_owned())?;
+    if derived != "on" && derived != "off" {
+        bail!("--derived-views is on or off, not {derived:?}");
+    }
     let stack = Stack::from_env();
     let view_db = TestDb::create(&stack, "benchp", Some(schema::Database::ViewDb)).await?;
     let views = view_db.client().await?;
@@ -42,6 +48,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
 
+    if derived == "off" {
+        views
+            .batch_execute("ALTER TABLE posts DISABLE TRIGGER USER")
+            .await?;
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -128,13 +139,20 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(0.0)
     };
     let rate = latencies.len() as f64 / elapsed;
-    let differences = derived_differences(&views).await?;
+    let differences = if derived == "on" {
+        derived_differences(&views).await?
+    } else {
+        Vec::new()
+    };
     let posts: i64 = views
         .query_one("SELECT count(*) FROM posts", &[])
         .await?
         .get(0);
 
-    println!("post-api benchmark: {writers} concurrent writers of POST /api/posts, {users} users");
+    println!(
+        "post-api benchmark: {writers} concurrent writers of POST /api/posts, {users} users, \
+         derived views {derived}"
+    );
     println!(
         "  {} posts in {elapsed:.1} s = {rate:.0} posts/s, {failures} failed",
         latencies.len()
@@ -166,6 +184,7 @@ async fn main() -> anyhow::Result<()> {
         ("post_p99_ms", serde_json::json!(tenth(at(0.99)))),
         ("post_max_ms", serde_json::json!(tenth(at(1.0)))),
         ("post_failures", serde_json::json!(failures)),
+        ("post_derived_views", serde_json::json!(derived == "on")),
     ] {
         bench[k] = v;
     }
