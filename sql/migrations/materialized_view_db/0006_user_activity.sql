@@ -68,50 +68,37 @@ BEGIN
     -- ...and their rows here, kept as they were, in key order.
     before := ARRAY(SELECT a FROM user_activity a WHERE a.user_id = ANY(keys)
                     ORDER BY a.user_id FOR UPDATE);
-    -- Rows of users new here. (Statements from here on started after the locks: they see every
-    -- row committed by then.) Another transaction may have created one of them meanwhile: then
-    -- the insert fails as a whole, is undone, and the rows are made one by one, a row made
-    -- meanwhile locked and kept as it was, then brought in line with the others below.
-    BEGIN
-        WITH new AS (
-            INSERT INTO user_activity (user_id, name, department, status, post_count,
-                                       last_post_at, last_profile_change_at)
-            SELECT u.user_id, u.name, u.department, u.status, coalesce(s.post_count, 0),
-                   s.last_post_at, u.updated_at
-              FROM user_view u LEFT JOIN post_stats s ON s.author_id = u.user_id
-             WHERE u.user_id = ANY(keys)
-               AND u.user_id NOT IN (SELECT b.user_id FROM unnest(before) AS b)
-             ORDER BY u.user_id
-            RETURNING user_id, department, status, post_count, last_post_at
-        )
-        SELECT coalesce(array_agg(ROW(n.user_id, NULL, NULL, NULL, NULL, n.department, n.status,
-                                      n.post_count, n.last_post_at)::user_activity_change), '{}')
-          INTO created
-          FROM new AS n;
-    EXCEPTION WHEN unique_violation THEN
-        WITH new AS (
-            INSERT INTO user_activity (user_id, name, department, status, post_count,
-                                       last_post_at, last_profile_change_at)
-            SELECT u.user_id, u.name, u.department, u.status, coalesce(s.post_count, 0),
-                   s.last_post_at, u.updated_at
-              FROM user_view u LEFT JOIN post_stats s ON s.author_id = u.user_id
-             WHERE u.user_id = ANY(keys)
-               AND u.user_id NOT IN (SELECT b.user_id FROM unnest(before) AS b)
-             ORDER BY u.user_id
-                ON CONFLICT (user_id) DO NOTHING
-            RETURNING user_id, department, status, post_count, last_post_at
-        )
-        SELECT coalesce(array_agg(ROW(n.user_id, NULL, NULL, NULL, NULL, n.department, n.status,
-                                      n.post_count, n.last_post_at)::user_activity_change), '{}')
-          INTO created
-          FROM new AS n;
-        before := before || ARRAY(
-            SELECT a FROM user_activity a
-             WHERE a.user_id = ANY(keys)
-               AND a.user_id NOT IN (SELECT b.user_id FROM unnest(before) AS b)
-               AND a.user_id NOT IN (SELECT c.user_id FROM unnest(created) AS c)
-             ORDER BY a.user_id FOR UPDATE);
-    END;
+    -- Rows of users new here, in one statement. (Statements from here on started after the
+    -- locks: they see every row committed by then.) When another transaction made one of them
+    -- meanwhile, the insert fails as a whole and is undone; the rows made meanwhile are locked and
+    -- kept as they were, like the others above, and the insert is tried again without them.
+    LOOP
+        BEGIN
+            WITH new AS (
+                INSERT INTO user_activity (user_id, name, department, status, post_count,
+                                           last_post_at, last_profile_change_at)
+                SELECT u.user_id, u.name, u.department, u.status, coalesce(s.post_count, 0),
+                       s.last_post_at, u.updated_at
+                  FROM user_view u LEFT JOIN post_stats s ON s.author_id = u.user_id
+                 WHERE u.user_id = ANY(keys)
+                   AND u.user_id NOT IN (SELECT b.user_id FROM unnest(before) AS b)
+                 ORDER BY u.user_id
+                RETURNING user_id, department, status, post_count, last_post_at
+            )
+            SELECT coalesce(array_agg(ROW(n.user_id, NULL, NULL, NULL, NULL, n.department,
+                                          n.status, n.post_count,
+                                          n.last_post_at)::user_activity_change), '{}')
+              INTO created
+              FROM new AS n;
+            EXIT;
+        EXCEPTION WHEN unique_violation THEN
+            before := before || ARRAY(
+                SELECT a FROM user_activity a
+                 WHERE a.user_id = ANY(keys)
+                   AND a.user_id NOT IN (SELECT b.user_id FROM unnest(before) AS b)
+                 ORDER BY a.user_id FOR UPDATE);
+        END;
+    END LOOP;
     IF cardinality(before) = 0 THEN
         RETURN created;
     END IF;
