@@ -150,6 +150,12 @@ static VIEW_DB: &[Migration] = &[
         "0007_department_performance.sql",
         "department_performance"
     ),
+    migration!(
+        "materialized_view_db",
+        8,
+        "0008_user_activity_key_locks.sql",
+        "user_activity_key_locks"
+    ),
 ];
 
 /// Why migrating failed.

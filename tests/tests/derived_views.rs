@@ -570,3 +570,67 @@ async fn re_created_users_and_their_orphan_posts_stay_exact_under_concurrent_sql
         found.first()
     );
 }
+
+/// The two orders in which a transaction that re-creates a deleted user (as a replay does) and one
+/// that writes a post of that id can meet: each has run its refresh and holds it open while the
+/// other commits. Neither can see the other's new rows, so only a lock on the user's key, taken
+/// also where no row of it exists yet, keeps the second from committing a count without the
+/// first's post.
+#[tokio::test]
+async fn a_user_re_created_while_a_post_of_theirs_is_written_counts_it_in_either_order() {
+    e2e::init_logs();
+    let stack = Stack::from_env();
+    let db = TestDb::create(&stack, "dv_order", Some(schema::Database::ViewDb))
+        .await
+        .unwrap();
+    const RECREATE: &str = "INSERT INTO user_view (user_id, name, email, department, status, \
+                                                   created_at, updated_at, source_lsn, source_seq) \
+                            VALUES (7, 'again', 'a@example.org', 'D', 'ACTIVE', now(), now(), \
+                                    '0/1', 0)";
+    const POST: &str = "INSERT INTO posts (title, content, author_id) VALUES ('t', 'c', 7)";
+    for (first, second) in [(RECREATE, POST), (POST, RECREATE)] {
+        let held = db.client().await.unwrap();
+        held.batch_execute("TRUNCATE user_view, posts")
+            .await
+            .unwrap();
+        // The deferred refresh runs now, and its locks stay until COMMIT.
+        held.batch_execute(&format!("BEGIN; {first}; SET CONSTRAINTS ALL IMMEDIATE"))
+            .await
+            .unwrap();
+        let other = db.client().await.unwrap();
+        let pid: i32 = other
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let committing = tokio::spawn(async move { other.batch_execute(second).await });
+        // Until the other has committed or waits for a lock of the held one.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !committing.is_finished() {
+            let waiting: bool = held
+                .query_one(
+                    "SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) \
+                       FROM pg_stat_activity WHERE pid = $1",
+                    &[&pid],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{second} neither ended nor waited"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        held.batch_execute("COMMIT").await.unwrap();
+        committing.await.unwrap().unwrap();
+        let differences = derived_differences(&held).await.unwrap();
+        assert!(
+            differences.is_empty(),
+            "{first:?} held, then {second:?}: {differences:?}"
+        );
+    }
+}

@@ -1,0 +1,137 @@
+-- user_activity_refresh locks every user's key, also where no row of it exists yet.
+--
+-- The refresh of 0006 locked only the rows it could see and inserted rows only for users it could
+-- see in user_view. A transaction re-creating a deleted user (a replay, SQL by hand) and one
+-- writing a post of that id could then commit side by side: neither saw the other's new rows, so
+-- neither waited, and user_activity kept the user without the post. Now the key itself is the
+-- lock: a row that exists is locked FOR UPDATE, a key without one is locked by inserting its row
+-- (a placeholder when the user is not in user_view, deleted again before commit). An insert of a
+-- key another open transaction inserted waits for it; so every two writers of one user queue.
+--
+-- Locks and inserts are one attempt, in key order; when the attempt meets a row another
+-- transaction committed meanwhile, it is undone as a whole (its locks too) and tried again, so a
+-- transaction never waits while holding a key above the one it waits for: no deadlocks. Then, in
+-- a statement started after every lock, every locked row is recomputed from user_view and
+-- post_stats, the inserted ones too (an insert that waited for another transaction read before
+-- that one committed).
+--
+-- The users' post_stats rows need no lock of their own: whoever changes them locks the user's key
+-- here before it reads anything.
+
+CREATE OR REPLACE FUNCTION user_activity_refresh(users bigint[]) RETURNS user_activity_change[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    keys bigint[];
+    before user_activity[];
+    created user_activity[];
+    stale bigint[];
+    changes user_activity_change[];
+    stale_changes user_activity_change[];
+BEGIN
+    keys := CASE WHEN users IS NULL
+                 THEN ARRAY(SELECT user_id FROM user_activity UNION SELECT user_id FROM user_view
+                            ORDER BY 1)
+                 ELSE ARRAY(SELECT DISTINCT u FROM unnest(users) AS u ORDER BY u) END;
+    IF cardinality(keys) = 0 THEN
+        RETURN '{}';
+    END IF;
+    LOOP
+        BEGIN
+            -- The rows that exist, kept as they were...
+            before := ARRAY(SELECT a FROM user_activity a WHERE a.user_id = ANY(keys)
+                            ORDER BY a.user_id FOR UPDATE);
+            -- ...and a row for every other key, as far as this statement can tell.
+            WITH new AS (
+                INSERT INTO user_activity AS a (user_id, name, department, status, post_count,
+                                                last_post_at, last_profile_change_at)
+                SELECT k, coalesce(u.name, ''), coalesce(u.department, ''),
+                       coalesce(u.status, ''), coalesce(s.post_count, 0), s.last_post_at,
+                       coalesce(u.updated_at, '-infinity')
+                  FROM unnest(keys) AS k
+                  LEFT JOIN user_view u ON u.user_id = k AND u.user_id = ANY(keys)
+                  LEFT JOIN post_stats s ON s.author_id = k AND s.author_id = ANY(keys)
+                 WHERE k NOT IN (SELECT b.user_id FROM unnest(before) AS b)
+                 ORDER BY k
+                RETURNING a
+            )
+            SELECT coalesce(array_agg(n.a), '{}') INTO created FROM new AS n;
+            EXIT;
+        EXCEPTION WHEN unique_violation THEN
+            -- Another transaction committed a row of these keys since the attempt began.
+        END;
+    END LOOP;
+    -- The inserted rows whose user or posts another transaction changed since the insert read
+    -- them, and the placeholders.
+    stale := ARRAY(
+        SELECT c.user_id
+          FROM unnest(created) AS c
+          LEFT JOIN user_view u ON u.user_id = c.user_id AND u.user_id = ANY(keys)
+          LEFT JOIN post_stats s ON s.author_id = c.user_id AND s.author_id = ANY(keys)
+         WHERE u.user_id IS NULL
+            OR (c.name, c.department, c.status, c.post_count, c.last_post_at,
+                c.last_profile_change_at)
+               IS DISTINCT FROM (u.name, u.department, u.status, coalesce(s.post_count, 0),
+                                 s.last_post_at, u.updated_at));
+    -- The other inserted rows are new as they are.
+    changes := ARRAY(
+        SELECT ROW(c.user_id, NULL, NULL, NULL, NULL, c.department, c.status, c.post_count,
+                   c.last_post_at)::user_activity_change
+          FROM unnest(created) AS c
+         WHERE c.user_id NOT IN (SELECT unnest(stale)));
+    IF cardinality(before) = 0 AND cardinality(stale) = 0 THEN
+        RETURN changes;
+    END IF;
+    WITH old AS (
+        SELECT b.*, true AS existed FROM unnest(before) AS b
+        UNION ALL
+        SELECT c.*, false FROM unnest(created) AS c WHERE c.user_id IN (SELECT unnest(stale))
+    ), source AS MATERIALIZED (
+        SELECT o.user_id, u.user_id IS NOT NULL AS present, u.name, u.department, u.status,
+               coalesce(s.post_count, 0) AS post_count, s.last_post_at, u.updated_at
+          FROM old o
+          LEFT JOIN user_view u ON u.user_id = o.user_id AND u.user_id = ANY(keys)
+          LEFT JOIN post_stats s ON s.author_id = o.user_id AND s.author_id = ANY(keys)
+    ), gone AS (
+        DELETE FROM user_activity a
+         USING source s
+         WHERE a.user_id = s.user_id AND a.user_id = ANY(keys) AND NOT s.present
+        RETURNING a.user_id
+    ), written AS (
+        UPDATE user_activity a
+           SET name = s.name, department = s.department, status = s.status,
+               post_count = s.post_count, last_post_at = s.last_post_at,
+               last_profile_change_at = s.updated_at
+          FROM source s
+         WHERE a.user_id = s.user_id AND a.user_id = ANY(keys) AND s.present
+           AND (a.name, a.department, a.status, a.post_count, a.last_post_at,
+                a.last_profile_change_at)
+               IS DISTINCT FROM (s.name, s.department, s.status, s.post_count, s.last_post_at,
+                                 s.updated_at)
+        RETURNING a.user_id, a.department, a.status, a.post_count, a.last_post_at
+    )
+    -- A row that existed and was deleted or rewritten, or one that is new and stays (a
+    -- placeholder is new and gone: it never was).
+    SELECT coalesce(array_agg(ROW(o.user_id,
+                                  CASE WHEN o.existed THEN o.department END,
+                                  CASE WHEN o.existed THEN o.status END,
+                                  CASE WHEN o.existed THEN o.post_count END,
+                                  CASE WHEN o.existed THEN o.last_post_at END,
+                                  CASE WHEN w.user_id IS NOT NULL THEN w.department
+                                       WHEN g.user_id IS NULL THEN o.department END,
+                                  CASE WHEN w.user_id IS NOT NULL THEN w.status
+                                       WHEN g.user_id IS NULL THEN o.status END,
+                                  CASE WHEN w.user_id IS NOT NULL THEN w.post_count
+                                       WHEN g.user_id IS NULL THEN o.post_count END,
+                                  CASE WHEN w.user_id IS NOT NULL THEN w.last_post_at
+                                       WHEN g.user_id IS NULL THEN o.last_post_at END
+                                 )::user_activity_change), '{}')
+      INTO stale_changes
+      FROM old o
+      LEFT JOIN written w ON w.user_id = o.user_id
+      LEFT JOIN gone g ON g.user_id = o.user_id
+     WHERE w.user_id IS NOT NULL
+        OR (o.existed AND g.user_id IS NOT NULL)
+        OR (NOT o.existed AND g.user_id IS NULL);
+    RETURN changes || stale_changes;
+END
+$$;
