@@ -46,9 +46,14 @@ pub async fn connection(pool: &Pool) -> Result<deadpool_postgres::Object, ApiErr
 }
 
 /// The client's view of a failed statement: 503 when the connection broke (the next request gets
-/// a fresh one), 500 otherwise; the database's text goes to the log only.
+/// a fresh one) or PostgreSQL rolled the transaction back for a conflict with another (SQLSTATE
+/// class 40: a deadlock, e.g. with a `TRUNCATE` by hand; nothing was written), 500 otherwise; the
+/// database's text goes to the log only.
 pub fn query_error(err: tokio_postgres::Error) -> ApiError {
-    if service::is_transient_pg(&err) {
+    let rolled_back = err
+        .as_db_error()
+        .is_some_and(|db| db.code().code().starts_with("40"));
+    if rolled_back || service::is_transient_pg(&err) {
         ApiError::unavailable(&err)
     } else {
         ApiError::internal(&err)

@@ -153,8 +153,8 @@ static VIEW_DB: &[Migration] = &[
     migration!(
         "materialized_view_db",
         8,
-        "0008_user_activity_key_locks.sql",
-        "user_activity_key_locks"
+        "0008_derived_views_concurrency.sql",
+        "derived_views_concurrency"
     ),
 ];
 

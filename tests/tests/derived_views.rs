@@ -634,3 +634,59 @@ async fn a_user_re_created_while_a_post_of_theirs_is_written_counts_it_in_either
         );
     }
 }
+
+/// Keys change too (by hand, or a replay): a post given another id and author, a user another
+/// id. And a writer under REPEATABLE READ, whose snapshot cannot show what the refresh must see,
+/// is refused at its write with an error that says why.
+#[tokio::test]
+async fn re_keyed_rows_count_and_repeatable_read_writers_are_refused() {
+    e2e::init_logs();
+    let stack = Stack::from_env();
+    let db = TestDb::create(&stack, "dv_keys", Some(schema::Database::ViewDb))
+        .await
+        .unwrap();
+    let c = db.client().await.unwrap();
+    c.batch_execute(
+        "INSERT INTO user_view (user_id, name, email, department, status, created_at, \
+                                updated_at, source_lsn, source_seq) \
+         VALUES (1, 'a', 'a@example.org', 'D', 'ACTIVE', now(), now(), '0/1', 0), \
+                (2, 'b', 'b@example.org', 'E', 'ACTIVE', now(), now(), '0/1', 0); \
+         INSERT INTO posts (title, content, author_id) VALUES ('t', 'c', 1), ('t', 'c', 1); \
+         UPDATE posts SET id = id + 100, author_id = 2 WHERE id = (SELECT min(id) FROM posts); \
+         UPDATE user_view SET user_id = 5 WHERE user_id = 1",
+    )
+    .await
+    .unwrap();
+    assert_eq!(derived_differences(&c).await.unwrap(), vec![]);
+    let counts: Vec<(i64, i64)> = c
+        .query(
+            "SELECT user_id, post_count FROM user_activity ORDER BY user_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(counts, [(2, 1), (5, 0)]);
+    for level in ["REPEATABLE READ", "SERIALIZABLE"] {
+        let err = c
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL {level}; \
+                 INSERT INTO posts (title, content, author_id) VALUES ('t', 'c', 2)"
+            ))
+            .await
+            .unwrap_err();
+        let db_error = err.as_db_error().unwrap();
+        assert_eq!(
+            db_error.code(),
+            &tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED
+        );
+        assert!(
+            db_error.message().contains("READ COMMITTED only"),
+            "{}",
+            db_error.message()
+        );
+        c.batch_execute("ROLLBACK").await.unwrap();
+    }
+}

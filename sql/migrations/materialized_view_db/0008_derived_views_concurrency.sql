@@ -1,4 +1,6 @@
--- user_activity_refresh locks every user's key, also where no row of it exists yet.
+-- What concurrent writers taught the derived views (0004-0007).
+--
+-- 1. user_activity_refresh locks every user's key, also where no row of it exists yet.
 --
 -- The refresh of 0006 locked only the rows it could see and inserted rows only for users it could
 -- see in user_view. A transaction re-creating a deleted user (a replay, SQL by hand) and one
@@ -17,6 +19,18 @@
 --
 -- The users' post_stats rows need no lock of their own: whoever changes them locks the user's key
 -- here before it reads anything.
+--
+-- 2. The notes compare what an UPDATE removed and added as sets, not row by row on the key: an
+-- update of the key itself (a post's id, a user's user_id) was missed.
+--
+-- 3. A writer of posts or user_view holds both tables (ACCESS SHARE) from its first write on: the
+-- refresh at its commit reads both, and taking the second only there, after row locks, deadlocked
+-- against a TRUNCATE by hand in another transaction.
+--
+-- 4. Writers must run under READ COMMITTED: the refresh reads what others committed up to its own
+-- locks, which a REPEATABLE READ or SERIALIZABLE snapshot, taken earlier, does not show (and a
+-- SERIALIZABLE writer's conflict checks do not cover the READ COMMITTED ones of post-api and the
+-- projector). Other levels are refused with an error, at the write.
 
 CREATE OR REPLACE FUNCTION user_activity_refresh(users bigint[]) RETURNS user_activity_change[]
 LANGUAGE plpgsql AS $$
@@ -133,5 +147,78 @@ BEGIN
         OR (o.existed AND g.user_id IS NOT NULL)
         OR (NOT o.existed AND g.user_id IS NULL);
     RETURN changes || stale_changes;
+END
+$$;
+
+-- Refuses writers the refresh cannot serve (see 4 above) and holds both source tables.
+CREATE FUNCTION derived_views_note_begin() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'posts and user_view are written under READ COMMITTED only, not %',
+                        upper(current_setting('transaction_isolation'))
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'The derived views (post_stats, user_activity, department_performance) '
+                         'are refreshed at commit from what other transactions committed up to '
+                         'then, which this isolation level does not show. Use READ COMMITTED, '
+                         'the default.';
+    END IF;
+    LOCK TABLE posts, user_view IN ACCESS SHARE MODE;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION derived_views_note_posts() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM derived_views_note_begin();
+    IF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO derived_views_pending (authors) VALUES (NULL);
+    ELSIF TG_OP = 'INSERT' THEN
+        INSERT INTO derived_views_pending (authors)
+        SELECT array_agg(DISTINCT author_id) FROM added HAVING count(*) > 0;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO derived_views_pending (authors)
+        SELECT array_agg(DISTINCT author_id) FROM removed HAVING count(*) > 0;
+    ELSE
+        -- The authors whose (author, created_at) pairs are not the same after as before: a post
+        -- moved, re-dated, or re-keyed; an edit of title or content changes no derived view.
+        INSERT INTO derived_views_pending (authors)
+        SELECT array_agg(DISTINCT d.author_id)
+          FROM ((SELECT author_id, created_at FROM removed
+                 EXCEPT ALL SELECT author_id, created_at FROM added)
+                UNION ALL
+                (SELECT author_id, created_at FROM added
+                 EXCEPT ALL SELECT author_id, created_at FROM removed)) AS d
+        HAVING count(*) > 0;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION derived_views_note_users() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM derived_views_note_begin();
+    IF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO derived_views_pending (users) VALUES (NULL);
+    ELSIF TG_OP = 'INSERT' THEN
+        INSERT INTO derived_views_pending (users)
+        SELECT array_agg(user_id) FROM added HAVING count(*) > 0;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO derived_views_pending (users)
+        SELECT array_agg(user_id) FROM removed HAVING count(*) > 0;
+    ELSE
+        -- The users whose row differs in what a derived view shows (a replayed event that
+        -- leaves those columns as they were changes nothing), the key included.
+        INSERT INTO derived_views_pending (users)
+        SELECT array_agg(DISTINCT d.user_id)
+          FROM ((SELECT user_id, name, department, status, updated_at FROM removed
+                 EXCEPT SELECT user_id, name, department, status, updated_at FROM added)
+                UNION ALL
+                (SELECT user_id, name, department, status, updated_at FROM added
+                 EXCEPT SELECT user_id, name, department, status, updated_at FROM removed)) AS d
+        HAVING count(*) > 0;
+    END IF;
+    RETURN NULL;
 END
 $$;
