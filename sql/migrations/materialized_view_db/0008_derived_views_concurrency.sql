@@ -62,8 +62,8 @@ BEGIN
                        coalesce(u.status, ''), coalesce(s.post_count, 0), s.last_post_at,
                        coalesce(u.updated_at, '-infinity')
                   FROM unnest(keys) AS k
-                  LEFT JOIN user_view u ON u.user_id = k AND u.user_id = ANY(keys)
-                  LEFT JOIN post_stats s ON s.author_id = k AND s.author_id = ANY(keys)
+                  LEFT JOIN user_view u ON u.user_id = k
+                  LEFT JOIN post_stats s ON s.author_id = k
                  WHERE k NOT IN (SELECT b.user_id FROM unnest(before) AS b)
                  ORDER BY k
                 RETURNING a
@@ -79,8 +79,8 @@ BEGIN
     stale := ARRAY(
         SELECT c.user_id
           FROM unnest(created) AS c
-          LEFT JOIN user_view u ON u.user_id = c.user_id AND u.user_id = ANY(keys)
-          LEFT JOIN post_stats s ON s.author_id = c.user_id AND s.author_id = ANY(keys)
+          LEFT JOIN user_view u ON u.user_id = c.user_id
+          LEFT JOIN post_stats s ON s.author_id = c.user_id
          WHERE u.user_id IS NULL
             OR (c.name, c.department, c.status, c.post_count, c.last_post_at,
                 c.last_profile_change_at)
@@ -95,57 +95,52 @@ BEGIN
     IF cardinality(before) = 0 AND cardinality(stale) = 0 THEN
         RETURN changes;
     END IF;
+    -- Each row's old values ride along to RETURNING: no join between what was read and what
+    -- was written, whose sizes a cached plan cannot know.
     WITH old AS (
         SELECT b.*, true AS existed FROM unnest(before) AS b
         UNION ALL
         SELECT c.*, false FROM unnest(created) AS c WHERE c.user_id IN (SELECT unnest(stale))
     ), source AS MATERIALIZED (
-        SELECT o.user_id, u.user_id IS NOT NULL AS present, u.name, u.department, u.status,
+        SELECT o.user_id, o.existed, o.department AS old_department, o.status AS old_status,
+               o.post_count AS old_post_count, o.last_post_at AS old_last_post_at,
+               u.user_id IS NOT NULL AS present, u.name, u.department, u.status,
                coalesce(s.post_count, 0) AS post_count, s.last_post_at, u.updated_at
           FROM old o
-          LEFT JOIN user_view u ON u.user_id = o.user_id AND u.user_id = ANY(keys)
-          LEFT JOIN post_stats s ON s.author_id = o.user_id AND s.author_id = ANY(keys)
+          LEFT JOIN user_view u ON u.user_id = o.user_id
+          LEFT JOIN post_stats s ON s.author_id = o.user_id
     ), gone AS (
         DELETE FROM user_activity a
          USING source s
-         WHERE a.user_id = s.user_id AND a.user_id = ANY(keys) AND NOT s.present
-        RETURNING a.user_id
+         WHERE a.user_id = s.user_id AND NOT s.present
+        RETURNING s.*
     ), written AS (
         UPDATE user_activity a
            SET name = s.name, department = s.department, status = s.status,
                post_count = s.post_count, last_post_at = s.last_post_at,
                last_profile_change_at = s.updated_at
           FROM source s
-         WHERE a.user_id = s.user_id AND a.user_id = ANY(keys) AND s.present
+         WHERE a.user_id = s.user_id AND s.present
            AND (a.name, a.department, a.status, a.post_count, a.last_post_at,
                 a.last_profile_change_at)
                IS DISTINCT FROM (s.name, s.department, s.status, s.post_count, s.last_post_at,
                                  s.updated_at)
-        RETURNING a.user_id, a.department, a.status, a.post_count, a.last_post_at
+        RETURNING s.*
     )
-    -- A row that existed and was deleted or rewritten, or one that is new and stays (a
-    -- placeholder is new and gone: it never was).
-    SELECT coalesce(array_agg(ROW(o.user_id,
-                                  CASE WHEN o.existed THEN o.department END,
-                                  CASE WHEN o.existed THEN o.status END,
-                                  CASE WHEN o.existed THEN o.post_count END,
-                                  CASE WHEN o.existed THEN o.last_post_at END,
-                                  CASE WHEN w.user_id IS NOT NULL THEN w.department
-                                       WHEN g.user_id IS NULL THEN o.department END,
-                                  CASE WHEN w.user_id IS NOT NULL THEN w.status
-                                       WHEN g.user_id IS NULL THEN o.status END,
-                                  CASE WHEN w.user_id IS NOT NULL THEN w.post_count
-                                       WHEN g.user_id IS NULL THEN o.post_count END,
-                                  CASE WHEN w.user_id IS NOT NULL THEN w.last_post_at
-                                       WHEN g.user_id IS NULL THEN o.last_post_at END
+    -- A row that existed and is gone or rewritten, or a new one rewritten (the others new here
+    -- are in changes already; a placeholder is new and gone: it never was). A stale row is
+    -- always one of the two: no one changes what it is computed from while its key is locked.
+    SELECT coalesce(array_agg(ROW(c.user_id,
+                                  CASE WHEN c.existed THEN c.old_department END,
+                                  CASE WHEN c.existed THEN c.old_status END,
+                                  CASE WHEN c.existed THEN c.old_post_count END,
+                                  CASE WHEN c.existed THEN c.old_last_post_at END,
+                                  c.department, c.status,
+                                  CASE WHEN c.present THEN c.post_count END,
+                                  CASE WHEN c.present THEN c.last_post_at END
                                  )::user_activity_change), '{}')
       INTO stale_changes
-      FROM old o
-      LEFT JOIN written w ON w.user_id = o.user_id
-      LEFT JOIN gone g ON g.user_id = o.user_id
-     WHERE w.user_id IS NOT NULL
-        OR (o.existed AND g.user_id IS NOT NULL)
-        OR (NOT o.existed AND g.user_id IS NULL);
+      FROM (SELECT * FROM gone WHERE existed UNION ALL SELECT * FROM written) AS c;
     RETURN changes || stale_changes;
 END
 $$;
