@@ -601,6 +601,12 @@ impl Projector<'_> {
         tracing::debug!(partition, next = cursor.next, "reading the partition from");
         let mut backoff = service::Backoff::default();
         loop {
+            // A rebalance since (the partition may be ours no more, and a seek of it would fail
+            // for good): the loop repositions every partition of the new assignment.
+            if self.consumer.context().generation.load(Ordering::SeqCst) != cursor.generation {
+                tracing::debug!(partition, "a rebalance while seeking; positioning again");
+                return;
+            }
             // Right after an assignment librdkafka may refuse a seek until the partition's fetcher
             // has started; that passes.
             match self.consumer.seek(
