@@ -287,9 +287,15 @@ pub fn fully_in_sync(brokers: &str, topic: &str, replicas: usize) -> anyhow::Res
 /// Sends the logs of the services under test to the test's output (shown for failed tests), filtered
 /// by `RUST_LOG` (default `warn`). Safe to call from every test.
 pub fn init_logs() {
+    init_logs_at("warn");
+}
+
+/// [`init_logs`] with `default` as the filter when `RUST_LOG` is not set.
+pub fn init_logs_at(default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
         )
         .with_test_writer()
         .try_init();

@@ -58,6 +58,8 @@ async fn setup_delivering(
     partitions: i32,
     delivery: Delivery,
 ) -> (Pipeline, Projector) {
+    // The projector's rebalances and positioning too: what a failure here needs to be read.
+    e2e::init_logs_at("warn,projector=info");
     let mut stack = Stack::from_env();
     stack.kafka_brokers = brokers.to_owned();
     let p = Pipeline::start_configured(stack, prefix, partitions, |c| c.delivery = delivery)
