@@ -229,3 +229,17 @@ pub fn peak_rss_mb(pid: u32) -> anyhow::Result<f64> {
         .unwrap_or(0);
     Ok(kb as f64 / 1024.0)
 }
+
+/// The `BENCH` object an earlier step of `scripts/bench` handed on in the environment variable
+/// `var` (an empty object when it is unset or empty); an error when it is not a JSON object, so
+/// that no figure of the earlier step goes missing from the report unnoticed.
+pub fn earlier_figures(var: &str) -> anyhow::Result<serde_json::Value> {
+    let text = match std::env::var(var) {
+        Ok(text) if !text.trim().is_empty() => text,
+        _ => return Ok(serde_json::json!({})),
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{var} is not JSON: {text:?}"))?;
+    anyhow::ensure!(value.is_object(), "{var} is not a JSON object: {text:?}");
+    Ok(value)
+}

@@ -135,11 +135,10 @@ async fn main() -> anyhow::Result<()> {
         ours.rss_mb / dbz_rss_mb
     );
 
-    let mut bench: Value = std::env::var("CDC_BENCH_MERGE_JSON")
-        .ok()
-        .and_then(|j| serde_json::from_str(&j).ok())
-        .filter(Value::is_object)
-        .unwrap_or_else(|| json!({"changes": changes}));
+    let mut bench = e2e::bench::earlier_figures("CDC_BENCH_MERGE_JSON")?;
+    if bench.get("changes").is_none() {
+        bench["changes"] = json!(changes);
+    }
     let round = |v: f64, places: i32| {
         let f = 10_f64.powi(places);
         (v * f).round() / f

@@ -388,10 +388,7 @@ async fn main() -> anyhow::Result<()> {
     // 4. The limits, with nothing else running.
     let produce_rate = produce_limit(&stack, &topic, changes).await?;
     let apply_rate = apply_limit(&users, &views, changes).await?;
-    let reader_json: serde_json::Value = std::env::var("CDC_BENCH_READER_JSON")
-        .ok()
-        .and_then(|j| serde_json::from_str(&j).ok())
-        .unwrap_or_default();
+    let reader_json = e2e::bench::earlier_figures("CDC_BENCH_READER_JSON")?;
     let recvlogical_rate = reader_json["pg_recvlogical_changes_per_s"].as_f64();
     let slowest = [Some(produce_rate), Some(apply_rate), recvlogical_rate]
         .into_iter()

@@ -130,7 +130,9 @@ async fn main() -> anyhow::Result<()> {
         latencies.extend(l);
         failures += f;
     }
-    let _ = server.kill().await;
+    if let Err(e) = server.kill().await {
+        eprintln!("stopping post-api failed: {e}");
+    }
     latencies.sort_by(f64::total_cmp);
     let at = |p: f64| {
         latencies
@@ -172,11 +174,7 @@ async fn main() -> anyhow::Result<()> {
         }
     );
     let tenth = |x: f64| (x * 10.0).round() / 10.0;
-    let mut bench: serde_json::Value = std::env::var("CDC_BENCH_MERGE_JSON")
-        .ok()
-        .and_then(|j| serde_json::from_str(&j).ok())
-        .filter(serde_json::Value::is_object)
-        .unwrap_or_else(|| serde_json::json!({}));
+    let mut bench = e2e::bench::earlier_figures("CDC_BENCH_MERGE_JSON")?;
     for (k, v) in [
         ("post_writers", serde_json::json!(writers)),
         ("posts_per_s", serde_json::json!(rate.round())),
