@@ -20,6 +20,7 @@ pub mod config;
 pub mod connect;
 pub mod decode;
 pub mod envelope;
+pub mod partition;
 pub mod publish;
 pub mod replay;
 pub mod resnapshot;

@@ -19,10 +19,12 @@
 //! delivered. After a failure the next session sends again what was not confirmed: nothing is
 //! lost, records may appear twice.
 //!
-//! Keys are placed by librdkafka's `murmur2_random` partitioner, the placement of Java clients'
-//! default partitioner for keyed records (tested against Kafka's murmur2 vectors).
+//! Every record's partition is chosen here ([`crate::partition`]), where a Java producer puts its
+//! key, so the position committed with a transaction can say which record is the last one of
+//! each partition so far: a consumer that has read every partition that far has every source
+//! transaction ending at or before the position, whole.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -109,7 +111,11 @@ pub struct KafkaSettings {
     pub position_topic: String,
 }
 
-/// Where a stream resumes, as committed with the records it covers.
+/// The last record sent to each (topic, partition).
+pub type Lasts = BTreeMap<(String, i32), RecordPosition>;
+
+/// Where a stream resumes, as committed with the records it covers. The record in the position
+/// topic also names the last record of every partition so far (see [`Lasts`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Committed {
     /// End LSN of the last source transaction wholly in Kafka: streaming resumes here.
@@ -120,23 +126,51 @@ pub struct Committed {
 }
 
 impl Committed {
-    fn to_json(self, key: &str) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({
+    /// The position record's value: `{"transactional_id", "end_lsn", "position",
+    /// "partitions": {topic: {partition: position of its last record}}}`.
+    fn to_json(self, key: &str, lasts: &Lasts) -> Vec<u8> {
+        let mut partitions: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
+        for ((topic, partition), last) in lasts {
+            partitions
+                .entry(topic)
+                .or_default()
+                .insert(partition.to_string(), last.header_value());
+        }
+        serde_json::json!({
             "transactional_id": key,
             "end_lsn": change_event::format_lsn(self.end_lsn),
             "position": self.position.map(|p| p.header_value()),
-        }))
-        .unwrap_or_default()
+            "partitions": partitions,
+        })
+        .to_string()
+        .into_bytes()
     }
 
-    fn parse(value: &[u8]) -> Option<Self> {
+    /// A position record's value; `partitions` is empty in records of readers that did not
+    /// write it.
+    fn parse(value: &[u8]) -> Option<(Self, Lasts)> {
         let v: serde_json::Value = serde_json::from_slice(value).ok()?;
         let end_lsn = change_event::parse_lsn(v["end_lsn"].as_str()?)?;
         let position = match &v["position"] {
             serde_json::Value::Null => None,
             p => Some(RecordPosition::parse(p.as_str()?)?),
         };
-        Some(Committed { end_lsn, position })
+        let mut lasts = Lasts::new();
+        match &v["partitions"] {
+            serde_json::Value::Null => {}
+            serde_json::Value::Object(topics) => {
+                for (topic, partitions) in topics {
+                    for (partition, last) in partitions.as_object()? {
+                        lasts.insert(
+                            (topic.clone(), partition.parse().ok()?),
+                            RecordPosition::parse(last.as_str()?)?,
+                        );
+                    }
+                }
+            }
+            _ => return None,
+        }
+        Some((Committed { end_lsn, position }, lasts))
     }
 }
 
@@ -201,6 +235,9 @@ struct Committing {
     done: tokio::task::JoinHandle<Result<(), KafkaError>>,
     records: usize,
     waiting: Vec<Record>,
+    /// What it commits: the position and the last record of every partition.
+    position: Committed,
+    lasts: Lasts,
 }
 
 /// Sends records in Kafka transactions (see the module documentation).
@@ -220,6 +257,11 @@ pub struct Publisher {
     skip_through: Option<RecordPosition>,
     /// Records not sent because the committed position says Kafka has them.
     pub skipped: u64,
+    /// The last position committed, and the last record of each partition then.
+    committed: Option<Committed>,
+    committed_lasts: Lasts,
+    /// The last record of each partition sent so far (committed, being committed or open).
+    sent_lasts: Lasts,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -243,8 +285,6 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000")
         .set("compression.type", "lz4")
-        // Keyed records land where a Java producer would put them: murmur2 of the key.
-        .set("partitioner", "murmur2_random")
         .set("message.timeout.ms", "50000");
     for (k, v) in &settings.overrides {
         config.set(k, v);
@@ -290,6 +330,9 @@ impl Publisher {
             failed: false,
             skip_through: None,
             skipped: 0,
+            committed: None,
+            committed_lasts: Lasts::new(),
+            sent_lasts: Lasts::new(),
         })
     }
 
@@ -311,7 +354,7 @@ impl Publisher {
         let topic = self.position_topic.clone();
         let brokers = settings.brokers.clone();
         let partitions = self.partition_count(&topic).await?;
-        blocking(move || {
+        let read = blocking(move || {
             let consumer = reading_consumer(&brokers)?;
             let starts: Vec<(i32, i64)> = (0..partitions).map(|p| (p, 0)).collect();
             let mut last: Option<Option<Vec<u8>>> = None;
@@ -338,12 +381,36 @@ impl Publisher {
                 }
             }
         })
-        .await?
+        .await??;
+        let Some((position, lasts)) = read else {
+            return Ok(None);
+        };
+        self.committed = Some(position);
+        self.committed_lasts.clone_from(&lasts);
+        self.sent_lasts = lasts;
+        Ok(Some(position))
     }
 
     /// Records at or below `position` are not sent (Kafka has them from a split transaction).
     pub fn skip_through(&mut self, position: Option<RecordPosition>) {
         self.skip_through = position;
+    }
+
+    /// The end LSN of the last committed position, if any.
+    pub fn committed_end(&self) -> Option<Lsn> {
+        self.committed.map(|c| c.end_lsn)
+    }
+
+    /// Exactly once, with nothing open: begins committing a Kafka transaction that holds only
+    /// `position` (its outcome through [`Publisher::commit_done`]). An idle stream's position
+    /// moves on so, and readers of the position topic learn that nothing else committed
+    /// before it.
+    pub async fn begin_position_commit(&mut self, position: Committed) -> Result<(), PublishError> {
+        if self.delivery != Delivery::ExactlyOnce || !self.is_idle() {
+            return Ok(());
+        }
+        self.begin()?;
+        self.begin_commit(Some(position)).await
     }
 
     /// Records sent in the open transaction.
@@ -394,14 +461,15 @@ impl Publisher {
             committing.waiting.push(record);
             return Ok(());
         }
+        let n = self.partition_count(&record.topic).await?;
         if record.all_partitions {
-            let n = self.partition_count(&record.topic).await?;
             for p in 0..n {
-                self.send_one(&record, Some(p)).await?;
+                self.send_one(&record, p).await?;
             }
             Ok(())
         } else {
-            self.send_one(&record, None).await
+            let p = crate::partition::of(record.key.as_deref(), record.position, n);
+            self.send_one(&record, p).await
         }
     }
 
@@ -423,20 +491,14 @@ impl Publisher {
         Ok(())
     }
 
-    async fn send_one(
-        &mut self,
-        record: &Record,
-        partition: Option<i32>,
-    ) -> Result<(), PublishError> {
+    async fn send_one(&mut self, record: &Record, partition: i32) -> Result<(), PublishError> {
         let position = record.position.header_value();
-        let mut r: BaseRecord<'_, [u8], [u8]> =
-            BaseRecord::to(&record.topic).headers(OwnedHeaders::new().insert(Header {
+        let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&record.topic)
+            .partition(partition)
+            .headers(OwnedHeaders::new().insert(Header {
                 key: RecordPosition::HEADER,
                 value: Some(position.as_str()),
             }));
-        if let Some(p) = partition {
-            r = r.partition(p);
-        }
         if let Some(key) = &record.key {
             r = r.key(key);
         }
@@ -448,6 +510,8 @@ impl Publisher {
         if let Some(open) = &mut self.open {
             open.records += 1;
         }
+        self.sent_lasts
+            .insert((record.topic.clone(), partition), record.position);
         Ok(())
     }
 
@@ -470,7 +534,8 @@ impl Publisher {
         Ok(())
     }
 
-    /// Begins ending the open batch: exactly once, writes `position` (where the stream resumes)
+    /// Begins ending the open batch: exactly once, writes `position` (where the stream resumes;
+    /// `None` keeps the last one, as a snapshot does) with the last record of every partition
     /// into the position topic inside the transaction and starts committing it; at least once,
     /// starts waiting until every record of it is delivered. Either runs on a blocking thread:
     /// records sent meanwhile wait for the next transaction. [`Publisher::commit_done`] reports
@@ -482,8 +547,13 @@ impl Publisher {
         let Some(open) = self.open.take() else {
             return Ok(());
         };
-        if let (Delivery::ExactlyOnce, Some(position)) = (self.delivery, position) {
-            let value = position.to_json(&self.transactional_id);
+        let position = position.or(self.committed).unwrap_or(Committed {
+            end_lsn: 0,
+            position: None,
+        });
+        let lasts = self.sent_lasts.clone();
+        if self.delivery == Delivery::ExactlyOnce {
+            let value = position.to_json(&self.transactional_id, &lasts);
             let key = self.transactional_id.as_bytes();
             let r = BaseRecord::to(&self.position_topic)
                 .key(key)
@@ -506,6 +576,8 @@ impl Publisher {
             done,
             records: open.records,
             waiting: Vec::new(),
+            position,
+            lasts,
         });
         Ok(())
     }
@@ -524,7 +596,11 @@ impl Publisher {
         self.waiting = committing.waiting;
         let failure = self.producer.context().failure();
         match outcome {
-            Ok(Ok(())) if failure.is_none() => Ok(committing.records),
+            Ok(Ok(())) if failure.is_none() => {
+                self.committed = Some(committing.position);
+                self.committed_lasts = committing.lasts;
+                Ok(committing.records)
+            }
             Ok(result) => {
                 self.failed = true;
                 Err(failure.unwrap_or(PublishError::Transaction {
@@ -574,6 +650,7 @@ impl Publisher {
             self.failed = true;
         }
         self.waiting.clear();
+        self.sent_lasts.clone_from(&self.committed_lasts);
         if self.open.take().is_some() || std::mem::take(&mut self.failed) {
             self.abort_open().await;
         }
@@ -993,79 +1070,68 @@ mod tests {
         assert!(is_transient(&PublishError::Cancelled));
     }
 
-    /// The reader leaves keyed records to librdkafka's `murmur2_random` partitioner: it must put
-    /// every key where Java's default partitioner does, `(murmur2(key) & 0x7fffffff) % n`. The
-    /// keys and their murmur2 values are the vectors of Kafka's `UtilsTest.testMurmur2`; client
-    /// logic only, so librdkafka's in-process mock cluster serves as the broker.
-    #[tokio::test]
-    async fn keys_land_where_the_java_client_puts_them() {
-        use rdkafka::producer::{FutureProducer, FutureRecord};
-        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-        let n = 61;
-        cluster.create_topic("placed", n, 1).unwrap();
-        let settings = KafkaSettings {
-            brokers: cluster.bootstrap_servers(),
-            overrides: Vec::new(),
-            topic_partitions: n,
-            topic_replication_factor: 1,
-            topic_config: Vec::new(),
-            delivery: Delivery::AtLeastOnce,
-            transactional_id: String::new(),
-            position_topic: String::new(),
-        };
-        let producer: FutureProducer = client_config(&settings).create().unwrap();
-        for (key, murmur2) in [
-            ("21", -973_932_308_i32),
-            ("foobar", -790_332_482),
-            ("a-little-bit-long-string", -985_981_536),
-            ("a-little-bit-longer-string", -1_486_304_829),
-            (
-                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
-                -58_897_971,
-            ),
-            ("abc", 479_470_107),
-        ] {
-            let delivered = producer
-                .send(
-                    FutureRecord::<str, str>::to("placed").key(key).payload("v"),
-                    Duration::from_secs(10),
-                )
-                .await
-                .unwrap();
-            assert_eq!(delivered.partition, (murmur2 & 0x7fff_ffff) % n, "{key}");
-        }
-    }
-
     #[test]
     fn committed_positions_round_trip() {
-        for position in [
-            None,
-            Some(RecordPosition {
-                commit_lsn: 0x16B_3748,
-                event_index: 7,
-                sub: 1,
-            }),
+        let at = |commit_lsn, event_index| RecordPosition {
+            commit_lsn,
+            event_index,
+            sub: 0,
+        };
+        let lasts: Lasts = [
+            (("users".to_owned(), 0), at(0x16B_3600, 2)),
+            (("users".to_owned(), 2), at(0x16B_3748, 7)),
+            (("orders".to_owned(), 0), at(0x16B_3500, 0)),
+        ]
+        .into_iter()
+        .collect();
+        for (position, lasts) in [
+            (None, Lasts::new()),
+            (
+                Some(RecordPosition {
+                    sub: 1,
+                    ..at(0x16B_3748, 7)
+                }),
+                lasts.clone(),
+            ),
         ] {
             let committed = Committed {
                 end_lsn: 0x16B_3700,
                 position,
             };
-            let json = committed.to_json("cdc-reader.cdc.slot");
-            assert_eq!(Committed::parse(&json), Some(committed));
+            let json = committed.to_json("cdc-reader.cdc.slot", &lasts);
+            assert_eq!(Committed::parse(&json), Some((committed, lasts)));
         }
         let text = String::from_utf8(
             Committed {
                 end_lsn: 0x16B_3700,
                 position: None,
             }
-            .to_json("k"),
+            .to_json("k", &lasts),
         )
         .unwrap();
         assert!(text.contains(r#""end_lsn":"0/16B3700""#), "{text}");
+        assert!(
+            text.contains(r#""users":{"0":"23803392:2:0","2":"23803720:7:0"}"#),
+            "{text}"
+        );
+        // Written before positions named partitions: none named.
+        assert_eq!(
+            Committed::parse(br#"{"end_lsn":"0/1","position":null}"#),
+            Some((
+                Committed {
+                    end_lsn: 1,
+                    position: None
+                },
+                Lasts::new()
+            ))
+        );
         for bad in [
             &b"{}"[..],
             b"not json",
             br#"{"end_lsn":"0/1","position":"x"}"#,
+            br#"{"end_lsn":"0/1","position":null,"partitions":{"users":{"x":"1:0:0"}}}"#,
+            br#"{"end_lsn":"0/1","position":null,"partitions":{"users":{"0":"1:0"}}}"#,
+            br#"{"end_lsn":"0/1","position":null,"partitions":[]}"#,
         ] {
             assert_eq!(Committed::parse(bad), None);
         }

@@ -11,7 +11,9 @@
 //!   committed, or
 //! - the WAL end of a keepalive received while no source or Kafka transaction is open, so an idle
 //!   slot advances (writes to tables outside the publication do not pin WAL) and a fast shutdown of
-//!   PostgreSQL is not held up.
+//!   PostgreSQL is not held up. Exactly once, that WAL end is committed as the position too (in a
+//!   Kafka transaction of its own, at most every [`WATERMARK_SPACING`]): readers of the position
+//!   topic learn that no source transaction committed before it is still to come.
 //!
 //! Any failure ends the session (its open Kafka transaction aborted); [`run`](crate::run) starts
 //! a new one after a backoff, from the position committed in Kafka. Nothing is confirmed that
@@ -304,6 +306,9 @@ async fn stream_with(
     replays.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut replay_poll_failed = false;
     let mut batch = Batch::default();
+    // An idle WAL end to commit as the position, and when the last one was.
+    let mut watermark: Option<Lsn> = None;
+    let mut last_watermark = tokio::time::Instant::now();
     let limits = Limits {
         interval: config.commit_interval(),
         max_records: config.max_in_flight,
@@ -408,6 +413,9 @@ async fn stream_with(
                     ReplicationEvent::KeepAlive { wal_end, .. } => {
                         if !builder.in_transaction() && publisher.is_idle() {
                             acknowledge(wal_end.0, &repl, resume);
+                            if publisher.committed_end().is_none_or(|end| end < wal_end.0) {
+                                watermark = Some(wal_end.0);
+                            }
                         }
                     }
                     ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
@@ -470,9 +478,22 @@ async fn stream_with(
             () = std::future::ready(()), if publisher.is_open() && !publisher.is_committing() && !builder.in_transaction() => {
                 batch.begin(publisher, false, resume).await?;
             }
+            // Idle: the WAL end reached goes into Kafka as the position. (Anything sent since
+            // commits a later position anyway.)
+            () = tokio::time::sleep_until(last_watermark + WATERMARK_SPACING), if watermark.is_some() => {
+                if let Some(end_lsn) = watermark.take() {
+                    if publisher.is_idle() && !builder.in_transaction() && publisher.committed_end().is_none_or(|end| end < end_lsn) {
+                        publisher.begin_position_commit(publish::Committed { end_lsn, position: None }).await?;
+                        last_watermark = tokio::time::Instant::now();
+                    }
+                }
+            }
         }
     }
 }
+
+/// Least time between two Kafka transactions that only move an idle stream's position on.
+const WATERMARK_SPACING: Duration = Duration::from_millis(20);
 
 /// How long a shutdown waits for the last commit.
 const SHUTDOWN_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -984,17 +984,27 @@ pub struct Received {
     pub value: Option<serde_json::Value>,
     pub partition: i32,
     pub offset: i64,
+    /// The reader's `cdc.position` header (`commit_lsn:event_index:sub`), when there is one.
+    pub position: Option<String>,
 }
 
 impl Received {
     /// Key and value parsed as JSON.
     fn of(m: &impl rdkafka::Message) -> anyhow::Result<Received> {
+        use rdkafka::message::Headers;
         let json = |b: Option<&[u8]>| b.map(serde_json::from_slice).transpose();
+        let position = m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == "cdc.position")
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        });
         Ok(Received {
             key: json(m.key())?,
             value: json(m.payload())?,
             partition: m.partition(),
             offset: m.offset(),
+            position,
         })
     }
 }
@@ -1093,6 +1103,43 @@ pub async fn read_topic_from(
         }
     }
     Ok(out)
+}
+
+/// The position the reader with `transactional_id` committed last, as the value in the position
+/// topic holds it (`{"end_lsn", "position", "partitions"}`); `None` when it committed none.
+pub async fn committed_position(
+    brokers: &str,
+    position_topic: &str,
+    transactional_id: &str,
+    timeout: Duration,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::error::KafkaError;
+    use rdkafka::Message;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("t-positions-{}", unique_suffix()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(position_topic, 0, rdkafka::Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let mut last = None;
+    loop {
+        let next = tokio::time::timeout(timeout, consumer.recv())
+            .await
+            .with_context(|| format!("{position_topic}: no end within {timeout:?}"))?;
+        match next {
+            Ok(m) if m.key() == Some(transactional_id.as_bytes()) => {
+                last = m.payload().map(serde_json::from_slice).transpose()?;
+            }
+            Ok(_) => {}
+            Err(KafkaError::PartitionEOF(_)) => return Ok(last),
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// The first record of `topic` (partition 0 first), within `timeout`.

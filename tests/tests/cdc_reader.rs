@@ -257,6 +257,107 @@ async fn writes_only_to_other_tables_still_advance_the_slot() {
     reader.stop().await.unwrap();
 }
 
+/// The position the reader commits names the last record of every partition, so that a consumer
+/// knows how far to read each one for every source transaction before the position to be whole;
+/// with nothing to publish (writes to other tables only) it follows the WAL within moments.
+#[tokio::test]
+async fn the_committed_position_names_each_partitions_last_record_and_follows_an_idle_wal() {
+    let stack = Stack::from_env();
+    let db = TestDb::create(&stack, "reader_lasts", Some(schema::Database::UserDb))
+        .await
+        .unwrap();
+    let client = db.client().await.unwrap();
+    client
+        .batch_execute("CREATE TABLE elsewhere (id serial PRIMARY KEY, v text);")
+        .await
+        .unwrap();
+    let topic = format!("t-users-{}", unique_suffix());
+    let mut config = Reader::config(
+        &stack,
+        &db,
+        &["public.users"],
+        &[format!("public.users={topic}")],
+    );
+    config.topic_partitions = 3;
+    let kafka = config.kafka().unwrap();
+    let reader = Reader::start(config).await.unwrap();
+    reader.wait_streaming().await.unwrap();
+    let committed = || async {
+        e2e::committed_position(
+            &stack.kafka_brokers,
+            &kafka.position_topic,
+            &kafka.transactional_id,
+            WAIT,
+        )
+        .await
+    };
+    let end_lsn =
+        |position: &Value| change_event::parse_lsn(position["end_lsn"].as_str().unwrap()).unwrap();
+    let wal = |sql: &'static str| {
+        let client = &client;
+        async move {
+            let lsn: String = client.query_one(sql, &[]).await.unwrap().get(0);
+            change_event::parse_lsn(&lsn).unwrap()
+        }
+    };
+
+    // Source transactions of several rows, updates, deletes (with tombstones), a truncate (sent
+    // to every partition) and rows after it.
+    e2e::insert_bench_users(&client, 200, 10).await.unwrap();
+    client
+        .batch_execute(
+            "UPDATE users SET status = 'INACTIVE' WHERE id % 7 = 0;
+             DELETE FROM users WHERE id % 11 = 0;
+             TRUNCATE users;",
+        )
+        .await
+        .unwrap();
+    e2e::insert_bench_users(&client, 30, 4).await.unwrap();
+    let written = wal("SELECT pg_current_wal_flush_lsn()::text").await;
+    let position = wait_for(
+        "the committed position to pass the writes",
+        WAIT,
+        || async { Ok(committed().await?.filter(|p| end_lsn(p) >= written)) },
+    )
+    .await
+    .unwrap();
+
+    let records = read_topic(&stack, &topic, 0, WAIT).await.unwrap();
+    let mut lasts = std::collections::BTreeMap::new();
+    for r in &records {
+        lasts.insert(r.partition.to_string(), json!(r.position.clone().unwrap()));
+    }
+    assert_eq!(lasts.len(), 3, "every partition holds records");
+    assert_eq!(
+        position["partitions"][&topic],
+        json!(lasts),
+        "the committed position names the last record of each partition"
+    );
+
+    // Only other tables change: the position follows the WAL all the same.
+    for i in 0..20 {
+        client
+            .execute("INSERT INTO elsewhere (v) VALUES ($1)", &[&format!("v{i}")])
+            .await
+            .unwrap();
+    }
+    let idle = wal("SELECT pg_current_wal_flush_lsn()::text").await;
+    let started = std::time::Instant::now();
+    let moved = wait_for(
+        "the committed position to follow the idle WAL",
+        WAIT,
+        || async { Ok(committed().await?.filter(|p| end_lsn(p) >= idle)) },
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "an idle position followed the WAL in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(moved["partitions"], position["partitions"]);
+    reader.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_terminated_walsender_loses_nothing() {
     let (f, reader) = fixture("reader_kill").await;
