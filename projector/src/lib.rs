@@ -118,6 +118,8 @@ impl BatchError {
 /// generation number bumped on every rebalance so the loop knows to re-position.
 struct Context {
     generation: AtomicU64,
+    /// An offset commit to Kafka is under way (its result not yet reported).
+    kafka_commit_in_flight: std::sync::atomic::AtomicBool,
     /// Partitions of the topic this member holds now.
     assigned: std::sync::Mutex<std::collections::BTreeSet<i32>>,
     metrics: Arc<Metrics>,
@@ -125,6 +127,16 @@ struct Context {
 }
 
 impl Context {
+    fn new(metrics: Arc<Metrics>, topic: &str) -> Context {
+        Context {
+            generation: AtomicU64::new(0),
+            kafka_commit_in_flight: std::sync::atomic::AtomicBool::new(false),
+            assigned: std::sync::Mutex::new(BTreeSet::new()),
+            metrics,
+            topic: topic.to_owned(),
+        }
+    }
+
     fn assigned(&self) -> Vec<i32> {
         self.assigned
             .lock()
@@ -156,6 +168,17 @@ impl ClientContext for Context {
 }
 
 impl ConsumerContext for Context {
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "committing offsets to Kafka failed (lag tools only)");
+        }
+        self.kafka_commit_in_flight.store(false, Ordering::SeqCst);
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let partitions = |tpl: &TopicPartitionList| {
             tpl.elements()
@@ -257,12 +280,7 @@ async fn consume(
     )
     .map_err(Error::Kafka)?;
     let kafka = consumer_config(config, &config.group)?;
-    let context = Context {
-        generation: AtomicU64::new(0),
-        assigned: std::sync::Mutex::new(std::collections::BTreeSet::new()),
-        metrics: metrics.clone(),
-        topic: config.topic.clone(),
-    };
+    let context = Context::new(metrics.clone(), &config.topic);
     let consumer: StreamConsumer<Context> =
         kafka.create_with_context(context).map_err(Error::Kafka)?;
     consumer.subscribe(&[&config.topic]).map_err(Error::Kafka)?;
@@ -328,6 +346,9 @@ struct Projector<'a> {
     positioned_generation: u64,
     backoff: service::Backoff,
     dead_letter_topic_ready: bool,
+    /// Offsets applied and not yet mirrored to Kafka, and when the last mirror was sent.
+    kafka_offsets: BTreeMap<i32, i64>,
+    last_kafka_commit: Instant,
 }
 
 impl<'a> Projector<'a> {
@@ -354,6 +375,8 @@ impl<'a> Projector<'a> {
             positioned_generation: 0,
             backoff: service::Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
             dead_letter_topic_ready: false,
+            kafka_offsets: BTreeMap::new(),
+            last_kafka_commit: Instant::now(),
         })
     }
 }
@@ -381,7 +404,11 @@ impl Projector<'_> {
                 biased;
                 () = self.shutdown.cancelled() => break 'consume,
                 m = self.consumer.recv() => m.map(|m| m.detach()),
-                _ = tick.tick() => continue 'consume,
+                _ = tick.tick() => {
+                    // Offsets applied in the last batches reach Kafka even when no more come.
+                    self.commit_to_kafka(&[]);
+                    continue 'consume;
+                }
             };
             self.take(first, &mut batch).await?;
             let deadline = tokio::time::Instant::now() + self.config.batch_max_wait();
@@ -850,30 +877,53 @@ impl Projector<'_> {
     }
 
     /// Mirrors the committed offsets to Kafka, for lag tools; the views' copy is the one used.
-    fn commit_to_kafka(&self, records: &[Record]) {
-        let mut next: HashMap<i32, i64> = HashMap::new();
+    /// One commit at a time, at most every [`KAFKA_COMMIT_EVERY`]: librdkafka does not rejoin the
+    /// group after losing it until every commit it holds has ended, and commits sent to a broker
+    /// that stopped answering (paused, partitioned) end only after their retries time out, so
+    /// a commit per batch kept a projector out of its group for minutes.
+    fn commit_to_kafka(&mut self, records: &[Record]) {
         for r in records {
-            let e = next.entry(r.partition).or_insert(0);
-            *e = (*e).max(r.offset + 1);
+            let next = r.offset + 1;
+            self.metrics.set_applied(r.partition, next);
+            if self.bounds.is_none() {
+                let e = self.kafka_offsets.entry(r.partition).or_insert(next);
+                *e = (*e).max(next);
+            }
         }
+        let context = self.consumer.context();
+        if self.kafka_offsets.is_empty()
+            || self.last_kafka_commit.elapsed() < KAFKA_COMMIT_EVERY
+            || context.kafka_commit_in_flight.load(Ordering::SeqCst)
+        {
+            return;
+        }
+        let assigned = context.assigned();
         let mut tpl = TopicPartitionList::new();
-        for (p, o) in &next {
-            self.metrics.set_applied(*p, *o);
-            if self.bounds.is_some() {
+        for (p, o) in std::mem::take(&mut self.kafka_offsets) {
+            // (Partitions moved to another member since: theirs to commit.)
+            if !assigned.contains(&p) {
                 continue;
             }
-            if let Err(e) = tpl.add_partition_offset(&self.config.topic, *p, Offset::Offset(*o)) {
+            if let Err(e) = tpl.add_partition_offset(&self.config.topic, p, Offset::Offset(o)) {
                 tracing::debug!(error = %e, "building the offset list failed");
             }
         }
         if tpl.count() == 0 {
             return;
         }
+        self.last_kafka_commit = Instant::now();
+        context.kafka_commit_in_flight.store(true, Ordering::SeqCst);
         if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            context
+                .kafka_commit_in_flight
+                .store(false, Ordering::SeqCst);
             tracing::debug!(error = %e, "committing offsets to Kafka failed (lag tools only)");
         }
     }
 }
+
+/// Least time between two offset commits to Kafka (see [`Projector::commit_to_kafka`]).
+const KAFKA_COMMIT_EVERY: Duration = Duration::from_secs(1);
 
 /// The store in `slot`, connecting (and preparing statements) first when there is none or its
 /// connection was lost.

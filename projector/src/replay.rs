@@ -21,7 +21,7 @@
 //! once.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -272,12 +272,7 @@ pub async fn replay(
             // The end of a partition ends its range even where no record follows the last one
             // of the range (a transaction marker, compaction).
             .set("enable.partition.eof", "true")
-            .create_with_context(Context {
-                generation: AtomicU64::new(0),
-                assigned: std::sync::Mutex::new(std::collections::BTreeSet::new()),
-                metrics: metrics.clone(),
-                topic: config.topic.clone(),
-            })
+            .create_with_context(Context::new(metrics.clone(), &config.topic))
             .map_err(kafka("creating a consumer"))?;
     let partitions = topic_partitions(&consumer, &config.topic)?;
     let mut marks = BTreeMap::new();
