@@ -30,43 +30,7 @@ pub struct Record {
     pub position: RecordPosition,
 }
 
-/// The total order of the records the reader publishes: the event's position (commit LSN, index in
-/// the transaction), then 0 for the event and 1 for the tombstone after it. Within a partition
-/// records are published in this order, so the last record of a partition tells how far that
-/// partition got; the reader sends it as the `cdc.position` header (`commit_lsn:event_index:sub`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RecordPosition {
-    pub commit_lsn: u64,
-    pub event_index: u64,
-    pub sub: u8,
-}
-
-impl RecordPosition {
-    /// The header name.
-    pub const HEADER: &'static str = "cdc.position";
-
-    pub fn of(source: &change_event::Source, sub: u8) -> Self {
-        RecordPosition {
-            commit_lsn: source.commit_lsn,
-            event_index: source.event_index,
-            sub,
-        }
-    }
-
-    pub fn header_value(&self) -> String {
-        format!("{}:{}:{}", self.commit_lsn, self.event_index, self.sub)
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        let mut parts = s.split(':');
-        let position = RecordPosition {
-            commit_lsn: parts.next()?.parse().ok()?,
-            event_index: parts.next()?.parse().ok()?,
-            sub: parts.next()?.parse().ok()?,
-        };
-        parts.next().is_none().then_some(position)
-    }
-}
+pub use change_event::RecordPosition;
 
 /// A change that cannot be turned into an event. Each means PostgreSQL sent something this reader
 /// does not understand; the stream stops rather than skip a change.

@@ -41,6 +41,8 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use service::kafka::TracingContext;
 
 use crate::decode::Lsn;
+use change_event::ReaderPosition;
+
 use crate::envelope::{Record, RecordPosition};
 
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +117,7 @@ pub struct KafkaSettings {
 pub type Lasts = BTreeMap<(String, i32), RecordPosition>;
 
 /// Where a stream resumes, as committed with the records it covers. The record in the position
-/// topic also names the last record of every partition so far (see [`Lasts`]).
+/// topic also names the last record of every partition so far ([`change_event::ReaderPosition`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Committed {
     /// End LSN of the last source transaction wholly in Kafka: streaming resumes here.
@@ -126,51 +128,25 @@ pub struct Committed {
 }
 
 impl Committed {
-    /// The position record's value: `{"transactional_id", "end_lsn", "position",
-    /// "partitions": {topic: {partition: position of its last record}}}`.
+    /// The position record's value.
     fn to_json(self, key: &str, lasts: &Lasts) -> Vec<u8> {
-        let mut partitions: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
-        for ((topic, partition), last) in lasts {
-            partitions
-                .entry(topic)
-                .or_default()
-                .insert(partition.to_string(), last.header_value());
+        ReaderPosition {
+            end_lsn: self.end_lsn,
+            split: self.position,
+            partitions: lasts.clone(),
         }
-        serde_json::json!({
-            "transactional_id": key,
-            "end_lsn": change_event::format_lsn(self.end_lsn),
-            "position": self.position.map(|p| p.header_value()),
-            "partitions": partitions,
-        })
-        .to_string()
-        .into_bytes()
+        .to_json(key)
     }
 
-    /// A position record's value; `partitions` is empty in records of readers that did not
-    /// write it.
     fn parse(value: &[u8]) -> Option<(Self, Lasts)> {
-        let v: serde_json::Value = serde_json::from_slice(value).ok()?;
-        let end_lsn = change_event::parse_lsn(v["end_lsn"].as_str()?)?;
-        let position = match &v["position"] {
-            serde_json::Value::Null => None,
-            p => Some(RecordPosition::parse(p.as_str()?)?),
-        };
-        let mut lasts = Lasts::new();
-        match &v["partitions"] {
-            serde_json::Value::Null => {}
-            serde_json::Value::Object(topics) => {
-                for (topic, partitions) in topics {
-                    for (partition, last) in partitions.as_object()? {
-                        lasts.insert(
-                            (topic.clone(), partition.parse().ok()?),
-                            RecordPosition::parse(last.as_str()?)?,
-                        );
-                    }
-                }
-            }
-            _ => return None,
-        }
-        Some((Committed { end_lsn, position }, lasts))
+        let p = ReaderPosition::parse(value)?;
+        Some((
+            Committed {
+                end_lsn: p.end_lsn,
+                position: p.split,
+            },
+            p.partitions,
+        ))
     }
 }
 

@@ -129,6 +129,119 @@ pub struct Position {
     pub event_index: u64,
 }
 
+/// The total order of the records the reader publishes: the event's position (commit LSN, index in
+/// the transaction), then 0 for the event and 1 for the tombstone after it. Within a partition
+/// records are published in this order, so the last record of a partition tells how far that
+/// partition got; the reader sends it as the `cdc.position` header (`commit_lsn:event_index:sub`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RecordPosition {
+    pub commit_lsn: u64,
+    pub event_index: u64,
+    pub sub: u8,
+}
+
+impl RecordPosition {
+    /// The header name.
+    pub const HEADER: &'static str = "cdc.position";
+
+    pub fn of(source: &Source, sub: u8) -> Self {
+        RecordPosition {
+            commit_lsn: source.commit_lsn,
+            event_index: source.event_index,
+            sub,
+        }
+    }
+
+    pub fn header_value(&self) -> String {
+        format!("{}:{}:{}", self.commit_lsn, self.event_index, self.sub)
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut parts = s.split(':');
+        let position = RecordPosition {
+            commit_lsn: parts.next()?.parse().ok()?,
+            event_index: parts.next()?.parse().ok()?,
+            sub: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(position)
+    }
+}
+
+/// What the reader commits with each Kafka transaction into its position topic (key: its
+/// transactional id; value: this, as JSON):
+///
+/// ```text
+/// {"transactional_id": "...", "end_lsn": "0/16B3700",     where the stream resumes: every source
+///                                                          transaction ending at or before it is
+///                                                          in Kafka, whole
+///  "position": "commit_lsn:index:sub" | null,              a split source transaction's last
+///                                                          record in Kafka
+///  "partitions": {"<topic>": {"<partition>": "c:i:s"}}}    the last record of every partition so
+///                                                          far
+/// ```
+///
+/// A consumer that has read each partition up to the record named for it has every source
+/// transaction that ended at or before `end_lsn`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReaderPosition {
+    pub end_lsn: u64,
+    pub split: Option<RecordPosition>,
+    /// The last record of each (topic, partition).
+    pub partitions: std::collections::BTreeMap<(String, i32), RecordPosition>,
+}
+
+impl ReaderPosition {
+    pub fn to_json(&self, transactional_id: &str) -> Vec<u8> {
+        let mut partitions: std::collections::BTreeMap<&str, Map<String, Value>> =
+            std::collections::BTreeMap::new();
+        for ((topic, partition), last) in &self.partitions {
+            partitions
+                .entry(topic)
+                .or_default()
+                .insert(partition.to_string(), Value::String(last.header_value()));
+        }
+        serde_json::json!({
+            "transactional_id": transactional_id,
+            "end_lsn": format_lsn(self.end_lsn),
+            "position": self.split.map(|p| p.header_value()),
+            "partitions": partitions,
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    /// `None` when `value` is not such a record. `partitions` is empty in records of readers that
+    /// did not write it.
+    pub fn parse(value: &[u8]) -> Option<Self> {
+        let v: Value = serde_json::from_slice(value).ok()?;
+        let end_lsn = parse_lsn(v["end_lsn"].as_str()?)?;
+        let split = match &v["position"] {
+            Value::Null => None,
+            p => Some(RecordPosition::parse(p.as_str()?)?),
+        };
+        let mut partitions = std::collections::BTreeMap::new();
+        match &v["partitions"] {
+            Value::Null => {}
+            Value::Object(topics) => {
+                for (topic, of_topic) in topics {
+                    for (partition, last) in of_topic.as_object()? {
+                        partitions.insert(
+                            (topic.clone(), partition.parse().ok()?),
+                            RecordPosition::parse(last.as_str()?)?,
+                        );
+                    }
+                }
+            }
+            _ => return None,
+        }
+        Some(ReaderPosition {
+            end_lsn,
+            split,
+            partitions,
+        })
+    }
+}
+
 /// Formats an LSN the way PostgreSQL does (`16/B374D848`).
 pub fn format_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
