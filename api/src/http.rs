@@ -12,6 +12,10 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
+/// user-api's answer to a write, and post-api's to a request that asked for a position: a WAL
+/// position of the source database (PostgreSQL's text form).
+pub const SOURCE_LSN: &str = "x-source-lsn";
+
 /// Request bodies larger than this are refused with 413 before they are parsed.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -105,6 +109,25 @@ impl Reply for ApiError {
         warp::reply::with_status(warp::reply::json(&body), self.status).into_response()
     }
 }
+
+/// A request a filter refused before any handler ran (a malformed header, a wait that timed
+/// out): answered with its error, and `Retry-After` when retrying later may help.
+#[derive(Debug)]
+pub struct Refused {
+    pub error: ApiError,
+    pub retry_after: Option<u64>,
+}
+
+impl Refused {
+    pub fn new(error: ApiError) -> Self {
+        Refused {
+            error,
+            retry_after: None,
+        }
+    }
+}
+
+impl warp::reject::Reject for Refused {}
 
 /// Turns a handler's result into a response.
 pub fn respond<R: Reply>(result: Result<R, ApiError>) -> Response {
@@ -390,6 +413,16 @@ where
 pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     // Specific causes first: warp reports the rejection of every route tried, and a path that
     // matched with a bad query or header must not come back as "wrong method" from another route.
+    if let Some(refused) = rejection.find::<Refused>() {
+        let mut response = refused.error.clone().into_response();
+        if let Some(secs) = refused.retry_after {
+            response.headers_mut().insert(
+                warp::http::header::RETRY_AFTER,
+                warp::http::HeaderValue::from(secs),
+            );
+        }
+        return Ok(response);
+    }
     let err = if let Some(e) = rejection.find::<warp::reject::InvalidQuery>() {
         ApiError::bad_request("invalid_query", e.to_string())
     } else if let Some(e) = rejection.find::<warp::reject::InvalidHeader>() {

@@ -65,6 +65,15 @@ pub struct Item {
     pub change: Option<Change>,
 }
 
+/// A partition's `complete_lsn` to store (see [`crate::source_position`]), with the offset to
+/// give it when it has no row yet (no record of it applied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Complete {
+    pub partition: i32,
+    pub next_offset: i64,
+    pub complete_lsn: u64,
+}
+
 /// What a committed batch did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
@@ -183,6 +192,8 @@ struct Statements {
     truncate_deletions: Statement,
     truncate_floor: Statement,
     read_offset: Statement,
+    complete: Statement,
+    topic_partitions: Statement,
 }
 
 impl Store {
@@ -328,8 +339,24 @@ impl Store {
                                       projector_truncations.source_seq) \
                                      < (excluded.source_lsn, excluded.source_seq)")
             .await?,
-            read_offset: p("SELECT next_offset FROM projector_offsets \
+            read_offset: p("SELECT next_offset, complete_lsn::text FROM projector_offsets \
                             WHERE consumer_group = $1 AND topic = $2 AND partition = $3")
+            .await?,
+            // Only ever raised (an older owner of a partition finishing late never lowers it);
+            // the offset is the one a partition without a row starts with.
+            complete: p("INSERT INTO projector_offsets (consumer_group, topic, partition, \
+                                                        next_offset, complete_lsn) \
+                         SELECT $1, $2, p, o, c::pg_lsn \
+                         FROM unnest($3::int[], $4::bigint[], $5::text[]) AS t(p, o, c) \
+                         ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET \
+                           complete_lsn = GREATEST(projector_offsets.complete_lsn, \
+                                                   excluded.complete_lsn)")
+            .await?,
+            topic_partitions: p("INSERT INTO projector_topics (consumer_group, topic, partitions) \
+                                 VALUES ($1, $2, $3) \
+                                 ON CONFLICT (consumer_group, topic) DO UPDATE SET \
+                                   partitions = excluded.partitions, updated_at = now() \
+                                 WHERE projector_topics.partitions <> excluded.partitions")
             .await?,
         };
         Ok(Store {
@@ -344,8 +371,9 @@ impl Store {
         self.client.is_closed()
     }
 
-    /// The offset of the next record to apply from `partition`, when one is stored.
-    pub async fn next_offset(&self, partition: i32) -> Result<Option<i64>, ApplyError> {
+    /// The offset of the next record to apply from `partition` and its `complete_lsn`, when
+    /// stored.
+    pub async fn next_offset(&self, partition: i32) -> Result<Option<(i64, u64)>, ApplyError> {
         let row = self
             .client
             .query_opt(
@@ -354,12 +382,41 @@ impl Store {
             )
             .await
             .map_err(sql("reading the stored offset"))?;
-        Ok(row.map(|r| r.get(0)))
+        row.map(|r| {
+            let complete = match r.get::<_, Option<&str>>(1) {
+                Some(lsn) => parse_lsn(lsn).ok_or_else(|| ApplyError::BadLsn(lsn.to_owned()))?,
+                None => 0,
+            };
+            Ok((r.get(0), complete))
+        })
+        .transpose()
     }
 
-    /// Writes `items` and the offsets after them in one open transaction. Nothing is visible until
-    /// [`Pending::commit`].
-    pub async fn apply(&mut self, items: &[Item]) -> Result<Pending<'_>, ApplyError> {
+    /// Records how many partitions the topic has, for `projector_source_position`.
+    pub async fn set_topic_partitions(&self, partitions: i32) -> Result<(), ApplyError> {
+        self.client
+            .execute(
+                &self.s.topic_partitions,
+                &[&self.target.group, &self.target.topic, &partitions],
+            )
+            .await
+            .map_err(sql("storing the topic's partition count"))?;
+        Ok(())
+    }
+
+    /// Raises the `complete_lsn` of partitions no record of which is being applied (in a
+    /// transaction of its own).
+    pub async fn raise_complete(&self, completes: &[Complete]) -> Result<(), ApplyError> {
+        write_complete(&self.client, &self.s, &self.target, completes).await
+    }
+
+    /// Writes `items`, the offsets after them and `completes` in one open transaction. Nothing is
+    /// visible until [`Pending::commit`].
+    pub async fn apply(
+        &mut self,
+        items: &[Item],
+        completes: &[Complete],
+    ) -> Result<Pending<'_>, ApplyError> {
         let tx = self
             .client
             .transaction()
@@ -430,8 +487,30 @@ impl Store {
         )
         .await
         .map_err(sql("storing offsets"))?;
+        write_complete(&tx, s, t, completes).await?;
         Ok(Pending { tx, outcome, bad })
     }
+}
+
+async fn write_complete(
+    db: &impl tokio_postgres::GenericClient,
+    s: &Statements,
+    t: &Target,
+    completes: &[Complete],
+) -> Result<(), ApplyError> {
+    if completes.is_empty() || t.replay {
+        return Ok(());
+    }
+    let parts: Vec<i32> = completes.iter().map(|c| c.partition).collect();
+    let offsets: Vec<i64> = completes.iter().map(|c| c.next_offset).collect();
+    let lsns: Vec<String> = completes
+        .iter()
+        .map(|c| format_lsn(c.complete_lsn))
+        .collect();
+    db.execute(&s.complete, &[&t.group, &t.topic, &parts, &offsets, &lsns])
+        .await
+        .map_err(sql("storing how far the views are complete"))?;
+    Ok(())
 }
 
 fn position_of(lsn: &str, seq: i64) -> Result<Position, ApplyError> {

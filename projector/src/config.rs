@@ -24,6 +24,15 @@ pub struct Config {
     #[arg(long, env = "PROJECTOR_GROUP", default_value = "post-service-streams")]
     pub group: String,
 
+    /// The reader's position topic (`CDC_READER_POSITION_TOPIC`): how far the views are
+    /// complete in the source's history is read from it, for read-your-writes.
+    #[arg(
+        long,
+        env = "PROJECTOR_POSITION_TOPIC",
+        default_value = "cdc-reader-positions"
+    )]
+    pub position_topic: String,
+
     /// Where events that cannot be applied go (default: the topic's name + ".dlq").
     #[arg(long, env = "PROJECTOR_DEAD_LETTER_TOPIC")]
     pub dead_letter_topic: Option<String>,
@@ -62,6 +71,7 @@ impl std::fmt::Debug for Config {
             .field("kafka_brokers", &self.kafka_brokers)
             .field("topic", &self.topic)
             .field("group", &self.group)
+            .field("position_topic", &self.position_topic)
             .field("dead_letter_topic", &self.dead_letter_topic())
             .field("source_table", &self.source_table)
             .field("batch_max_events", &self.batch_max_events)

@@ -26,6 +26,7 @@ pub mod config;
 pub mod dead_letter;
 pub mod encode;
 pub mod replay;
+pub mod source_position;
 pub mod telemetry;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -43,9 +44,12 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::{ApplyError, Item, Store, Target};
+use change_event::RecordPosition;
+
+use crate::apply::{ApplyError, Complete, Item, Store, Target};
 use crate::dead_letter::{DeadLetters, Letter};
 use crate::encode::{BadEvent, Change};
+use crate::source_position::Follower;
 
 pub use config::Config;
 pub use telemetry::Metrics;
@@ -232,6 +236,8 @@ struct Record {
     offset: i64,
     /// The record's Kafka timestamp (when the reader produced it), in ms since the epoch.
     timestamp_ms: Option<i64>,
+    /// Its `cdc.position` header, when it has one.
+    position: Option<RecordPosition>,
     key: Option<Vec<u8>>,
     value: Option<Vec<u8>>,
     decoded: Result<Change, BadEvent>,
@@ -287,6 +293,10 @@ async fn consume(
     let target = Target::live(&config.group, &config.topic, &config.source_table);
     let mut p = Projector::new(config, metrics, shutdown, consumer, target, None)?;
     p.dead_letters = Some(dead_letters);
+    p.follower = Some(
+        Follower::start(&config.kafka_brokers, &config.position_topic, &config.topic)
+            .map_err(Error::Kafka)?,
+    );
     tracing::info!(topic = %config.topic, group = %config.group,
         dead_letter_topic = %config.dead_letter_topic(), "projector consuming");
     p.run().await.map(|_| ())
@@ -311,6 +321,10 @@ fn consumer_config(config: &Config, group: &str) -> Result<ClientConfig, Error> 
         .set("heartbeat.interval.ms", "1000")
         .set("statistics.interval.ms", "5000");
     for (k, v) in config.consumer_overrides()? {
+        // librdkafka's debug lines, when asked for, are logged (at `tracing`'s debug level).
+        if k == "debug" {
+            kafka.set_log_level(RDKafkaLogLevel::Debug);
+        }
         kafka.set(k, v);
     }
     Ok(kafka)
@@ -349,6 +363,13 @@ struct Projector<'a> {
     /// Offsets applied and not yet mirrored to Kafka, and when the last mirror was sent.
     kafka_offsets: BTreeMap<i32, i64>,
     last_kafka_commit: Instant,
+    /// The reader's committed positions (the live projector only; see [`source_position`]).
+    follower: Option<Follower>,
+    /// Per partition: the last record applied (as far as known) and the `complete_lsn` stored.
+    applied: HashMap<i32, RecordPosition>,
+    complete: HashMap<i32, u64>,
+    /// Whether `projector_topics` has the topic's partition count.
+    topic_partitions_stored: bool,
 }
 
 impl<'a> Projector<'a> {
@@ -377,6 +398,10 @@ impl<'a> Projector<'a> {
             dead_letter_topic_ready: false,
             kafka_offsets: BTreeMap::new(),
             last_kafka_commit: Instant::now(),
+            follower: None,
+            applied: HashMap::new(),
+            complete: HashMap::new(),
+            topic_partitions_stored: false,
         })
     }
 }
@@ -400,13 +425,29 @@ impl Projector<'_> {
             if self.reached_stop() {
                 return Ok(true);
             }
+            let changed = self.follower.as_ref().map(|f| f.changed.clone());
+            let position_changed = async {
+                match &changed {
+                    Some(notify) => notify.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             let first = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => break 'consume,
                 m = self.consumer.recv() => m.map(|m| m.detach()),
+                () = position_changed => {
+                    if !self.raise_complete().await? {
+                        break 'consume;
+                    }
+                    continue 'consume;
+                }
                 _ = tick.tick() => {
                     // Offsets applied in the last batches reach Kafka even when no more come.
                     self.commit_to_kafka(&[]);
+                    if !self.raise_complete().await? {
+                        break 'consume;
+                    }
                     continue 'consume;
                 }
             };
@@ -483,11 +524,20 @@ impl Projector<'_> {
             return Ok(false);
         }
         self.positions.clear();
+        // (A rebalance may follow a change of the topic's partition count.)
+        self.topic_partitions_stored = false;
         for partition in self.consumer.context().assigned() {
             let start = match &self.bounds {
                 Some(b) => b.start.get(&partition).copied(),
                 None => match self.stored_offset(partition).await? {
-                    Some(stored) => stored,
+                    Some(stored) => stored.map(|(next, complete)| {
+                        self.complete.insert(partition, complete);
+                        if let Some(through) = source_position::applied_through(complete) {
+                            let applied = self.applied.entry(partition).or_insert(through);
+                            *applied = (*applied).max(through);
+                        }
+                        next
+                    }),
                     None => return Ok(false),
                 },
             };
@@ -589,6 +639,14 @@ impl Projector<'_> {
         );
         let key = message.key().map(<[u8]>::to_vec);
         let value = message.payload().map(<[u8]>::to_vec);
+        let position = message.headers().and_then(|headers| {
+            use rdkafka::message::Headers;
+            headers
+                .iter()
+                .find(|h| h.key == RecordPosition::HEADER)
+                .and_then(|h| std::str::from_utf8(h.value?).ok())
+                .and_then(RecordPosition::parse)
+        });
         let decoded = encode::decode(
             key.as_deref(),
             value.as_deref(),
@@ -598,6 +656,7 @@ impl Projector<'_> {
             partition,
             offset,
             timestamp_ms: message.timestamp().to_millis(),
+            position,
             key,
             value,
             decoded,
@@ -673,7 +732,7 @@ impl Projector<'_> {
 
     /// The offset stored with the views for `partition`, retrying while the database is away.
     /// `None` when asked to shut down first.
-    async fn stored_offset(&mut self, partition: i32) -> Result<Option<Option<i64>>, Error> {
+    async fn stored_offset(&mut self, partition: i32) -> Result<Option<Option<(i64, u64)>>, Error> {
         loop {
             let result = match self.connected().await {
                 Ok(store) => store.next_offset(partition).await,
@@ -769,8 +828,9 @@ impl Projector<'_> {
             })
             .collect();
         self.ensure_dead_letter_topic().await?;
+        let (applied, completes) = self.completes(records);
         let store = connected(&mut self.store, &self.config.database_url, &self.target).await?;
-        let pending = store.apply(&items).await?;
+        let pending = store.apply(&items, &completes).await?;
         let mut letters: Vec<Letter<'_>> = records
             .iter()
             .filter_map(|r| {
@@ -810,6 +870,7 @@ impl Projector<'_> {
         m.record_batch(started.elapsed());
         m.set_state(telemetry::State::Running);
         self.backoff.reset();
+        self.completed(applied, &completes);
         self.commit_to_kafka(records);
         Ok(())
     }
@@ -853,11 +914,13 @@ impl Projector<'_> {
                     .collect();
                 let store =
                     connected(&mut self.store, &self.config.database_url, &self.target).await?;
-                store.apply(&items).await?.commit().await?;
+                store.apply(&items, &[]).await?.commit().await?;
                 Ok::<_, BatchError>(())
             };
             match attempt.await {
                 Ok(()) => {
+                    let (applied, _) = self.completes(records);
+                    self.completed(applied, &[]);
                     self.metrics
                         .dead_lettered
                         .fetch_add(records.len() as u64, Ordering::Relaxed);
@@ -869,6 +932,115 @@ impl Projector<'_> {
                 }
                 Err(e) => {
                     if !self.failed(e).await? {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// For `records` about to be applied: the last record of each of their partitions, and the
+    /// `complete_lsn` every positioned partition then reaches, where it rises (see
+    /// [`source_position`]).
+    fn completes(&self, records: &[Record]) -> (HashMap<i32, RecordPosition>, Vec<Complete>) {
+        let mut applied: HashMap<i32, RecordPosition> = HashMap::new();
+        for r in records {
+            if let Some(p) = r.position {
+                let last = applied.entry(r.partition).or_insert(p);
+                *last = (*last).max(p);
+            }
+        }
+        let Some(follower) = &self.follower else {
+            return (applied, Vec::new());
+        };
+        let mut completes = Vec::new();
+        for (&partition, cursor) in &self.positions {
+            let last = applied
+                .get(&partition)
+                .copied()
+                .max(self.applied.get(&partition).copied());
+            let Some(complete_lsn) = follower.complete(partition, last) else {
+                continue;
+            };
+            if self
+                .complete
+                .get(&partition)
+                .is_none_or(|stored| complete_lsn > *stored)
+            {
+                completes.push(Complete {
+                    partition,
+                    next_offset: cursor.next,
+                    complete_lsn,
+                });
+            }
+        }
+        (applied, completes)
+    }
+
+    /// After a commit: what [`Projector::completes`] said is now stored.
+    fn completed(&mut self, applied: HashMap<i32, RecordPosition>, completes: &[Complete]) {
+        for (partition, position) in applied {
+            let last = self.applied.entry(partition).or_insert(position);
+            *last = (*last).max(position);
+        }
+        for c in completes {
+            self.complete.insert(c.partition, c.complete_lsn);
+        }
+    }
+
+    /// Between batches: raises the `complete_lsn` of partitions the reader's newest positions
+    /// say are complete further (idle ones, or ones whose last records came before the position
+    /// did), and stores the topic's partition count once per assignment. Ok(false) on shutdown.
+    async fn raise_complete(&mut self) -> Result<bool, Error> {
+        if self.follower.is_none() || self.positions.is_empty() {
+            return Ok(true);
+        }
+        if !self.topic_partitions_stored {
+            // Best effort here: positions wait for it, nothing else does.
+            match self
+                .consumer
+                .fetch_metadata(Some(&self.config.topic), Duration::from_secs(5))
+            {
+                Ok(metadata) => {
+                    let n = metadata
+                        .topics()
+                        .iter()
+                        .find(|t| t.name() == self.config.topic)
+                        .map_or(0, |t| t.partitions().len());
+                    if let Ok(n @ 1..) = i32::try_from(n) {
+                        let stored = match self.connected().await {
+                            Ok(store) => store.set_topic_partitions(n).await,
+                            Err(e) => Err(e),
+                        };
+                        match stored {
+                            Ok(()) => self.topic_partitions_stored = true,
+                            Err(e) => {
+                                if !self.failed(BatchError::Apply(e)).await? {
+                                    return Ok(false);
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "reading the topic's partition count failed"),
+            }
+        }
+        let (_, completes) = self.completes(&[]);
+        if completes.is_empty() {
+            return Ok(true);
+        }
+        loop {
+            let raised = match self.connected().await {
+                Ok(store) => store.raise_complete(&completes).await,
+                Err(e) => Err(e),
+            };
+            match raised {
+                Ok(()) => {
+                    self.completed(HashMap::new(), &completes);
+                    return Ok(true);
+                }
+                Err(e) => {
+                    if !self.failed(BatchError::Apply(e)).await? {
                         return Ok(false);
                     }
                 }

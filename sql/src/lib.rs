@@ -156,6 +156,12 @@ static VIEW_DB: &[Migration] = &[
         "0008_derived_views_concurrency.sql",
         "derived_views_concurrency"
     ),
+    migration!(
+        "materialized_view_db",
+        9,
+        "0009_source_position.sql",
+        "source_position"
+    ),
 ];
 
 /// Why migrating failed.

@@ -28,7 +28,10 @@ pub async fn full(prefix: &str) -> Full {
     let pipeline = Pipeline::start(prefix).await.unwrap();
     let projector = Projector::start(pipeline.projector_config()).await.unwrap();
     let users = UserApi::start(&pipeline.user_db.url).await.unwrap();
-    let posts = PostApi::start(&pipeline.view_db.url).await.unwrap();
+    let group = pipeline.projector_config().group;
+    let posts = PostApi::start_for(&pipeline.view_db.url, &group, Duration::from_secs(10))
+        .await
+        .unwrap();
     Full {
         pipeline,
         projector,

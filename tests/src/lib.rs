@@ -483,14 +483,37 @@ impl UserApi {
 
 impl PostApi {
     pub async fn start(database_url: &str) -> anyhow::Result<PostApi> {
+        Self::start_configured(database_url, |_| {}).await
+    }
+
+    /// post-api whose `X-Min-Source-LSN` waits for the projector group `group`, at most `timeout`.
+    pub async fn start_for(
+        database_url: &str,
+        group: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<PostApi> {
+        Self::start_configured(database_url, |c| {
+            c.projector_group = group.to_owned();
+            c.consistency_timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        })
+        .await
+    }
+
+    pub async fn start_configured(
+        database_url: &str,
+        configure: impl FnOnce(&mut api::post_api::Config),
+    ) -> anyhow::Result<PostApi> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let config = api::post_api::Config {
+        let mut config = api::post_api::Config {
             listen: listener.local_addr()?,
             database_url: database_url.to_owned(),
             db_pool_size: 8,
             skip_migrations: false,
             shutdown_timeout_secs: 5,
+            projector_group: "post-service-streams".to_owned(),
+            consistency_timeout_ms: 5000,
         };
+        configure(&mut config);
         HttpService::spawn(listener, |l, s| api::post_api::run(config, l, s))
     }
 }
@@ -661,6 +684,7 @@ impl Projector {
             kafka_brokers: stack.kafka_brokers.clone(),
             topic: topic.to_owned(),
             group: format!("{}-projector", view_db.name),
+            position_topic: "cdc-reader-positions".to_owned(),
             dead_letter_topic: None,
             source_table: "public.users".to_owned(),
             batch_max_events: 5000,

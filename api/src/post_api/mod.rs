@@ -18,12 +18,16 @@
 //! GET    /health                            200 | 503
 //! ```
 //!
+//! Every `/api/...` request may carry `X-Min-Source-LSN` (read-your-writes, [`consistency`]): it
+//! is then answered from views that include that position, with `X-Source-LSN` set to theirs.
+//!
 //! Every post in a response carries `authorName`, `authorEmail` and `authorDepartment`, read from
 //! user_view in the same query, so an update of the author shows as soon as it is projected (and
 //! the fields are null once the author is deleted). [`model`] validates (pure), [`store`] holds the
 //! SQL. The derived views (tables materialized_view_db keeps equal to a definition over `posts` and
 //! `user_view` at every commit) have a module each.
 
+pub mod consistency;
 pub mod department_performance;
 pub mod model;
 pub mod post_stats;
@@ -42,6 +46,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
+use self::consistency::Consistency;
 use self::store::Written;
 use crate::db;
 use crate::http::{self, ApiError, Page};
@@ -65,6 +70,18 @@ pub struct Config {
     /// Longest time to let in-flight requests finish after a shutdown signal.
     #[arg(long, env = "POST_API_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
     pub shutdown_timeout_secs: u64,
+    /// The projector's consumer group (`PROJECTOR_GROUP`), whose position `X-Min-Source-LSN`
+    /// waits for.
+    #[arg(
+        long,
+        env = "POST_API_PROJECTOR_GROUP",
+        default_value = "post-service-streams"
+    )]
+    pub projector_group: String,
+    /// Longest wait for the views to reach a request's `X-Min-Source-LSN`, in milliseconds;
+    /// then 503 `not_yet_consistent`.
+    #[arg(long, env = "POST_API_CONSISTENCY_TIMEOUT_MS", default_value_t = 5000)]
+    pub consistency_timeout_ms: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -75,6 +92,8 @@ impl std::fmt::Debug for Config {
             .field("db_pool_size", &self.db_pool_size)
             .field("skip_migrations", &self.skip_migrations)
             .field("shutdown_timeout_secs", &self.shutdown_timeout_secs)
+            .field("projector_group", &self.projector_group)
+            .field("consistency_timeout_ms", &self.consistency_timeout_ms)
             .finish_non_exhaustive()
     }
 }
@@ -95,12 +114,19 @@ pub async fn run(
         skip_migrations: config.skip_migrations,
         drain: Duration::from_secs(config.shutdown_timeout_secs),
     };
-    serve::run(service, listener, shutdown, routes).await
+    let group = config.projector_group.clone();
+    let timeout = Duration::from_millis(config.consistency_timeout_ms);
+    serve::run(service, listener, shutdown, move |pool| {
+        let consistency = Consistency::start(pool.clone(), group, timeout);
+        routes(pool, &consistency)
+    })
+    .await
 }
 
 /// Every route of the service, with JSON errors for rejections and an access log.
 pub fn routes(
     pool: Pool,
+    consistency: &Consistency,
 ) -> impl Filter<Extract = (impl Reply,), Error = std::convert::Infallible> + Clone {
     let db = {
         let pool = pool.clone();
@@ -164,7 +190,7 @@ pub fn routes(
         .or(department_performance::routes(pool))
         .unify();
 
-    all_users
+    let api = all_users
         .or(users_in)
         .unify()
         .or(by_department)
@@ -182,8 +208,21 @@ pub fn routes(
         .or(replace)
         .unify()
         .or(delete)
-        .unify()
-        .or(health)
+        .unify();
+    // Waits first when asked to (X-Min-Source-LSN), and says how far the views were.
+    let api = consistency
+        .filter()
+        .and(api)
+        .map(|reached: Option<u64>, mut response: Response| {
+            if let Some(lsn) = reached {
+                if let Ok(value) = warp::http::HeaderValue::from_str(&change_event::format_lsn(lsn))
+                {
+                    response.headers_mut().insert(http::SOURCE_LSN, value);
+                }
+            }
+            response
+        });
+    api.or(health)
         .unify()
         .recover(http::recover)
         .unify()

@@ -7,6 +7,10 @@
 //! DELETE /api/users/{id}     204 | 404         GET    /health                    200 | 503
 //! ```
 //!
+//! Every successful write answers with `X-Source-LSN`: a WAL position at or after its commit
+//! (PostgreSQL's text form, `0/1A2B3C8`). Sent to post-api as `X-Min-Source-LSN`, it makes the
+//! answer wait until the views include the write (read-your-writes).
+//!
 //! [`model`] parses and validates bodies (pure), [`store`] holds the SQL; this module wires them to
 //! HTTP. Errors use the format of [`crate::http::ApiError`].
 
@@ -152,15 +156,25 @@ async fn create(
     pool: Pool,
 ) -> Result<Response, ApiError> {
     let fields = model::parse_create(&body?)?;
-    let user = store::insert(&db::connection(&pool).await?, &fields).await?;
+    let db = db::connection(&pool).await?;
+    let user = store::insert(&db, &fields).await?;
     tracing::info!(user_id = user.id, "user created");
     let location = format!("/api/users/{}", user.id);
-    Ok(warp::reply::with_header(
-        warp::reply::with_status(warp::reply::json(&user), StatusCode::CREATED),
-        "location",
-        location,
+    written(
+        &db,
+        warp::reply::with_header(
+            warp::reply::with_status(warp::reply::json(&user), StatusCode::CREATED),
+            "location",
+            location,
+        ),
     )
-    .into_response())
+    .await
+}
+
+/// `reply` to a successful write, with its `X-Source-LSN`.
+async fn written(db: &deadpool_postgres::Client, reply: impl Reply) -> Result<Response, ApiError> {
+    let lsn = store::written_lsn(db).await?;
+    Ok(warp::reply::with_header(reply, http::SOURCE_LSN, lsn).into_response())
 }
 
 async fn list(query: HashMap<String, String>, pool: Pool) -> Result<Response, ApiError> {
@@ -184,8 +198,9 @@ async fn replace(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let fields = model::parse_replace(&body?)?;
-    match store::replace(&db::connection(&pool).await?, id, &fields).await? {
-        Some(user) => Ok(warp::reply::json(&user).into_response()),
+    let db = db::connection(&pool).await?;
+    match store::replace(&db, id, &fields).await? {
+        Some(user) => written(&db, warp::reply::json(&user)).await,
         None => Err(user_not_found(id)),
     }
 }
@@ -197,17 +212,19 @@ async fn patch(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let changes = model::parse_patch(&body?)?;
-    match store::patch(&db::connection(&pool).await?, id, &changes).await? {
-        Some(user) => Ok(warp::reply::json(&user).into_response()),
+    let db = db::connection(&pool).await?;
+    match store::patch(&db, id, &changes).await? {
+        Some(user) => written(&db, warp::reply::json(&user)).await,
         None => Err(user_not_found(id)),
     }
 }
 
 async fn delete(id: String, pool: Pool) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    if store::delete(&db::connection(&pool).await?, id).await? {
+    let db = db::connection(&pool).await?;
+    if store::delete(&db, id).await? {
         tracing::info!(user_id = id, "user deleted");
-        Ok(StatusCode::NO_CONTENT.into_response())
+        written(&db, StatusCode::NO_CONTENT).await
     } else {
         Err(user_not_found(id))
     }

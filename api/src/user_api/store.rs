@@ -105,6 +105,23 @@ pub async fn delete(db: &deadpool_postgres::Client, id: i64) -> Result<bool, Api
     Ok(n == 1)
 }
 
+/// A WAL position at or after the commit of every write this connection made: the value of
+/// `X-Source-LSN`. With synchronous commit (the default) the commit was flushed before it
+/// returned, so the flush position is at or after it and within what logical replication has
+/// sent; with `synchronous_commit = off` only the insert position is sure to be past it.
+pub async fn written_lsn(db: &deadpool_postgres::Client) -> Result<String, ApiError> {
+    let row = db
+        .query_one(
+            "SELECT (CASE WHEN current_setting('synchronous_commit') = 'off' \
+                          THEN pg_current_wal_insert_lsn() \
+                          ELSE pg_current_wal_flush_lsn() END)::text",
+            &[],
+        )
+        .await
+        .map_err(crate::db::query_error)?;
+    Ok(row.get(0))
+}
+
 fn user(row: &Row) -> Result<User, ApiError> {
     let status: &str = row.get(4);
     let status = Status::parse(status)

@@ -7,7 +7,10 @@
 //!    rate is N over the time from their start to the last row in user_view.
 //! 2. **Steady load**: single-row updates committed at a fixed rate (default 1,000 changes/s, in
 //!    transactions of 10 every 10 ms) for S seconds; each change's latency is the time from the
-//!    return of its COMMIT to the `projected_at` of the view row that shows it.
+//!    return of its COMMIT to the `projected_at` of the view row that shows it. Meanwhile
+//!    read-your-writes pairs, one after the other through user-api and post-api (release
+//!    binaries): a user created, then read back at once with the write's `X-Source-LSN` as
+//!    `X-Min-Source-LSN`; a pair's time is from sending the write to the read's answer.
 //! 3. **Big transactions** (`--big-tx`, default 1,000,000 inserts, after one of half that size):
 //!    the reader's and the projector's peak RSS after each, which must not grow with the
 //!    transaction's size.
@@ -47,6 +50,8 @@ impl Service {
             .port();
         let listen_var = match name {
             "cdc-reader" => "CDC_READER_HTTP_LISTEN",
+            "user-api" => "USER_API_LISTEN",
+            "post-api" => "POST_API_LISTEN",
             _ => "PROJECTOR_HTTP_LISTEN",
         };
         let bin = match std::env::var(format!(
@@ -210,11 +215,12 @@ async fn main() -> anyhow::Result<()> {
         ("CDC_READER_TOPICS", format!("public.users={topic}")),
         ("KAFKA_BROKERS", stack.kafka_brokers.clone()),
     ];
+    let group = format!("bench-{}", unique_suffix());
     let projector_env = [
         ("VIEW_DB_URL", view_db.url.clone()),
         ("KAFKA_BROKERS", stack.kafka_brokers.clone()),
         ("PROJECTOR_TOPIC", topic.clone()),
-        ("PROJECTOR_GROUP", format!("bench-{}", unique_suffix())),
+        ("PROJECTOR_GROUP", group.clone()),
     ];
 
     // The slot and publication first (a reader that starts on an empty table and stops), so the
@@ -276,6 +282,22 @@ async fn main() -> anyhow::Result<()> {
     let interval = Duration::from_secs_f64(per_tx as f64 / rate as f64);
     let total = rate * seconds;
     let mut commits: HashMap<String, DateTime<Utc>> = HashMap::with_capacity(total as usize);
+    let user_api = Service::start("user-api", &[("USER_DB_URL", user_db.url.clone())])?;
+    let post_api = Service::start(
+        "post-api",
+        &[
+            ("VIEW_DB_URL", view_db.url.clone()),
+            ("POST_API_PROJECTOR_GROUP", group.clone()),
+        ],
+    )?;
+    user_api.wait_healthy().await?;
+    post_api.wait_healthy().await?;
+    let pairs_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pairs = tokio::spawn(ryw_pairs(
+        user_api.http.clone(),
+        post_api.http.clone(),
+        pairs_stop.clone(),
+    ));
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let load_started = Instant::now();
@@ -302,6 +324,15 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let load_s = load_started.elapsed().as_secs_f64();
+    pairs_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ryw, ryw_refused) = pairs.await??;
+    ryw.sort_by(f64::total_cmp);
+    user_api.stop().await?;
+    post_api.stop().await?;
+    if ryw.is_empty() {
+        bail!("no read-your-writes pair succeeded ({ryw_refused} refused)");
+    }
+    let (ryw_p50, ryw_p99) = (percentile(&ryw, 0.50), percentile(&ryw, 0.99));
     // Collect when each marker reached the view.
     let mut latencies = Vec::with_capacity(commits.len());
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -415,6 +446,10 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "    commit → user_view latency  p50 {p50:8.1} ms   p99 {p99:8.1} ms   max {max:8.1} ms"
     );
+    println!(
+        "    write-then-consistent-read pairs: {} (refused {ryw_refused})  p50 {ryw_p50:8.1} ms   p99 {ryw_p99:8.1} ms",
+        ryw.len()
+    );
     println!("  peak RSS: reader {reader_rss:.1} MB, projector {projector_rss:.1} MB");
     for (rows, secs, r, p) in &big {
         println!(
@@ -444,6 +479,8 @@ async fn main() -> anyhow::Result<()> {
         "e2e_vs_slowest_limit": (backlog_rate / slowest * 100.0).round() / 100.0,
         "latency_p50_ms": tenth(p50),
         "latency_p99_ms": tenth(p99),
+        "ryw_p50_ms": tenth(ryw_p50),
+        "ryw_p99_ms": tenth(ryw_p99),
         "reader_peak_rss_mb": tenth(reader_rss),
         "projector_peak_rss_mb": tenth(projector_rss),
     });
@@ -469,6 +506,8 @@ async fn main() -> anyhow::Result<()> {
         "steady_rate": rate,
         "steady_changes": total,
         "latency_max_ms": tenth(max),
+        "ryw_pairs": ryw.len(),
+        "ryw_refused": ryw_refused,
         "reader_cpu_s": reader_cpu,
         "projector_cpu_s": projector_cpu,
         "backlog_cpu_s": {
@@ -482,6 +521,54 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("BENCH {bench}");
     Ok(())
+}
+
+/// Read-your-writes pairs until `stop`: a user created through user-api, then read back through
+/// post-api with the write's `X-Source-LSN` as `X-Min-Source-LSN`. Each pair's time in ms, and
+/// how many reads were refused (not 200: a stale or timed-out answer).
+async fn ryw_pairs(
+    user_api: String,
+    post_api: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<(Vec<f64>, usize)> {
+    let http = reqwest::Client::new();
+    let mut times = Vec::new();
+    let mut refused = 0;
+    let mut n = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        n += 1;
+        let started = Instant::now();
+        let created = http
+            .post(format!("{user_api}/api/users"))
+            .json(&serde_json::json!({"name": format!("ryw {n}"),
+                "email": format!("ryw{n}@bench.example.org"), "department": "Reads"}))
+            .send()
+            .await?;
+        if created.status() != 201 {
+            bail!("creating a user answered {}", created.status());
+        }
+        let lsn = created
+            .headers()
+            .get("x-source-lsn")
+            .context("user-api's answer has no X-Source-LSN")?
+            .to_str()?
+            .to_owned();
+        let id = created.json::<serde_json::Value>().await?["id"]
+            .as_i64()
+            .context("no id")?;
+        let read = http
+            .get(format!("{post_api}/api/posts/users/{id}/activity"))
+            .header("X-Min-Source-LSN", lsn)
+            .send()
+            .await?;
+        if read.status() == 200 {
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        } else {
+            refused += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok((times, refused))
 }
 
 /// `n` records shaped like the reader's (the first record of `topic` as the value, keys like its

@@ -1,0 +1,279 @@
+//! Read-your-writes: how far in the source's history the views are complete.
+//!
+//! With every Kafka transaction the reader commits its position into its position topic
+//! ([`change_event::ReaderPosition`]): `end_lsn` (every source transaction that ended at or before
+//! it is in Kafka, whole) and the last record of each partition so far. A [`Follower`] reads those
+//! on a thread of its own. Once the projector has applied a partition up to the record a position
+//! names for it (or the position names none: nothing of that partition to wait for), every source
+//! transaction that ended at or before that `end_lsn` is in the views as far as the partition
+//! goes: the partition's `complete_lsn` in `projector_offsets`, written in the transaction that
+//! applies the records (an idle partition's in a transaction of its own). The minimum over the
+//! topic's partitions (the view `projector_source_position`) is what post-api waits for when a
+//! request asks for `X-Min-Source-LSN`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use change_event::{ReaderPosition, RecordPosition};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use service::kafka::TracingContext;
+
+/// A committed reader position, for one topic: its `end_lsn` and the last record of each
+/// partition then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub end_lsn: u64,
+    pub lasts: BTreeMap<i32, RecordPosition>,
+}
+
+/// The newest committed positions, oldest first, with strictly increasing `end_lsn`.
+#[derive(Debug, Default)]
+pub struct Targets {
+    list: VecDeque<Target>,
+}
+
+/// Positions kept: a partition further behind than this many reader commits gets no
+/// `complete_lsn` from the ones dropped (it catches up to the ones kept).
+const KEPT: usize = 4096;
+
+impl Targets {
+    pub fn push(&mut self, target: Target) {
+        if self
+            .list
+            .back()
+            .is_none_or(|last| target.end_lsn > last.end_lsn)
+        {
+            self.list.push_back(target);
+            if self.list.len() > KEPT {
+                self.list.pop_front();
+            }
+        }
+    }
+
+    /// The end LSN of the newest position whose last record of `partition` is at or below
+    /// `applied` (the last record applied from it), or that names none for it.
+    pub fn complete(&self, partition: i32, applied: Option<RecordPosition>) -> Option<u64> {
+        self.list
+            .iter()
+            .rev()
+            .find_map(|t| match t.lasts.get(&partition) {
+                None => Some(t.end_lsn),
+                Some(last) => applied.filter(|a| a >= last).map(|_| t.end_lsn),
+            })
+    }
+}
+
+/// What a stored `complete_lsn` says of a partition: every record of a source transaction that
+/// ended at or before it is applied, so the last applied record is at least the last one a
+/// transaction ending just before it could have.
+pub fn applied_through(complete_lsn: u64) -> Option<RecordPosition> {
+    (complete_lsn > 0).then(|| RecordPosition {
+        commit_lsn: complete_lsn - 1,
+        event_index: u64::MAX,
+        sub: u8::MAX,
+    })
+}
+
+/// Follows the position topic on a thread of its own, from its last [`TAIL`] records on (each
+/// position names every partition, so the newest says all; older ones only let a partition that is
+/// catching up be complete sooner), keeping the positions that name `topic` in [`Targets`];
+/// `changed` is notified on each new one.
+pub struct Follower {
+    pub targets: Arc<Mutex<Targets>>,
+    pub changed: Arc<tokio::sync::Notify>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Follower {
+    pub fn start(brokers: &str, position_topic: &str, topic: &str) -> Result<Follower, KafkaError> {
+        let consumer: BaseConsumer<TracingContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "projector-source-position")
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .create_with_context(TracingContext)?;
+        let targets = Arc::new(Mutex::new(Targets::default()));
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (targets, changed, stop) = (targets.clone(), changed.clone(), stop.clone());
+            let topic = topic.to_owned();
+            let position_topic = position_topic.to_owned();
+            std::thread::Builder::new()
+                .name("source-position".to_owned())
+                .spawn(move || {
+                    if assign_tail(&consumer, &position_topic, &stop) {
+                        follow(&consumer, &topic, &targets, &changed, &stop);
+                    }
+                })
+                .map_err(|_| KafkaError::Canceled)?
+        };
+        Ok(Follower {
+            targets,
+            changed,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn complete(&self, partition: i32, applied: Option<RecordPosition>) -> Option<u64> {
+        self.targets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .complete(partition, applied)
+    }
+}
+
+impl std::fmt::Debug for Follower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follower").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the source position follower panicked");
+            }
+        }
+    }
+}
+
+/// Records of the position topic read when the projector starts.
+const TAIL: i64 = 1000;
+
+/// Assigns the position topic's partition from its last [`TAIL`] records, retrying while it cannot
+/// be read (not created yet, broker away). False when asked to stop first.
+fn assign_tail(
+    consumer: &BaseConsumer<TracingContext>,
+    position_topic: &str,
+    stop: &AtomicBool,
+) -> bool {
+    let mut failing = false;
+    while !stop.load(Ordering::SeqCst) {
+        let assigned = consumer
+            .fetch_watermarks(position_topic, 0, Duration::from_secs(5))
+            .and_then(|(low, high)| {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(position_topic, 0, Offset::Offset(low.max(high - TAIL)))?;
+                consumer.assign(&tpl)
+            });
+        match assigned {
+            Ok(()) => return true,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(topic = position_topic, error = %e,
+                        "the reader's position topic cannot be read yet; retrying");
+                    failing = true;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+    false
+}
+
+fn follow(
+    consumer: &BaseConsumer<TracingContext>,
+    topic: &str,
+    targets: &Mutex<Targets>,
+    changed: &tokio::sync::Notify,
+    stop: &AtomicBool,
+) {
+    let mut failing = false;
+    while !stop.load(Ordering::SeqCst) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                failing = false;
+                let Some(position) = m.payload().and_then(ReaderPosition::parse) else {
+                    tracing::warn!(
+                        offset = m.offset(),
+                        "a record of the position topic that is not a reader position; ignored"
+                    );
+                    continue;
+                };
+                let lasts: BTreeMap<i32, RecordPosition> = position
+                    .partitions
+                    .iter()
+                    .filter(|((t, _), _)| t == topic)
+                    .map(|((_, p), last)| (*p, *last))
+                    .collect();
+                // Another reader's topics only (or a reader that names no partitions).
+                if lasts.is_empty() {
+                    continue;
+                }
+                targets
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(Target {
+                        end_lsn: position.end_lsn,
+                        lasts,
+                    });
+                changed.notify_one();
+            }
+            Some(Err(e)) => {
+                if !failing {
+                    tracing::warn!(error = %e, "reading the reader's position topic failed; retrying");
+                    failing = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(commit_lsn: u64, event_index: u64) -> RecordPosition {
+        RecordPosition {
+            commit_lsn,
+            event_index,
+            sub: 0,
+        }
+    }
+
+    #[test]
+    fn a_partition_is_complete_through_the_newest_position_it_has_reached() {
+        let mut t = Targets::default();
+        t.push(Target {
+            end_lsn: 100,
+            lasts: [(0, at(90, 3))].into_iter().collect(),
+        });
+        t.push(Target {
+            end_lsn: 200,
+            lasts: [(0, at(90, 3)), (1, at(150, 0))].into_iter().collect(),
+        });
+        // Not increasing: ignored.
+        t.push(Target {
+            end_lsn: 200,
+            lasts: BTreeMap::new(),
+        });
+        t.push(Target {
+            end_lsn: 300,
+            lasts: [(0, at(250, 1)), (1, at(150, 0))].into_iter().collect(),
+        });
+        assert_eq!(t.complete(0, None), None);
+        assert_eq!(t.complete(0, Some(at(90, 2))), None);
+        assert_eq!(t.complete(0, Some(at(90, 3))), Some(200));
+        assert_eq!(t.complete(0, Some(at(250, 1))), Some(300));
+        // Partition 1 had nothing until 200; partition 2 never had anything.
+        assert_eq!(t.complete(1, None), Some(100));
+        assert_eq!(t.complete(1, Some(at(150, 0))), Some(300));
+        assert_eq!(t.complete(2, None), Some(300));
+        // What a stored complete_lsn says: records of transactions that ended by then.
+        assert_eq!(t.complete(0, applied_through(251)), Some(300));
+        assert_eq!(t.complete(0, applied_through(250)), Some(200));
+        assert_eq!(applied_through(0), None);
+    }
+}
