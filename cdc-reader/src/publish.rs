@@ -238,6 +238,8 @@ pub struct Publisher {
     committed_lasts: Lasts,
     /// The last record of each partition sent so far (committed, being committed or open).
     sent_lasts: Lasts,
+    /// Whether those name every partition's last record (see [`Publisher::learn_lasts`]).
+    lasts_known: bool,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -309,6 +311,7 @@ impl Publisher {
             committed: None,
             committed_lasts: Lasts::new(),
             sent_lasts: Lasts::new(),
+            lasts_known: false,
         })
     }
 
@@ -347,8 +350,11 @@ impl Publisher {
             match last {
                 None | Some(None) => Ok(None),
                 Some(Some(value)) => {
+                    // Positions of readers before they named partitions name none.
+                    let named = serde_json::from_slice::<serde_json::Value>(&value)
+                        .is_ok_and(|v| v.get("partitions").is_some());
                     Committed::parse(&value)
-                        .map(Some)
+                        .map(|(position, lasts)| Some((position, lasts, named)))
                         .ok_or_else(|| PublishError::Position {
                             topic: topic.clone(),
                             key: key.clone(),
@@ -358,13 +364,57 @@ impl Publisher {
             }
         })
         .await??;
-        let Some((position, lasts)) = read else {
+        let Some((position, lasts, named)) = read else {
             return Ok(None);
         };
+        self.lasts_known = named;
         self.committed = Some(position);
         self.committed_lasts.clone_from(&lasts);
         self.sent_lasts = lasts;
         Ok(Some(position))
+    }
+
+    /// When the committed position does not name the last record of every partition (there is
+    /// none, though the topics may hold records: another delivery mode, a new transactional id;
+    /// or an older reader wrote it), reads each partition's last record: a position that named
+    /// only the partitions this session writes would tell consumers the others are complete.
+    pub async fn learn_lasts(
+        &mut self,
+        settings: &KafkaSettings,
+        topics: &[String],
+    ) -> Result<(), PublishError> {
+        if self.delivery != Delivery::ExactlyOnce || self.lasts_known {
+            return Ok(());
+        }
+        let mut work = Vec::new();
+        for topic in topics {
+            let n = self.partition_count(topic).await?;
+            work.extend((0..n).map(|p| (topic.clone(), p)));
+        }
+        let brokers = settings.brokers.clone();
+        let found = blocking(move || {
+            let consumer = reading_consumer(&brokers)?;
+            let mut found = Lasts::new();
+            for (topic, partition) in work {
+                if let Some(last) = last_record_position(&consumer, &topic, partition)? {
+                    found.insert((topic, partition), last);
+                }
+            }
+            Ok::<_, PublishError>(found)
+        })
+        .await??;
+        tracing::info!(
+            partitions = found.len(),
+            "the committed position named no partitions: read their last records"
+        );
+        for (k, last) in found {
+            let sent = self.sent_lasts.entry(k.clone()).or_insert(last);
+            *sent = (*sent).max(last);
+            let committed = self.committed_lasts.entry(k).or_insert(last);
+            *committed = (*committed).max(last);
+        }
+        self.lasts_known = true;
+        Ok(())
     }
 
     /// Records at or below `position` are not sent (Kafka has them from a split transaction).
@@ -486,8 +536,13 @@ impl Publisher {
         if let Some(open) = &mut self.open {
             open.records += 1;
         }
-        self.sent_lasts
-            .insert((record.topic.clone(), partition), record.position);
+        // (A replay sends older records again: the last one a partition holds may be older than
+        // what consumers were told of, but they applied that already.)
+        let last = self
+            .sent_lasts
+            .entry((record.topic.clone(), partition))
+            .or_insert(record.position);
+        *last = (*last).max(record.position);
         Ok(())
     }
 
@@ -764,6 +819,42 @@ fn reading_consumer(brokers: &str) -> Result<BaseConsumer<TracingContext>, Publi
         .set("isolation.level", "read_committed")
         .create_with_context(TracingContext)
         .map_err(PublishError::Client)
+}
+
+/// The `cdc.position` of the last record of `topic` [`partition`] (read committed), reading
+/// back from its end in growing windows (its last offsets may be transaction markers). Blocking.
+fn last_record_position(
+    consumer: &BaseConsumer<TracingContext>,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<RecordPosition>, PublishError> {
+    let read_back = |source| PublishError::ReadBack {
+        topic: topic.to_owned(),
+        partition,
+        source,
+    };
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .map_err(read_back)?;
+    let mut window = 16;
+    loop {
+        let from = low.max(high - window);
+        let mut last = None;
+        read_to_end(consumer, topic, &[(partition, from)], |m| {
+            let position = m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == RecordPosition::HEADER)
+                    .and_then(|h| std::str::from_utf8(h.value?).ok())
+                    .and_then(RecordPosition::parse)
+            });
+            last = position.or(last);
+        })
+        .map_err(|(_, source)| read_back(source))?;
+        if last.is_some() || from <= low {
+            return Ok(last);
+        }
+        window *= 8;
+    }
 }
 
 /// Longest wait for the next record or end of partition while reading back.

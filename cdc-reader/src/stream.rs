@@ -153,6 +153,7 @@ async fn stream(
     let counts = publisher.partition_counts(&topics).await?;
     setup::check_partition_counts(db, &config.slot, &counts).await?;
     let committed = publisher.committed(&kafka).await?;
+    publisher.learn_lasts(&kafka, &topics).await?;
     let result = stream_with(
         config,
         pg_config,
@@ -493,7 +494,7 @@ async fn stream_with(
 }
 
 /// Least time between two Kafka transactions that only move an idle stream's position on.
-const WATERMARK_SPACING: Duration = Duration::from_millis(20);
+const WATERMARK_SPACING: Duration = Duration::from_millis(100);
 
 /// How long a shutdown waits for the last commit.
 const SHUTDOWN_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);

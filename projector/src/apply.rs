@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use change_event::{format_lsn, parse_lsn, Position};
+use change_event::{format_lsn, parse_lsn, Position, RecordPosition};
 use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, Statement, Transaction};
 
@@ -61,8 +61,21 @@ pub struct Item {
     pub offset: i64,
     /// The record's Kafka timestamp in ms (when the reader produced it), if it has one.
     pub timestamp_ms: Option<i64>,
+    /// Its `cdc.position` header, when it has one.
+    pub position: Option<RecordPosition>,
     /// `None` for a record that was dead-lettered: only its offset counts.
     pub change: Option<Change>,
+}
+
+/// What `projector_offsets` holds of a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// The next record to apply.
+    pub next_offset: i64,
+    /// See [`crate::source_position`]; 0 when none.
+    pub complete_lsn: u64,
+    /// The last record applied, when known.
+    pub last_position: Option<RecordPosition>,
 }
 
 /// A partition's `complete_lsn` to store (see [`crate::source_position`]), with the offset to
@@ -295,10 +308,10 @@ impl Store {
             // GREATEST: an older owner of a partition finishing late never moves it backwards.
             offsets: p("INSERT INTO projector_offsets (consumer_group, topic, partition, \
                                                        next_offset, source_lsn, updated_at, \
-                                                       last_record_at) \
-                        SELECT $1, $2, p, o, l::pg_lsn, now(), to_timestamp(ts / 1000.0) \
-                        FROM unnest($3::int[], $4::bigint[], $5::text[], $6::bigint[]) \
-                             AS t(p, o, l, ts) \
+                                                       last_record_at, last_position) \
+                        SELECT $1, $2, p, o, l::pg_lsn, now(), to_timestamp(ts / 1000.0), lp \
+                        FROM unnest($3::int[], $4::bigint[], $5::text[], $6::bigint[], \
+                                    $7::text[]) AS t(p, o, l, ts, lp) \
                         ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET \
                           next_offset = GREATEST(projector_offsets.next_offset, \
                                                  excluded.next_offset), \
@@ -312,7 +325,12 @@ impl Store {
                                                      projector_offsets.next_offset \
                                                 THEN coalesce(excluded.last_record_at, \
                                                               projector_offsets.last_record_at) \
-                                                ELSE projector_offsets.last_record_at END")
+                                                ELSE projector_offsets.last_record_at END, \
+                          last_position = CASE WHEN excluded.next_offset >= \
+                                                    projector_offsets.next_offset \
+                                               THEN coalesce(excluded.last_position, \
+                                                             projector_offsets.last_position) \
+                                               ELSE projector_offsets.last_position END")
             .await?,
             truncate_rows: p("WITH gone AS (DELETE FROM user_view \
                                             WHERE (source_lsn, source_seq) <= ($1::pg_lsn, $2) \
@@ -339,7 +357,8 @@ impl Store {
                                       projector_truncations.source_seq) \
                                      < (excluded.source_lsn, excluded.source_seq)")
             .await?,
-            read_offset: p("SELECT next_offset, complete_lsn::text FROM projector_offsets \
+            read_offset: p("SELECT next_offset, complete_lsn::text, last_position \
+                            FROM projector_offsets \
                             WHERE consumer_group = $1 AND topic = $2 AND partition = $3")
             .await?,
             // Only ever raised (an older owner of a partition finishing late never lowers it);
@@ -371,9 +390,8 @@ impl Store {
         self.client.is_closed()
     }
 
-    /// The offset of the next record to apply from `partition` and its `complete_lsn`, when
-    /// stored.
-    pub async fn next_offset(&self, partition: i32) -> Result<Option<(i64, u64)>, ApplyError> {
+    /// What is stored of `partition`, if anything.
+    pub async fn next_offset(&self, partition: i32) -> Result<Option<Stored>, ApplyError> {
         let row = self
             .client
             .query_opt(
@@ -387,7 +405,11 @@ impl Store {
                 Some(lsn) => parse_lsn(lsn).ok_or_else(|| ApplyError::BadLsn(lsn.to_owned()))?,
                 None => 0,
             };
-            Ok((r.get(0), complete))
+            Ok(Stored {
+                next_offset: r.get(0),
+                complete_lsn: complete,
+                last_position: r.get::<_, Option<&str>>(2).and_then(RecordPosition::parse),
+            })
         })
         .transpose()
     }
@@ -464,13 +486,21 @@ impl Store {
         }
 
         // Offsets: the record after the last one of each partition in the batch.
-        let mut next: BTreeMap<i32, (i64, Option<u64>, Option<i64>)> = BTreeMap::new();
+        #[derive(Default)]
+        struct Last {
+            next_offset: i64,
+            commit_lsn: Option<u64>,
+            timestamp_ms: Option<i64>,
+            position: Option<RecordPosition>,
+        }
+        let mut next: BTreeMap<i32, Last> = BTreeMap::new();
         for item in items {
-            let e = next.entry(item.partition).or_insert((0, None, None));
-            e.0 = e.0.max(item.offset + 1);
-            e.2 = e.2.max(item.timestamp_ms);
+            let e = next.entry(item.partition).or_default();
+            e.next_offset = e.next_offset.max(item.offset + 1);
+            e.timestamp_ms = e.timestamp_ms.max(item.timestamp_ms);
+            e.position = e.position.max(item.position);
             if let Some(p) = item.change.as_ref().and_then(Change::position) {
-                e.1 = e.1.max(Some(p.commit_lsn));
+                e.commit_lsn = e.commit_lsn.max(Some(p.commit_lsn));
                 outcome.last_lsn = outcome.last_lsn.max(Some(p.commit_lsn));
             }
         }
@@ -478,12 +508,19 @@ impl Store {
             return Ok(Pending { tx, outcome, bad });
         }
         let parts: Vec<i32> = next.keys().copied().collect();
-        let offsets: Vec<i64> = next.values().map(|v| v.0).collect();
-        let lsns: Vec<Option<String>> = next.values().map(|v| v.1.map(format_lsn)).collect();
-        let times: Vec<Option<i64>> = next.values().map(|v| v.2).collect();
+        let offsets: Vec<i64> = next.values().map(|v| v.next_offset).collect();
+        let lsns: Vec<Option<String>> = next
+            .values()
+            .map(|v| v.commit_lsn.map(format_lsn))
+            .collect();
+        let times: Vec<Option<i64>> = next.values().map(|v| v.timestamp_ms).collect();
+        let last: Vec<Option<String>> = next
+            .values()
+            .map(|v| v.position.map(|p| p.header_value()))
+            .collect();
         tx.execute(
             &s.offsets,
-            &[&t.group, &t.topic, &parts, &offsets, &lsns, &times],
+            &[&t.group, &t.topic, &parts, &offsets, &lsns, &times, &last],
         )
         .await
         .map_err(sql("storing offsets"))?;

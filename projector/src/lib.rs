@@ -368,8 +368,10 @@ struct Projector<'a> {
     /// Per partition: the last record applied (as far as known) and the `complete_lsn` stored.
     applied: HashMap<i32, RecordPosition>,
     complete: HashMap<i32, u64>,
-    /// Whether `projector_topics` has the topic's partition count.
-    topic_partitions_stored: bool,
+    /// The partition count of the topic `projector_topics` has from this projector.
+    topic_partitions_stored: Option<i32>,
+    /// The offset each partition was positioned at.
+    positioned_at: HashMap<i32, i64>,
 }
 
 impl<'a> Projector<'a> {
@@ -401,7 +403,8 @@ impl<'a> Projector<'a> {
             follower: None,
             applied: HashMap::new(),
             complete: HashMap::new(),
-            topic_partitions_stored: false,
+            topic_partitions_stored: None,
+            positioned_at: HashMap::new(),
         })
     }
 }
@@ -524,19 +527,19 @@ impl Projector<'_> {
             return Ok(false);
         }
         self.positions.clear();
-        // (A rebalance may follow a change of the topic's partition count.)
-        self.topic_partitions_stored = false;
         for partition in self.consumer.context().assigned() {
             let start = match &self.bounds {
                 Some(b) => b.start.get(&partition).copied(),
                 None => match self.stored_offset(partition).await? {
-                    Some(stored) => stored.map(|(next, complete)| {
-                        self.complete.insert(partition, complete);
-                        if let Some(through) = source_position::applied_through(complete) {
-                            let applied = self.applied.entry(partition).or_insert(through);
-                            *applied = (*applied).max(through);
+                    Some(stored) => stored.map(|stored| {
+                        self.complete.insert(partition, stored.complete_lsn);
+                        let known = source_position::applied_through(stored.complete_lsn)
+                            .max(stored.last_position);
+                        if let Some(known) = known {
+                            let applied = self.applied.entry(partition).or_insert(known);
+                            *applied = (*applied).max(known);
                         }
-                        next
+                        stored.next_offset
                     }),
                     None => return Ok(false),
                 },
@@ -565,6 +568,10 @@ impl Projector<'_> {
             );
             let cursor = Cursor { generation, next };
             self.seek(partition, cursor, low).await;
+            // (Where the partition was positioned: never past a record not yet applied.)
+            if let Some(c) = self.positions.get(&partition) {
+                self.positioned_at.insert(partition, c.next);
+            }
         }
         self.positioned_generation = generation;
         Ok(true)
@@ -732,7 +739,10 @@ impl Projector<'_> {
 
     /// The offset stored with the views for `partition`, retrying while the database is away.
     /// `None` when asked to shut down first.
-    async fn stored_offset(&mut self, partition: i32) -> Result<Option<Option<(i64, u64)>>, Error> {
+    async fn stored_offset(
+        &mut self,
+        partition: i32,
+    ) -> Result<Option<Option<apply::Stored>>, Error> {
         loop {
             let result = match self.connected().await {
                 Ok(store) => store.next_offset(partition).await,
@@ -824,6 +834,7 @@ impl Projector<'_> {
                 partition: r.partition,
                 offset: r.offset,
                 timestamp_ms: r.timestamp_ms,
+                position: r.position,
                 change: r.decoded.as_ref().ok().cloned(),
             })
             .collect();
@@ -909,6 +920,7 @@ impl Projector<'_> {
                         partition: r.partition,
                         offset: r.offset,
                         timestamp_ms: r.timestamp_ms,
+                        position: r.position,
                         change: None,
                     })
                     .collect();
@@ -969,7 +981,13 @@ impl Projector<'_> {
             {
                 completes.push(Complete {
                     partition,
-                    next_offset: cursor.next,
+                    // Only for a partition without a row (nothing of it applied yet): the
+                    // cursor may be past records of a batch still being applied.
+                    next_offset: self
+                        .positioned_at
+                        .get(&partition)
+                        .copied()
+                        .unwrap_or(cursor.next),
                     complete_lsn,
                 });
             }
@@ -990,39 +1008,27 @@ impl Projector<'_> {
 
     /// Between batches: raises the `complete_lsn` of partitions the reader's newest positions
     /// say are complete further (idle ones, or ones whose last records came before the position
-    /// did), and stores the topic's partition count once per assignment. Ok(false) on shutdown.
+    /// did), and stores the topic's partition count when it is new. Ok(false) on shutdown.
     async fn raise_complete(&mut self) -> Result<bool, Error> {
         if self.follower.is_none() || self.positions.is_empty() {
             return Ok(true);
         }
-        if !self.topic_partitions_stored {
-            // Best effort here: positions wait for it, nothing else does.
-            match self
-                .consumer
-                .fetch_metadata(Some(&self.config.topic), Duration::from_secs(5))
-            {
-                Ok(metadata) => {
-                    let n = metadata
-                        .topics()
-                        .iter()
-                        .find(|t| t.name() == self.config.topic)
-                        .map_or(0, |t| t.partitions().len());
-                    if let Ok(n @ 1..) = i32::try_from(n) {
-                        let stored = match self.connected().await {
-                            Ok(store) => store.set_topic_partitions(n).await,
-                            Err(e) => Err(e),
-                        };
-                        match stored {
-                            Ok(()) => self.topic_partitions_stored = true,
-                            Err(e) => {
-                                if !self.failed(BatchError::Apply(e)).await? {
-                                    return Ok(false);
-                                }
-                            }
-                        }
+        let partitions = self
+            .follower
+            .as_ref()
+            .map_or(0, |f| f.partitions.load(Ordering::SeqCst));
+        if partitions > 0 && self.topic_partitions_stored != Some(partitions) {
+            let stored = match self.connected().await {
+                Ok(store) => store.set_topic_partitions(partitions).await,
+                Err(e) => Err(e),
+            };
+            match stored {
+                Ok(()) => self.topic_partitions_stored = Some(partitions),
+                Err(e) => {
+                    if !self.failed(BatchError::Apply(e)).await? {
+                        return Ok(false);
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, "reading the topic's partition count failed"),
             }
         }
         let (_, completes) = self.completes(&[]);

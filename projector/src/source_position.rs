@@ -12,7 +12,7 @@
 //! request asks for `X-Min-Source-LSN`.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,8 +86,9 @@ pub fn applied_through(complete_lsn: u64) -> Option<RecordPosition> {
 pub struct Follower {
     pub targets: Arc<Mutex<Targets>>,
     pub changed: Arc<tokio::sync::Notify>,
+    /// The partition count of the followed topic (0 until known), read every [`METADATA_EVERY`].
+    pub partitions: Arc<AtomicI32>,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Follower {
@@ -101,24 +102,31 @@ impl Follower {
         let targets = Arc::new(Mutex::new(Targets::default()));
         let changed = Arc::new(tokio::sync::Notify::new());
         let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (targets, changed, stop) = (targets.clone(), changed.clone(), stop.clone());
+        let partitions = Arc::new(AtomicI32::new(0));
+        {
+            let shared = Shared {
+                targets: targets.clone(),
+                changed: changed.clone(),
+                partitions: partitions.clone(),
+                stop: stop.clone(),
+            };
             let topic = topic.to_owned();
             let position_topic = position_topic.to_owned();
+            // Detached: it ends by itself within a poll once stopped.
             std::thread::Builder::new()
                 .name("source-position".to_owned())
                 .spawn(move || {
-                    if assign_tail(&consumer, &position_topic, &stop) {
-                        follow(&consumer, &topic, &targets, &changed, &stop);
+                    if assign_tail(&consumer, &position_topic, &shared.stop) {
+                        follow(&consumer, &topic, &shared);
                     }
                 })
-                .map_err(|_| KafkaError::Canceled)?
-        };
+                .map_err(|_| KafkaError::Canceled)?;
+        }
         Ok(Follower {
             targets,
             changed,
+            partitions,
             stop,
-            thread: Some(thread),
         })
     }
 
@@ -139,13 +147,19 @@ impl std::fmt::Debug for Follower {
 impl Drop for Follower {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("the source position follower panicked");
-            }
-        }
     }
 }
+
+/// What the follower's thread shares with the projector.
+struct Shared {
+    targets: Arc<Mutex<Targets>>,
+    changed: Arc<tokio::sync::Notify>,
+    partitions: Arc<AtomicI32>,
+    stop: Arc<AtomicBool>,
+}
+
+/// How often the follower reads the followed topic's partition count.
+const METADATA_EVERY: Duration = Duration::from_secs(30);
 
 /// Records of the position topic read when the projector starts.
 const TAIL: i64 = 1000;
@@ -181,15 +195,30 @@ fn assign_tail(
     false
 }
 
-fn follow(
-    consumer: &BaseConsumer<TracingContext>,
-    topic: &str,
-    targets: &Mutex<Targets>,
-    changed: &tokio::sync::Notify,
-    stop: &AtomicBool,
-) {
+fn follow(consumer: &BaseConsumer<TracingContext>, topic: &str, shared: &Shared) {
+    let Shared {
+        targets,
+        changed,
+        partitions,
+        stop,
+    } = shared;
     let mut failing = false;
+    let mut metadata_read: Option<std::time::Instant> = None;
     while !stop.load(Ordering::SeqCst) {
+        if metadata_read.is_none_or(|at| at.elapsed() >= METADATA_EVERY) {
+            metadata_read = Some(std::time::Instant::now());
+            match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+                Ok(m) => {
+                    let n = m
+                        .topics()
+                        .iter()
+                        .find(|t| t.name() == topic)
+                        .map_or(0, |t| t.partitions().len());
+                    partitions.store(i32::try_from(n).unwrap_or(0), Ordering::SeqCst);
+                }
+                Err(e) => tracing::debug!(error = %e, "reading the topic's partition count failed"),
+            }
+        }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 failing = false;

@@ -358,6 +358,69 @@ async fn the_committed_position_names_each_partitions_last_record_and_follows_an
     reader.stop().await.unwrap();
 }
 
+/// A reader that finds no committed position naming partitions (here: it ran at least once
+/// before, which commits no position) reads each partition's last record first: its first
+/// position names all of them, not only the partition its first change goes to.
+#[tokio::test]
+async fn a_position_without_named_partitions_is_completed_from_the_partitions_last_records() {
+    let stack = Stack::from_env();
+    let db = TestDb::create(&stack, "reader_learn", Some(schema::Database::UserDb))
+        .await
+        .unwrap();
+    let client = db.client().await.unwrap();
+    let topic = format!("t-users-{}", unique_suffix());
+    let mut config = Reader::config(
+        &stack,
+        &db,
+        &["public.users"],
+        &[format!("public.users={topic}")],
+    );
+    config.topic_partitions = 3;
+    config.delivery = cdc_reader::publish::Delivery::AtLeastOnce;
+    let kafka = config.kafka().unwrap();
+    let reader = Reader::start(config.clone()).await.unwrap();
+    reader.wait_streaming().await.unwrap();
+    e2e::insert_bench_users(&client, 60, 6).await.unwrap();
+    read_topic(&stack, &topic, 60, WAIT).await.unwrap();
+    reader.stop().await.unwrap();
+
+    config.delivery = cdc_reader::publish::Delivery::ExactlyOnce;
+    let reader = Reader::start(config).await.unwrap();
+    reader.wait_streaming().await.unwrap();
+    client
+        .execute("UPDATE users SET name = 'moved' WHERE id = 1", &[])
+        .await
+        .unwrap();
+    let written: String = client
+        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let written = change_event::parse_lsn(&written).unwrap();
+    let position = wait_for("a committed position past the update", WAIT, || async {
+        let p = e2e::committed_position(
+            &stack.kafka_brokers,
+            &kafka.position_topic,
+            &kafka.transactional_id,
+            WAIT,
+        )
+        .await?;
+        Ok(p.filter(|p| {
+            change_event::parse_lsn(p["end_lsn"].as_str().unwrap_or("")).unwrap_or(0) >= written
+        }))
+    })
+    .await
+    .unwrap();
+    let records = read_topic(&stack, &topic, 61, WAIT).await.unwrap();
+    let mut lasts = std::collections::BTreeMap::new();
+    for r in &records {
+        lasts.insert(r.partition.to_string(), json!(r.position.clone().unwrap()));
+    }
+    assert_eq!(lasts.len(), 3);
+    assert_eq!(position["partitions"][&topic], json!(lasts));
+    reader.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_terminated_walsender_loses_nothing() {
     let (f, reader) = fixture("reader_kill").await;

@@ -94,14 +94,21 @@ impl Consistency {
         if let Some(known) = (*position.borrow()).filter(|p| *p >= min) {
             return Ok(known);
         }
+        // Counted while waiting, also when the request goes away first (a client that hung up).
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         self.inner.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.inner.waiting);
         self.inner.wake.notify_one();
         let reached = tokio::time::timeout(
             self.timeout,
             position.wait_for(|p| p.is_some_and(|p| p >= min)),
         )
         .await;
-        self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
         match reached {
             Ok(Ok(p)) => Ok((*p).unwrap_or(min)),
             Ok(Err(_)) => Err(ApiError::internal(&"the position poller stopped")),

@@ -4,7 +4,12 @@
 -- as far as this partition's records go. The reader commits, with each Kafka transaction, the
 -- position of the last record of every partition; once a partition has been applied that far,
 -- the projector raises complete_lsn to the end LSN committed with it (an idle partition too).
-ALTER TABLE projector_offsets ADD COLUMN complete_lsn pg_lsn;
+-- last_position: the `cdc.position` header (commit_lsn:event_index:sub) of the last record
+-- applied from the partition, so that a restarted projector (or the one a partition moves to)
+-- knows how far it is, even when no record of the partition comes again.
+ALTER TABLE projector_offsets
+  ADD COLUMN complete_lsn pg_lsn,
+  ADD COLUMN last_position text;
 
 -- The partitions of each topic a projector group consumes, so a partition that has no row yet
 -- holds the position back.
