@@ -438,13 +438,15 @@ impl Projector<'_> {
             let first = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => break 'consume,
-                m = self.consumer.recv() => m.map(|m| m.detach()),
+                // Before more records: a reader position that arrived after the batch that
+                // applied its records raises complete_lsn now (read-your-writes waits on it).
                 () = position_changed => {
                     if !self.raise_complete().await? {
                         break 'consume;
                     }
                     continue 'consume;
                 }
+                m = self.consumer.recv() => m.map(|m| m.detach()),
                 _ = tick.tick() => {
                     // Offsets applied in the last batches reach Kafka even when no more come.
                     self.commit_to_kafka(&[]);
