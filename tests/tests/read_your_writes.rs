@@ -300,3 +300,65 @@ async fn a_position_not_reached_in_time_is_503_and_a_malformed_one_400() {
     f.projector.unwrap().stop().await.unwrap();
     f.p.reader.stop().await.unwrap();
 }
+
+/// After a projector restart with every partition idle (no record since), a position that only
+/// the reader's idle watermark reaches (writes to a table it does not capture) is answered: the
+/// restarted projector knows how far each partition was applied.
+#[tokio::test]
+async fn after_a_restart_idle_partitions_follow_the_readers_idle_position() {
+    let mut f = fixture("ryw_idle", 3, Duration::from_secs(10)).await;
+    for i in 0..6 {
+        let (status, _, lsn) = write(
+            &f,
+            reqwest::Method::POST,
+            "/api/users",
+            &json!({"name": format!("idle {i}"), "email": format!("idle{i}@example.org"),
+                    "department": "Reads"}),
+        )
+        .await;
+        assert_eq!(status, 201);
+        let (status, _, _, _) = consistent(
+            &f,
+            reqwest::Method::GET,
+            "/api/posts/stats/departments",
+            None,
+            &change_event::format_lsn(lsn),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    f.projector.take().unwrap().stop().await.unwrap();
+    f.projector = Some(Projector::start(f.p.projector_config()).await.unwrap());
+    let db = f.p.user_db.client().await.unwrap();
+    db.batch_execute("CREATE TABLE uncaptured (id serial PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    for i in 0..20 {
+        db.execute(
+            "INSERT INTO uncaptured (v) VALUES ($1)",
+            &[&format!("v{i}")],
+        )
+        .await
+        .unwrap();
+    }
+    let lsn: String = db
+        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (status, body, answered, took) = consistent(
+        &f,
+        reqwest::Method::GET,
+        "/api/posts/stats/departments",
+        None,
+        &lsn,
+    )
+    .await;
+    eprintln!("a position past the last captured change answered {status} after {took:?}");
+    assert_eq!(status, 200, "{body}");
+    assert!(answered.is_some_and(|a| a >= change_event::parse_lsn(&lsn).unwrap()));
+    f.users.stop().await.unwrap();
+    f.posts.stop().await.unwrap();
+    f.projector.take().unwrap().stop().await.unwrap();
+    f.p.reader.stop().await.unwrap();
+}
