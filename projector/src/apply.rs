@@ -7,11 +7,11 @@
 //! splits the batch: what came before it is written, the truncate is applied, and the rest is
 //! folded against the state after it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use change_event::{format_lsn, parse_lsn, Position, RecordPosition};
 use chrono::{DateTime, Utc};
-use tokio_postgres::{Client, Statement, Transaction};
+use tokio_postgres::{Client, Statement};
 
 use crate::encode::{self, BadEvent, Change, Current, Final, Status, UserRow};
 
@@ -36,6 +36,11 @@ pub enum ApplyError {
          was lost): stopped so as not to write over what it applies; run the replay again"
     )]
     PauseLost,
+    #[error(
+        "the connection to materialized_view_db was lost with a view transaction open; its \
+         records are read again from the stored offsets"
+    )]
+    TransactionLost,
 }
 
 impl ApplyError {
@@ -45,6 +50,7 @@ impl ApplyError {
             ApplyError::Connect(e) | ApplyError::Sql { source: e, .. } => {
                 service::is_transient_pg(e)
             }
+            ApplyError::TransactionLost => true,
             ApplyError::BadLsn(_) | ApplyError::StatsOutOfStep(_) | ApplyError::PauseLost => false,
         }
     }
@@ -99,28 +105,23 @@ pub struct Outcome {
     pub last_lsn: Option<u64>,
 }
 
-/// An open batch transaction, before commit: `bad` lists items (by index) that turned out
-/// inapplicable against the current rows; they must be dead-lettered before [`Pending::commit`].
-pub struct Pending<'a> {
-    tx: Transaction<'a>,
-    pub outcome: Outcome,
-    pub bad: Vec<(usize, BadEvent)>,
+/// The view transaction a [`Store`] has open: what was written in it so far.
+#[derive(Debug, Default)]
+struct Open {
+    /// Partitions whose advisory lock it holds.
+    locked: BTreeSet<i32>,
+    /// Per partition: the offsets to store at commit.
+    lasts: BTreeMap<i32, Last>,
+    outcome: Outcome,
 }
 
-impl std::fmt::Debug for Pending<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending")
-            .field("outcome", &self.outcome)
-            .field("bad", &self.bad)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Pending<'_> {
-    pub async fn commit(self) -> Result<Outcome, ApplyError> {
-        self.tx.commit().await.map_err(sql("commit"))?;
-        Ok(self.outcome)
-    }
+/// What is stored of a partition after the last record of it written.
+#[derive(Debug, Default, Clone, Copy)]
+struct Last {
+    next_offset: i64,
+    commit_lsn: Option<u64>,
+    timestamp_ms: Option<i64>,
+    position: Option<RecordPosition>,
 }
 
 /// What a [`Store`] writes to, and how.
@@ -171,6 +172,8 @@ pub struct Store {
     connection: tokio::task::JoinHandle<()>,
     s: Statements,
     target: Target,
+    /// The view transaction open on the connection, if any.
+    open: Option<Open>,
 }
 
 impl std::fmt::Debug for Store {
@@ -383,6 +386,7 @@ impl Store {
             connection,
             s,
             target: target.clone(),
+            open: None,
         })
     }
 
@@ -432,36 +436,171 @@ impl Store {
         write_complete(&self.client, &self.s, &self.target, completes).await
     }
 
-    /// Writes `items`, the offsets after them and `completes` in one open transaction. Nothing is
-    /// visible until [`Pending::commit`].
-    pub async fn apply(
-        &mut self,
-        items: &[Item],
-        completes: &[Complete],
-    ) -> Result<Pending<'_>, ApplyError> {
-        let tx = self
-            .client
-            .transaction()
-            .await
-            .map_err(sql("beginning a transaction"))?;
-        let s = &self.s;
-        let partitions: Vec<i32> = items.iter().map(|i| i.partition).collect();
-        let t = &self.target;
-        tx.query_one(&s.lock, &[&t.lock_key, &partitions])
-            .await
-            .map_err(sql("locking the batch's partitions"))?;
-        if let Some(key) = &t.paused {
-            let free: bool = tx
-                .query_one(
-                    "SELECT coalesce(bool_or(pg_try_advisory_xact_lock(hashtext($1), p)), false) \
-                     FROM (SELECT DISTINCT unnest($2::int[]) AS p) AS ps",
-                    &[key, &partitions],
-                )
+    /// Whether a view transaction is open (something written, not yet committed).
+    pub fn in_transaction(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Writes `items` into the view transaction, beginning one when none is open. Returns the
+    /// items (by index) that turned out inapplicable against the current rows: they must be
+    /// dead-lettered before [`Store::commit`]. The write runs under a savepoint: when it fails
+    /// and the transaction is still open ([`Store::in_transaction`]), nothing of `items` is left
+    /// in it and it goes on (so a batch the database refuses can be bisected inside it).
+    pub async fn write(&mut self, items: &[Item]) -> Result<Vec<(usize, BadEvent)>, ApplyError> {
+        if self.open.is_none() {
+            self.client
+                .batch_execute("BEGIN")
                 .await
-                .map_err(sql("checking that the projector is paused"))?
-                .get(0);
-            if free {
-                return Err(ApplyError::PauseLost);
+                .map_err(sql("beginning a transaction"))?;
+            self.open = Some(Open::default());
+        }
+        let result = async {
+            self.client
+                .batch_execute("SAVEPOINT chunk")
+                .await
+                .map_err(sql("setting a savepoint"))?;
+            let written = self.write_items(items).await?;
+            self.client
+                .batch_execute("RELEASE SAVEPOINT chunk")
+                .await
+                .map_err(sql("releasing a savepoint"))?;
+            Ok(written)
+        }
+        .await;
+        match result {
+            Ok((bad, locked, lasts, outcome)) => {
+                let open = self.open.get_or_insert_with(Open::default);
+                open.locked.extend(locked);
+                for (partition, last) in lasts {
+                    let e = open.lasts.entry(partition).or_default();
+                    e.next_offset = e.next_offset.max(last.next_offset);
+                    e.commit_lsn = e.commit_lsn.max(last.commit_lsn);
+                    e.timestamp_ms = e.timestamp_ms.max(last.timestamp_ms);
+                    e.position = e.position.max(last.position);
+                }
+                let o = &mut open.outcome;
+                o.upserted += outcome.upserted;
+                o.deleted += outcome.deleted;
+                o.truncates += outcome.truncates;
+                o.ignored += outcome.ignored;
+                o.last_lsn = o.last_lsn.max(outcome.last_lsn);
+                Ok(bad)
+            }
+            Err(e) => {
+                if self
+                    .client
+                    .batch_execute("ROLLBACK TO SAVEPOINT chunk")
+                    .await
+                    .is_err()
+                {
+                    self.rollback().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Stores the offsets after everything written and `completes`, and commits. Returns what the
+    /// transaction did.
+    pub async fn commit(&mut self, completes: &[Complete]) -> Result<Outcome, ApplyError> {
+        let Some(open) = self.open.take() else {
+            write_complete(&self.client, &self.s, &self.target, completes).await?;
+            return Ok(Outcome::default());
+        };
+        let stored = async {
+            let (s, t) = (&self.s, &self.target);
+            if !t.replay {
+                let parts: Vec<i32> = open.lasts.keys().copied().collect();
+                let offsets: Vec<i64> = open.lasts.values().map(|v| v.next_offset).collect();
+                let lsns: Vec<Option<String>> = open
+                    .lasts
+                    .values()
+                    .map(|v| v.commit_lsn.map(format_lsn))
+                    .collect();
+                let times: Vec<Option<i64>> = open.lasts.values().map(|v| v.timestamp_ms).collect();
+                let last: Vec<Option<String>> = open
+                    .lasts
+                    .values()
+                    .map(|v| v.position.map(|p| p.header_value()))
+                    .collect();
+                self.client
+                    .execute(
+                        &s.offsets,
+                        &[&t.group, &t.topic, &parts, &offsets, &lsns, &times, &last],
+                    )
+                    .await
+                    .map_err(sql("storing offsets"))?;
+                write_complete(&self.client, s, t, completes).await?;
+            }
+            self.client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(sql("commit"))
+        }
+        .await;
+        match stored {
+            Ok(()) => Ok(open.outcome),
+            Err(e) => {
+                self.open = Some(open);
+                self.rollback().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Abandons the open view transaction, if any. (When even that fails the connection is
+    /// dropped, which ends the transaction on the server.)
+    pub async fn rollback(&mut self) {
+        if self.open.take().is_some() {
+            if let Err(e) = self.client.batch_execute("ROLLBACK").await {
+                tracing::debug!(error = %e, "rolling back failed; closing the connection");
+                self.connection.abort();
+            }
+        }
+    }
+
+    /// The statements of [`Store::write`]: locks, rows, stats; the offsets to store after it.
+    #[allow(clippy::type_complexity)]
+    async fn write_items(
+        &self,
+        items: &[Item],
+    ) -> Result<
+        (
+            Vec<(usize, BadEvent)>,
+            BTreeSet<i32>,
+            BTreeMap<i32, Last>,
+            Outcome,
+        ),
+        ApplyError,
+    > {
+        let db = &self.client;
+        let s = &self.s;
+        let t = &self.target;
+        let locked = self.open.as_ref().map(|o| &o.locked);
+        let partitions: BTreeSet<i32> = items
+            .iter()
+            .map(|i| i.partition)
+            .filter(|p| locked.is_none_or(|l| !l.contains(p)))
+            .collect();
+        if !partitions.is_empty() {
+            let list: Vec<i32> = partitions.iter().copied().collect();
+            db.query_one(&s.lock, &[&t.lock_key, &list])
+                .await
+                .map_err(sql("locking the batch's partitions"))?;
+            if let Some(key) = &t.paused {
+                let free: bool = db
+                    .query_one(
+                        "SELECT coalesce(bool_or(pg_try_advisory_xact_lock(hashtext($1), p)), \
+                                         false) \
+                         FROM (SELECT DISTINCT unnest($2::int[]) AS p) AS ps",
+                        &[key, &list],
+                    )
+                    .await
+                    .map_err(sql("checking that the projector is paused"))?
+                    .get(0);
+                if free {
+                    return Err(ApplyError::PauseLost);
+                }
             }
         }
 
@@ -477,25 +616,18 @@ impl Store {
             };
             let segment = &items[start..i];
             if !segment.is_empty() {
-                write_segment(&tx, s, t, segment, start, &mut outcome, &mut bad).await?;
+                write_segment(db, s, t, segment, start, &mut outcome, &mut bad).await?;
             }
             if let Some(position) = truncate {
-                truncate_views(&tx, s, t, position, &mut outcome).await?;
+                truncate_views(db, s, t, position, &mut outcome).await?;
             }
             start = i + 1;
         }
 
-        // Offsets: the record after the last one of each partition in the batch.
-        #[derive(Default)]
-        struct Last {
-            next_offset: i64,
-            commit_lsn: Option<u64>,
-            timestamp_ms: Option<i64>,
-            position: Option<RecordPosition>,
-        }
-        let mut next: BTreeMap<i32, Last> = BTreeMap::new();
+        // Offsets: the record after the last one of each partition.
+        let mut lasts: BTreeMap<i32, Last> = BTreeMap::new();
         for item in items {
-            let e = next.entry(item.partition).or_default();
+            let e = lasts.entry(item.partition).or_default();
             e.next_offset = e.next_offset.max(item.offset + 1);
             e.timestamp_ms = e.timestamp_ms.max(item.timestamp_ms);
             e.position = e.position.max(item.position);
@@ -504,28 +636,7 @@ impl Store {
                 outcome.last_lsn = outcome.last_lsn.max(Some(p.commit_lsn));
             }
         }
-        if t.replay {
-            return Ok(Pending { tx, outcome, bad });
-        }
-        let parts: Vec<i32> = next.keys().copied().collect();
-        let offsets: Vec<i64> = next.values().map(|v| v.next_offset).collect();
-        let lsns: Vec<Option<String>> = next
-            .values()
-            .map(|v| v.commit_lsn.map(format_lsn))
-            .collect();
-        let times: Vec<Option<i64>> = next.values().map(|v| v.timestamp_ms).collect();
-        let last: Vec<Option<String>> = next
-            .values()
-            .map(|v| v.position.map(|p| p.header_value()))
-            .collect();
-        tx.execute(
-            &s.offsets,
-            &[&t.group, &t.topic, &parts, &offsets, &lsns, &times, &last],
-        )
-        .await
-        .map_err(sql("storing offsets"))?;
-        write_complete(&tx, s, t, completes).await?;
-        Ok(Pending { tx, outcome, bad })
+        Ok((bad, partitions, lasts, outcome))
     }
 }
 
@@ -561,12 +672,8 @@ fn seq(p: Position) -> i64 {
     i64::try_from(p.event_index).unwrap_or(i64::MAX)
 }
 
-async fn floor(
-    tx: &Transaction<'_>,
-    s: &Statements,
-    table: &str,
-) -> Result<Option<Position>, ApplyError> {
-    let row = tx
+async fn floor(db: &Client, s: &Statements, table: &str) -> Result<Option<Position>, ApplyError> {
+    let row = db
         .query_opt(&s.floor, &[&table])
         .await
         .map_err(sql("reading the last truncate"))?;
@@ -574,29 +681,29 @@ async fn floor(
 }
 
 async fn truncate_views(
-    tx: &Transaction<'_>,
+    db: &Client,
     s: &Statements,
     t: &Target,
     position: Position,
     outcome: &mut Outcome,
 ) -> Result<(), ApplyError> {
     let table = t.source_table.as_str();
-    if !t.replay && floor(tx, s, table).await?.is_some_and(|f| position <= f) {
+    if !t.replay && floor(db, s, table).await?.is_some_and(|f| position <= f) {
         outcome.ignored += 1;
         return Ok(());
     }
     let lsn = format_lsn(position.commit_lsn);
     let seq = seq(position);
-    tx.execute(&s.truncate_rows, &[&lsn, &seq])
+    db.execute(&s.truncate_rows, &[&lsn, &seq])
         .await
         .map_err(sql("truncating user_view"))?;
-    tx.execute(&s.drop_empty, &[])
+    db.execute(&s.drop_empty, &[])
         .await
         .map_err(sql("dropping empty departments"))?;
-    tx.execute(&s.truncate_deletions, &[&lsn, &seq])
+    db.execute(&s.truncate_deletions, &[&lsn, &seq])
         .await
         .map_err(sql("truncating user_view_deletions"))?;
-    tx.execute(&s.truncate_floor, &[&table, &lsn, &seq])
+    db.execute(&s.truncate_floor, &[&table, &lsn, &seq])
         .await
         .map_err(sql("recording the truncate"))?;
     outcome.truncates += 1;
@@ -604,7 +711,7 @@ async fn truncate_views(
 }
 
 async fn write_segment(
-    tx: &Transaction<'_>,
+    db: &Client,
     s: &Statements,
     t: &Target,
     segment: &[Item],
@@ -628,16 +735,16 @@ async fn write_segment(
     // Three reads, pipelined on the one connection.
     let (rows, deletions, floor) = tokio::try_join!(
         async {
-            tx.query(&s.rows, &[&ids])
+            db.query(&s.rows, &[&ids])
                 .await
                 .map_err(sql("reading current rows"))
         },
         async {
-            tx.query(&s.deletions, &[&ids])
+            db.query(&s.deletions, &[&ids])
                 .await
                 .map_err(sql("reading deletions"))
         },
-        floor(tx, s, &t.source_table),
+        floor(db, s, &t.source_table),
     )?;
     let mut current = HashMap::with_capacity(rows.len() + deletions.len());
     for r in deletions {
@@ -703,7 +810,7 @@ async fn write_segment(
             if up.ids.is_empty() {
                 return Ok(0);
             }
-            tx.execute(
+            db.execute(
                 &s.upsert,
                 &[
                     &up.ids,
@@ -724,7 +831,7 @@ async fn write_segment(
             if up.ids.is_empty() {
                 return Ok(0);
             }
-            tx.execute(&s.forget_deletions, &[&up.ids])
+            db.execute(&s.forget_deletions, &[&up.ids])
                 .await
                 .map_err(sql("forgetting deletions"))
         },
@@ -732,7 +839,7 @@ async fn write_segment(
             if del_ids.is_empty() {
                 return Ok(0);
             }
-            tx.execute(&s.delete, &[&del_ids])
+            db.execute(&s.delete, &[&del_ids])
                 .await
                 .map_err(sql("deleting from user_view"))
         },
@@ -740,7 +847,7 @@ async fn write_segment(
             if del_ids.is_empty() {
                 return Ok(0);
             }
-            tx.execute(&s.record_deletions, &[&del_ids, &del_lsns, &del_seqs])
+            db.execute(&s.record_deletions, &[&del_ids, &del_lsns, &del_seqs])
                 .await
                 .map_err(sql("recording deletions"))
         },
@@ -748,7 +855,7 @@ async fn write_segment(
             if departments.is_empty() {
                 return Ok(0);
             }
-            tx.execute(&s.stats_lock, &[&departments])
+            db.execute(&s.stats_lock, &[&departments])
                 .await
                 .map_err(sql("locking department_stats rows"))
         },
@@ -756,7 +863,7 @@ async fn write_segment(
             if add.departments.is_empty() {
                 return Ok(0);
             }
-            tx.execute(&s.stats_add, &add.params())
+            db.execute(&s.stats_add, &add.params())
                 .await
                 .map_err(sql("updating department_stats"))
         },
@@ -764,7 +871,7 @@ async fn write_segment(
             if change.departments.is_empty() {
                 return Ok(0);
             }
-            let n = tx
+            let n = db
                 .execute(&s.stats_change, &change.params())
                 .await
                 .map_err(sql("updating department_stats"))?;
@@ -777,7 +884,7 @@ async fn write_segment(
             if folded.stats.is_empty() {
                 return Ok(0);
             }
-            tx.execute(&s.drop_empty, &[])
+            db.execute(&s.drop_empty, &[])
                 .await
                 .map_err(sql("dropping empty departments"))
         },

@@ -41,15 +41,31 @@ pub struct Config {
     #[arg(long, env = "PROJECTOR_SOURCE_TABLE", default_value = "public.users")]
     pub source_table: String,
 
-    /// Most events applied in one database transaction.
+    /// Most events applied in one database transaction, unless one source transaction has more
+    /// (a view transaction always holds whole source transactions).
     #[arg(long, env = "PROJECTOR_BATCH_MAX_EVENTS", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_max_events: u32,
+
+    /// Most record data, in KiB, held in memory while source transactions are incomplete (a
+    /// transaction still arriving, a partition behind the others). Past it, the oldest held
+    /// transactions are written into a view transaction left open until they are complete: memory
+    /// stays bounded whatever a transaction's size.
+    #[arg(long, env = "PROJECTOR_HOLD_MAX_KIB", default_value_t = 65536, value_parser = clap::value_parser!(u64).range(1..))]
+    pub hold_max_kib: u64,
 
     /// Longest time to wait for more events before applying a batch, in milliseconds. 0: a batch
     /// is what has arrived when the previous one committed (events that arrive while a batch is
     /// being applied make the next one larger), never a wait.
     #[arg(long, env = "PROJECTOR_BATCH_MAX_WAIT_MS", default_value_t = 0)]
     pub batch_max_wait_ms: u64,
+
+    /// `whole`: every view transaction holds whole source transactions, also when their events
+    /// span partitions; a projector then applies only while it holds every partition of the
+    /// topic (one active member per group; another one waits). `per-member`: several members
+    /// share the partitions and each applies its own, so a source transaction with events in
+    /// partitions of different members is applied in parts, one per member.
+    #[arg(long, env = "PROJECTOR_TRANSACTIONS", value_enum, default_value_t = Transactions::Whole)]
+    pub transactions: Transactions,
 
     /// Extra librdkafka consumer properties, comma-separated key=value.
     #[arg(long, env = "PROJECTOR_CONSUMER_CONFIG", value_delimiter = ',')]
@@ -76,9 +92,18 @@ impl std::fmt::Debug for Config {
             .field("source_table", &self.source_table)
             .field("batch_max_events", &self.batch_max_events)
             .field("batch_max_wait_ms", &self.batch_max_wait_ms)
+            .field("hold_max_kib", &self.hold_max_kib)
+            .field("transactions", &self.transactions)
             .field("http_listen", &self.http_listen)
             .finish_non_exhaustive()
     }
+}
+
+/// How source transactions map onto view transactions (`--transactions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transactions {
+    Whole,
+    PerMember,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -51,7 +51,7 @@ use crate::dead_letter::{DeadLetters, Letter};
 use crate::encode::{BadEvent, Change};
 use crate::source_position::Follower;
 
-pub use config::Config;
+pub use config::{Config, Transactions};
 pub use telemetry::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -243,6 +243,15 @@ struct Record {
     decoded: Result<Change, BadEvent>,
 }
 
+impl Record {
+    /// Roughly what holding it costs, in bytes.
+    fn size(&self) -> u64 {
+        let data = self.key.as_ref().map_or(0, Vec::len) + self.value.as_ref().map_or(0, Vec::len);
+        // The decoded row, and the rest.
+        (2 * data + 256) as u64
+    }
+}
+
 /// Consumes and applies until `shutdown`. `listener` serves `/health` and `/metrics`.
 pub async fn run(
     config: Config,
@@ -372,6 +381,69 @@ struct Projector<'a> {
     topic_partitions_stored: Option<i32>,
     /// The offset each partition was positioned at.
     positioned_at: HashMap<i32, i64>,
+    /// The view transaction being written, when one is open.
+    view_tx: Option<ViewTx>,
+    /// A view transaction was lost with records no longer in hand: read every partition again
+    /// from the stored offsets.
+    reread: bool,
+    /// In whole-transaction mode, holding only some of the topic's partitions: they are paused
+    /// and nothing is applied until a rebalance hands this member all of them.
+    waiting: bool,
+}
+
+/// The view transaction being written: what it holds so far.
+#[derive(Debug)]
+struct ViewTx {
+    started: Instant,
+    /// Some records written in it are no longer in hand (parts of a source transaction larger
+    /// than a batch): when it fails, the partitions are read again from the stored offsets.
+    released: bool,
+    /// Per partition: the last record written (by position) and the offset after it.
+    applied: HashMap<i32, RecordPosition>,
+    next: BTreeMap<i32, i64>,
+    /// The highest source commit LSN written: the transaction commits only once every partition
+    /// is complete past it.
+    through: Option<u64>,
+    events: u64,
+    dead: u64,
+}
+
+impl ViewTx {
+    fn new() -> ViewTx {
+        ViewTx {
+            started: Instant::now(),
+            released: false,
+            applied: HashMap::new(),
+            next: BTreeMap::new(),
+            through: None,
+            events: 0,
+            dead: 0,
+        }
+    }
+}
+
+/// Whether `r` belongs to a source transaction complete below `frontier` (records without a
+/// position are never held back).
+fn ready(r: &Record, frontier: Option<u64>) -> bool {
+    frontier.is_none_or(|f| r.position.is_none_or(|p| p.commit_lsn < f))
+}
+
+/// Takes out of `held`, in order, each partition's records up to the first one `take` refuses
+/// (a partition's records are applied in order).
+fn take_prefix(held: &mut Vec<Record>, take: impl Fn(&Record) -> bool) -> Vec<Record> {
+    let mut blocked = BTreeSet::new();
+    let mut taken = Vec::new();
+    let mut kept = Vec::with_capacity(held.len());
+    for r in held.drain(..) {
+        if !blocked.contains(&r.partition) && take(&r) {
+            taken.push(r);
+        } else {
+            blocked.insert(r.partition);
+            kept.push(r);
+        }
+    }
+    *held = kept;
+    taken
 }
 
 impl<'a> Projector<'a> {
@@ -405,6 +477,9 @@ impl<'a> Projector<'a> {
             complete: HashMap::new(),
             topic_partitions_stored: None,
             positioned_at: HashMap::new(),
+            view_tx: None,
+            reread: false,
+            waiting: false,
         })
     }
 }
@@ -417,12 +492,13 @@ impl Projector<'_> {
     /// reached its stop (Ok(true)).
     async fn run(&mut self) -> Result<bool, Error> {
         let max = self.config.batch_max_events as usize;
-        let mut batch: Vec<Record> = Vec::with_capacity(max);
+        // Consumed, not yet written: the next view transaction's records, and later ones'.
+        let mut held: Vec<Record> = Vec::with_capacity(max);
         self.metrics.set_state(telemetry::State::Running);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'consume: loop {
-            if !self.reposition(&mut batch).await? {
+            if !self.reposition(&mut held).await? {
                 break 'consume;
             }
             if self.reached_stop() {
@@ -438,27 +514,29 @@ impl Projector<'_> {
             let first = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => break 'consume,
-                // Before more records: a reader position that arrived after the batch that
-                // applied its records raises complete_lsn now (read-your-writes waits on it).
+                // Before more records: a reader position completes the transactions held (and
+                // raises complete_lsn, which read-your-writes waits on).
                 () = position_changed => {
-                    if !self.raise_complete().await? {
+                    if !self.step(&mut held).await? || !self.raise_complete().await? {
                         break 'consume;
                     }
                     continue 'consume;
                 }
                 m = self.consumer.recv() => m.map(|m| m.detach()),
                 _ = tick.tick() => {
-                    // Offsets applied in the last batches reach Kafka even when no more come.
-                    self.commit_to_kafka(&[]);
-                    if !self.raise_complete().await? {
+                    // Offsets applied in the last transactions reach Kafka even when no more
+                    // come.
+                    self.commit_to_kafka(&BTreeMap::new());
+                    if !self.step(&mut held).await? || !self.raise_complete().await? {
                         break 'consume;
                     }
                     continue 'consume;
                 }
             };
-            self.take(first, &mut batch).await?;
+            let before = held.len();
+            self.take(first, &mut held).await?;
             let deadline = tokio::time::Instant::now() + self.config.batch_max_wait();
-            while !batch.is_empty() && batch.len() < max {
+            while !held.is_empty() && held.len() - before < max {
                 // Records already here first: the deadline only ends a wait for more.
                 let next = tokio::select! {
                     biased;
@@ -466,28 +544,31 @@ impl Projector<'_> {
                     m = self.consumer.recv() => m.map(|m| m.detach()),
                     () = tokio::time::sleep_until(deadline) => break,
                 };
-                let before = batch.len();
-                self.take(next, &mut batch).await?;
+                let had = held.len();
+                self.take(next, &mut held).await?;
                 // Records passed over (a rebalance since, past a replay's stop) keep coming
                 // without growing the batch: apply what is in hand once the wait is over.
-                if batch.len() == before && tokio::time::Instant::now() >= deadline {
+                if held.len() == had && tokio::time::Instant::now() >= deadline {
                     break;
                 }
             }
-            if !self.flush(&mut batch).await? {
+            if !self.step(&mut held).await? {
                 return Ok(false);
             }
         }
-        // Apply what is in hand, within a limit; whatever is not committed is read again next time.
-        if !batch.is_empty() {
-            match tokio::time::timeout(DRAIN_LIMIT, self.try_flush(&batch)).await {
-                Ok(Ok(())) => tracing::info!(events = batch.len(), "applied the last batch"),
+        // Apply what is complete, within a limit; whatever is not committed is read again next
+        // time.
+        if !held.is_empty() || self.view_tx.is_some() {
+            match tokio::time::timeout(DRAIN_LIMIT, self.try_commit_ready(&mut held)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(events = n, "applied the last records"),
                 Ok(Err(e)) => tracing::warn!(error = %service::error_chain(&e),
-                    "the last batch was not applied; it will be read again"),
+                    "the last records were not applied; they will be read again"),
                 Err(_) => tracing::warn!(
-                    "the last batch did not apply within {DRAIN_LIMIT:?}; it will be read again"
+                    "the last records did not apply within {DRAIN_LIMIT:?}; they will be read again"
                 ),
             }
+            self.abandon().await;
         }
         Ok(false)
     }
@@ -518,17 +599,26 @@ impl Projector<'_> {
         }
     }
 
-    /// After a rebalance: applies what is in hand (it belongs to the old assignment), then moves
-    /// every assigned partition to the offset stored with the views. Ok(false) on shutdown.
-    async fn reposition(&mut self, batch: &mut Vec<Record>) -> Result<bool, Error> {
+    /// After a rebalance: applies what is complete in hand (it belongs to the old assignment),
+    /// then moves every assigned partition to the offset stored with the views; after a view
+    /// transaction was lost with records no longer in hand, only the latter. Ok(false) on
+    /// shutdown.
+    async fn reposition(&mut self, held: &mut Vec<Record>) -> Result<bool, Error> {
         let generation = self.consumer.context().generation.load(Ordering::SeqCst);
         if generation == self.positioned_generation {
             return Ok(true);
         }
-        if !self.flush(batch).await? {
+        if !std::mem::take(&mut self.reread) && !self.commit_ready(held).await? {
             return Ok(false);
         }
+        // (Set again if that commit failed: the positioning below is what it asks for.)
+        self.reread = false;
+        self.abandon().await;
+        held.clear();
         self.positions.clear();
+        if std::mem::take(&mut self.waiting) {
+            self.pause(false);
+        }
         for partition in self.consumer.context().assigned() {
             let start = match &self.bounds {
                 Some(b) => b.start.get(&partition).copied(),
@@ -576,6 +666,36 @@ impl Projector<'_> {
             }
         }
         self.positioned_generation = generation;
+        if self.bounds.is_none() {
+            let Some(partitions) = self.partition_count().await else {
+                return Ok(false);
+            };
+            let mine = self.positions.len();
+            if mine < partitions && self.config.transactions == Transactions::Whole {
+                tracing::warn!(
+                    mine,
+                    partitions,
+                    "this projector holds only some of the topic's partitions: it applies \
+                     whole source transactions only with all of them, and waits for a rebalance \
+                     (a killed member's session running out, or another member of the group \
+                     leaving; several members sharing a topic need --transactions per-member)"
+                );
+                self.waiting = true;
+                self.pause(true);
+                self.metrics.set_state(telemetry::State::Waiting);
+            } else {
+                if mine < partitions {
+                    tracing::info!(
+                        mine,
+                        partitions,
+                        "this projector applies some of the topic's partitions: a source \
+                         transaction with events in partitions of other members is applied in \
+                         parts, one per member (--transactions per-member)"
+                    );
+                }
+                self.metrics.set_state(telemetry::State::Running);
+            }
+        }
         Ok(true)
     }
 
@@ -613,6 +733,10 @@ impl Projector<'_> {
                 return Ok(());
             }
         };
+        if self.waiting {
+            // (Fetched before the pause; read again once this member holds every partition.)
+            return Ok(());
+        }
         let partition = message.partition();
         let offset = message.offset();
         let generation = self.consumer.context().generation.load(Ordering::SeqCst);
@@ -719,6 +843,45 @@ impl Projector<'_> {
         }
     }
 
+    /// Pauses (or resumes) fetching every partition this member holds.
+    fn pause(&self, pause: bool) {
+        let mut tpl = TopicPartitionList::new();
+        for p in self.consumer.context().assigned() {
+            tpl.add_partition(&self.config.topic, p);
+        }
+        let done = if pause {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
+        };
+        if let Err(e) = done {
+            tracing::warn!(error = %e, pause, "pausing or resuming the partitions failed");
+        }
+    }
+
+    /// The topic's partition count, retrying while the broker does not say; `None` on shutdown.
+    async fn partition_count(&self) -> Option<usize> {
+        let mut backoff = service::Backoff::default();
+        loop {
+            let topic = self.config.topic.as_str();
+            match self
+                .consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+            {
+                Ok(m) => {
+                    if let Some(t) = m.topics().iter().find(|t| t.name() == topic) {
+                        return Some(t.partitions().len());
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e,
+                    "reading the topic's partition count failed; retrying"),
+            }
+            if !backoff.wait(self.shutdown).await {
+                return None;
+            }
+        }
+    }
+
     /// The first offset the topic still holds in `partition` and the one after its last record,
     /// retrying while the broker does not say; `None` on shutdown.
     async fn watermarks(&self, partition: i32) -> Option<(i64, i64)> {
@@ -785,51 +948,209 @@ impl Projector<'_> {
         Ok(self.backoff.wait(self.shutdown).await)
     }
 
-    /// Applies `batch` (retrying as needed) and empties it. Ok(false) when shutdown came first.
-    async fn flush(&mut self, batch: &mut Vec<Record>) -> Result<bool, Error> {
-        if batch.is_empty() {
-            return Ok(true);
+    /// The source commit LSN below which every positioned partition's records are all in hand
+    /// (applied, written or held): a source transaction that committed below it is complete, and
+    /// its records can be applied without tearing it. Per partition that is the end of the
+    /// newest reader position whose last record of it is in hand (see [`source_position`]), or
+    /// the commit LSN of the last record in hand (a partition is in commit order). `None`: no
+    /// limit (a replay, which has no reader positions to go by).
+    fn frontier(&self, held: &[Record]) -> Option<u64> {
+        let follower = self.follower.as_ref()?;
+        let mut last: HashMap<i32, RecordPosition> = HashMap::new();
+        let written = self.view_tx.iter().flat_map(|v| v.applied.iter());
+        for (&partition, &position) in self.applied.iter().chain(written) {
+            let e = last.entry(partition).or_insert(position);
+            *e = (*e).max(position);
         }
-        // Ranges still to apply; a range refused for its data is split until the culprit is alone.
-        let mut todo = Vec::new();
-        todo.push(0..batch.len());
-        while let Some(range) = todo.pop() {
-            loop {
-                let error = match self.try_flush(&batch[range.clone()]).await {
-                    Ok(()) => break,
-                    Err(e) => e,
-                };
-                if error.remedy() == Remedy::Isolate {
-                    if range.len() > 1 {
-                        let mid = range.start + range.len() / 2;
-                        // Stack: the first half is applied first, keeping the order.
-                        todo.push(mid..range.end);
-                        todo.push(range.start..mid);
-                        tracing::warn!(error = %service::error_chain(&error), events = range.len(),
-                            "the database refused a batch; applying it in halves to find the event");
-                        break;
-                    }
-                    let reason = service::error_chain(&error);
-                    if !self
-                        .dead_letter_refused(&batch[range.clone()], reason)
-                        .await?
-                    {
-                        return Ok(false);
-                    }
-                    break;
-                }
-                if !self.failed(error).await? {
-                    return Ok(false);
-                }
+        for r in held {
+            if let Some(position) = r.position {
+                let e = last.entry(r.partition).or_insert(position);
+                *e = (*e).max(position);
             }
         }
-        batch.clear();
+        let mut frontier = u64::MAX;
+        for &partition in self.positions.keys() {
+            let last = last.get(&partition).copied();
+            let complete = [
+                self.complete.get(&partition).copied(),
+                follower.complete(partition, last),
+                last.map(|p| p.commit_lsn),
+            ];
+            frontier = frontier.min(complete.into_iter().flatten().max().unwrap_or(0));
+        }
+        Some(frontier)
+    }
+
+    /// Writes what `held` allows. The records of the source transactions complete in every
+    /// partition (see [`Projector::frontier`]) are committed, in view transactions of whole
+    /// source transactions, with what an open one holds already. When more than
+    /// `--hold-max-kib` stays held (a source transaction larger than that, or a partition far
+    /// behind the others), the older half of it goes into the open view transaction, which
+    /// commits once they are complete. Ok(false) on shutdown.
+    async fn step(&mut self, held: &mut Vec<Record>) -> Result<bool, Error> {
+        if !self.commit_ready(held).await? {
+            return Ok(false);
+        }
+        let bytes: u64 = held.iter().map(Record::size).sum();
+        if bytes < self.config.hold_max_kib.saturating_mul(1024) {
+            return Ok(true);
+        }
+        let frontier = self.frontier(held);
+        let mut waiting: Vec<u64> = held
+            .iter()
+            .filter(|r| !ready(r, frontier))
+            .filter_map(|r| r.position.map(|p| p.commit_lsn))
+            .collect();
+        waiting.sort_unstable();
+        let Some(&upto) = waiting.get(waiting.len() / 2) else {
+            return Ok(true);
+        };
+        let records = take_prefix(held, |r| r.position.is_none_or(|p| p.commit_lsn <= upto));
+        if records.is_empty() {
+            return Ok(true);
+        }
+        tracing::debug!(
+            events = records.len(),
+            held = held.len(),
+            "writing part of a view transaction before its source transactions are complete"
+        );
+        self.metrics.parts.fetch_add(1, Ordering::Relaxed);
+        self.apply(records, false).await
+    }
+
+    /// Commits view transactions of the ready records (and what the open one holds), each of at
+    /// most `--batch-max-events` events unless a source transaction has more, while there are
+    /// some. Ok(false) on shutdown.
+    async fn commit_ready(&mut self, held: &mut Vec<Record>) -> Result<bool, Error> {
+        while let Some(records) = self.take_ready(held) {
+            if !self.apply(records, true).await? {
+                return Ok(false);
+            }
+        }
         Ok(true)
     }
 
-    /// One attempt to apply `records` in one transaction, dead letters first.
-    async fn try_flush(&mut self, records: &[Record]) -> Result<(), BatchError> {
-        let started = Instant::now();
+    /// The records of the next view transaction, taken out of `held`: the ready records of the
+    /// oldest source transactions, at most `--batch-max-events` of them unless the first
+    /// transaction has more. `None` when there is nothing to commit, or the open view
+    /// transaction holds transactions not yet complete.
+    fn take_ready(&self, held: &mut Vec<Record>) -> Option<Vec<Record>> {
+        let frontier = self.frontier(held);
+        let committable = self
+            .view_tx
+            .as_ref()
+            .is_none_or(|v| v.through.is_none_or(|t| frontier.is_none_or(|f| t < f)));
+        if !committable {
+            return None;
+        }
+        let lsn = |r: &Record| r.position.map_or(0, |p| p.commit_lsn);
+        let mut lsns: Vec<u64> = held
+            .iter()
+            .filter(|r| ready(r, frontier))
+            .map(lsn)
+            .collect();
+        if lsns.is_empty() && self.view_tx.is_none() {
+            return None;
+        }
+        lsns.sort_unstable();
+        // Below the transaction of the first record past the limit; the whole first transaction
+        // when it alone is larger.
+        let max = self.config.batch_max_events as usize;
+        let below = lsns
+            .get(max)
+            .map(|&at| if at > lsns[0] { at } else { lsns[0] + 1 });
+        Some(take_prefix(held, |r| {
+            ready(r, frontier) && below.is_none_or(|b| lsn(r) < b)
+        }))
+    }
+
+    /// One attempt at one view transaction of what [`Projector::commit_ready`] commits, for the
+    /// shutdown; the number of records committed.
+    async fn try_commit_ready(&mut self, held: &mut Vec<Record>) -> Result<usize, BatchError> {
+        let Some(records) = self.take_ready(held) else {
+            return Ok(0);
+        };
+        self.write(&records).await?;
+        let events = self.view_tx.as_ref().map_or(0, |v| v.events);
+        self.commit_view_tx().await?;
+        Ok(usize::try_from(events).unwrap_or(usize::MAX))
+    }
+
+    /// Writes `records` into the view transaction and, when `commit`, commits it, retrying what
+    /// can be retried: from memory when every record of the transaction is still in hand, by
+    /// reading the partitions again from the stored offsets when some are not. Ok(false) on
+    /// shutdown.
+    async fn apply(&mut self, records: Vec<Record>, commit: bool) -> Result<bool, Error> {
+        loop {
+            let attempt = async {
+                self.write(&records).await?;
+                if commit {
+                    self.commit_view_tx().await?;
+                } else if let Some(v) = &mut self.view_tx {
+                    v.released = true;
+                }
+                Ok::<_, BatchError>(())
+            }
+            .await;
+            let Err(error) = attempt else {
+                return Ok(true);
+            };
+            let released = self.view_tx.as_ref().is_some_and(|v| v.released) || !commit;
+            self.abandon().await;
+            if !self.failed(error).await? {
+                return Ok(false);
+            }
+            if released {
+                // Read every partition again from the stored offsets (records held are read
+                // again too).
+                self.reread = true;
+                self.positioned_generation = u64::MAX;
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Writes `records` into the view transaction, dead letters first. A range the database
+    /// refuses for its data is halved, inside the transaction, until the event is alone; that one
+    /// is dead-lettered.
+    async fn write(&mut self, records: &[Record]) -> Result<(), BatchError> {
+        self.ensure_dead_letter_topic().await?;
+        let mut todo = Vec::new();
+        todo.push(0..records.len());
+        while let Some(range) = todo.pop() {
+            if range.is_empty() {
+                continue;
+            }
+            let error = match self.write_chunk(&records[range.clone()], None).await {
+                Ok(()) => continue,
+                Err(e) => e,
+            };
+            let open = self.store.as_ref().is_some_and(Store::in_transaction);
+            if error.remedy() != Remedy::Isolate || !open {
+                return Err(error);
+            }
+            if range.len() > 1 {
+                let mid = range.start + range.len() / 2;
+                // Stack: the first half is written first, keeping the order.
+                todo.push(mid..range.end);
+                todo.push(range.start..mid);
+                tracing::warn!(error = %service::error_chain(&error), events = range.len(),
+                    "the database refused a batch; writing it in halves to find the event");
+            } else {
+                let reason = service::error_chain(&error);
+                self.write_chunk(&records[range], Some(&reason)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `records` into the view transaction; with `refused`, only their offsets (the
+    /// database refused them for that reason: they are dead-lettered).
+    async fn write_chunk(
+        &mut self,
+        records: &[Record],
+        refused: Option<&str>,
+    ) -> Result<(), BatchError> {
         let items: Vec<Item> = records
             .iter()
             .map(|r| Item {
@@ -837,37 +1158,72 @@ impl Projector<'_> {
                 offset: r.offset,
                 timestamp_ms: r.timestamp_ms,
                 position: r.position,
-                change: r.decoded.as_ref().ok().cloned(),
+                change: match refused {
+                    Some(_) => None,
+                    None => r.decoded.as_ref().ok().cloned(),
+                },
             })
             .collect();
-        self.ensure_dead_letter_topic().await?;
-        let (applied, completes) = self.completes(records);
+        let open = self.view_tx.is_some();
         let store = connected(&mut self.store, &self.config.database_url, &self.target).await?;
-        let pending = store.apply(&items, &completes).await?;
-        let mut letters: Vec<Letter<'_>> = records
-            .iter()
-            .filter_map(|r| {
-                let e = r.decoded.as_ref().err()?;
-                Some(letter(r, e.kind(), e.to_string()))
-            })
-            .collect();
-        letters.extend(
-            pending
-                .bad
+        if open && !store.in_transaction() {
+            return Err(ApplyError::TransactionLost.into());
+        }
+        let bad = store.write(&items).await?;
+        let letters: Vec<Letter<'_>> = match refused {
+            Some(reason) => records
                 .iter()
-                .map(|(i, e)| letter(&records[*i], e.kind(), e.to_string())),
-        );
+                .map(|r| letter(r, "database_refused", reason.to_owned()))
+                .collect(),
+            None => records
+                .iter()
+                .filter_map(|r| {
+                    let e = r.decoded.as_ref().err()?;
+                    Some(letter(r, e.kind(), e.to_string()))
+                })
+                .chain(
+                    bad.iter()
+                        .map(|(i, e)| letter(&records[*i], e.kind(), e.to_string())),
+                )
+                .collect(),
+        };
         if !letters.is_empty() {
             match &self.dead_letters {
                 Some(d) => d.send_all(&letters).await.map_err(BatchError::DeadLetter)?,
                 None => not_applied(&letters),
             }
         }
-        let dead = letters.len();
-        let outcome = pending.commit().await?;
+        let v = self.view_tx.get_or_insert_with(ViewTx::new);
+        v.dead += letters.len() as u64;
+        v.events += records.len() as u64;
+        for r in records {
+            let next = v.next.entry(r.partition).or_insert(r.offset + 1);
+            *next = (*next).max(r.offset + 1);
+            if let Some(p) = r.position {
+                let last = v.applied.entry(r.partition).or_insert(p);
+                *last = (*last).max(p);
+                v.through = v.through.max(Some(p.commit_lsn));
+            }
+        }
+        Ok(())
+    }
 
+    /// Commits the view transaction with the partitions' `complete_lsn`.
+    async fn commit_view_tx(&mut self) -> Result<(), BatchError> {
+        let Some(v) = &self.view_tx else {
+            return Ok(());
+        };
+        let completes = self.completes(&v.applied);
+        let store = connected(&mut self.store, &self.config.database_url, &self.target).await?;
+        if !store.in_transaction() {
+            return Err(ApplyError::TransactionLost.into());
+        }
+        let outcome = store.commit(&completes).await?;
+        let Some(v) = self.view_tx.take() else {
+            return Ok(());
+        };
         let m = self.metrics;
-        m.events.fetch_add(records.len() as u64, Ordering::Relaxed);
+        m.events.fetch_add(v.events, Ordering::Relaxed);
         m.upserted
             .fetch_add(outcome.upserted as u64, Ordering::Relaxed);
         m.deleted
@@ -876,16 +1232,24 @@ impl Projector<'_> {
             .fetch_add(outcome.truncates as u64, Ordering::Relaxed);
         m.ignored
             .fetch_add(outcome.ignored as u64, Ordering::Relaxed);
-        m.dead_lettered.fetch_add(dead as u64, Ordering::Relaxed);
+        m.dead_lettered.fetch_add(v.dead, Ordering::Relaxed);
         if let Some(lsn) = outcome.last_lsn {
             m.last_applied_lsn.fetch_max(lsn, Ordering::Relaxed);
         }
-        m.record_batch(started.elapsed());
+        m.record_batch(v.started.elapsed());
         m.set_state(telemetry::State::Running);
         self.backoff.reset();
-        self.completed(applied, &completes);
-        self.commit_to_kafka(records);
+        self.completed(v.applied, &completes);
+        self.commit_to_kafka(&v.next);
         Ok(())
+    }
+
+    /// Abandons the open view transaction, if any.
+    async fn abandon(&mut self) {
+        self.view_tx = None;
+        if let Some(store) = &mut self.store {
+            store.rollback().await;
+        }
     }
 
     async fn ensure_dead_letter_topic(&mut self) -> Result<(), BatchError> {
@@ -900,76 +1264,16 @@ impl Projector<'_> {
         Ok(())
     }
 
-    /// Dead-letters one record the database refused, and moves the offset past it.
-    async fn dead_letter_refused(
-        &mut self,
-        records: &[Record],
-        reason: String,
-    ) -> Result<bool, Error> {
-        loop {
-            let attempt = async {
-                let letters: Vec<Letter<'_>> = records
-                    .iter()
-                    .map(|r| letter(r, "database_refused", reason.clone()))
-                    .collect();
-                match &self.dead_letters {
-                    Some(d) => d.send_all(&letters).await.map_err(BatchError::DeadLetter)?,
-                    None => not_applied(&letters),
-                }
-                let items: Vec<Item> = records
-                    .iter()
-                    .map(|r| Item {
-                        partition: r.partition,
-                        offset: r.offset,
-                        timestamp_ms: r.timestamp_ms,
-                        position: r.position,
-                        change: None,
-                    })
-                    .collect();
-                let store =
-                    connected(&mut self.store, &self.config.database_url, &self.target).await?;
-                store.apply(&items, &[]).await?.commit().await?;
-                Ok::<_, BatchError>(())
-            };
-            match attempt.await {
-                Ok(()) => {
-                    let (applied, _) = self.completes(records);
-                    self.completed(applied, &[]);
-                    self.metrics
-                        .dead_lettered
-                        .fetch_add(records.len() as u64, Ordering::Relaxed);
-                    self.metrics
-                        .events
-                        .fetch_add(records.len() as u64, Ordering::Relaxed);
-                    self.commit_to_kafka(records);
-                    return Ok(true);
-                }
-                Err(e) => {
-                    if !self.failed(e).await? {
-                        return Ok(false);
-                    }
-                }
-            }
-        }
-    }
-
-    /// For `records` about to be applied: the last record of each of their partitions, and the
-    /// `complete_lsn` every positioned partition then reaches, where it rises (see
+    /// The `complete_lsn` every positioned partition reaches once `written` (the last record of
+    /// each partition in the view transaction) is applied, where it rises (see
     /// [`source_position`]).
-    fn completes(&self, records: &[Record]) -> (HashMap<i32, RecordPosition>, Vec<Complete>) {
-        let mut applied: HashMap<i32, RecordPosition> = HashMap::new();
-        for r in records {
-            if let Some(p) = r.position {
-                let last = applied.entry(r.partition).or_insert(p);
-                *last = (*last).max(p);
-            }
-        }
+    fn completes(&self, written: &HashMap<i32, RecordPosition>) -> Vec<Complete> {
         let Some(follower) = &self.follower else {
-            return (applied, Vec::new());
+            return Vec::new();
         };
         let mut completes = Vec::new();
         for (&partition, cursor) in &self.positions {
-            let last = applied
+            let last = written
                 .get(&partition)
                 .copied()
                 .max(self.applied.get(&partition).copied());
@@ -994,7 +1298,7 @@ impl Projector<'_> {
                 });
             }
         }
-        (applied, completes)
+        completes
     }
 
     /// After a commit: what [`Projector::completes`] said is now stored.
@@ -1012,7 +1316,8 @@ impl Projector<'_> {
     /// say are complete further (idle ones, or ones whose last records came before the position
     /// did), and stores the topic's partition count when it is new. Ok(false) on shutdown.
     async fn raise_complete(&mut self) -> Result<bool, Error> {
-        if self.follower.is_none() || self.positions.is_empty() {
+        // (A view transaction open on the connection would take these writes in.)
+        if self.follower.is_none() || self.positions.is_empty() || self.view_tx.is_some() {
             return Ok(true);
         }
         let partitions = self
@@ -1033,7 +1338,7 @@ impl Projector<'_> {
                 }
             }
         }
-        let (_, completes) = self.completes(&[]);
+        let completes = self.completes(&HashMap::new());
         if completes.is_empty() {
             return Ok(true);
         }
@@ -1056,17 +1361,17 @@ impl Projector<'_> {
         }
     }
 
-    /// Mirrors the committed offsets to Kafka, for lag tools; the views' copy is the one used.
+    /// Mirrors the committed offsets (`applied`: the next offset of each partition) to Kafka,
+    /// for lag tools; the views' copy is the one used.
     /// One commit at a time, at most every [`KAFKA_COMMIT_EVERY`]: librdkafka does not rejoin the
     /// group after losing it until every commit it holds has ended, and commits sent to a broker
     /// that stopped answering (paused, partitioned) end only after their retries time out, so
     /// a commit per batch kept a projector out of its group for minutes.
-    fn commit_to_kafka(&mut self, records: &[Record]) {
-        for r in records {
-            let next = r.offset + 1;
-            self.metrics.set_applied(r.partition, next);
+    fn commit_to_kafka(&mut self, applied: &BTreeMap<i32, i64>) {
+        for (&partition, &next) in applied {
+            self.metrics.set_applied(partition, next);
             if self.bounds.is_none() {
-                let e = self.kafka_offsets.entry(r.partition).or_insert(next);
+                let e = self.kafka_offsets.entry(partition).or_insert(next);
                 *e = (*e).max(next);
             }
         }
@@ -1141,6 +1446,46 @@ fn letter<'a>(r: &'a Record, kind: &'static str, error: String) -> Letter<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(partition: i32, offset: i64, commit_lsn: Option<u64>) -> Record {
+        Record {
+            partition,
+            offset,
+            timestamp_ms: None,
+            position: commit_lsn.map(|commit_lsn| RecordPosition {
+                commit_lsn,
+                event_index: 0,
+                sub: 0,
+            }),
+            key: None,
+            value: None,
+            decoded: Ok(Change::Tombstone),
+        }
+    }
+
+    #[test]
+    fn records_are_taken_in_each_partitions_order_up_to_the_first_held_back() {
+        let mut held = vec![
+            record(0, 1, Some(10)),
+            record(1, 1, Some(10)),
+            record(0, 2, Some(30)),
+            record(1, 2, Some(20)),
+            // Ready, but after a record of its partition held back.
+            record(0, 3, None),
+            record(1, 3, Some(25)),
+        ];
+        let taken = take_prefix(&mut held, |r| ready(r, Some(30)));
+        let at = |rs: &[Record]| {
+            rs.iter()
+                .map(|r| (r.partition, r.offset))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(at(&taken), [(0, 1), (1, 1), (1, 2), (1, 3)]);
+        assert_eq!(at(&held), [(0, 2), (0, 3)]);
+        // Without a frontier (a replay) everything is ready.
+        assert_eq!(take_prefix(&mut held, |r| ready(r, None)).len(), 2);
+        assert!(held.is_empty());
+    }
 
     #[test]
     fn dead_letter_failures_are_retried() {

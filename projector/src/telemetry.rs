@@ -14,6 +14,10 @@ pub enum State {
     Running = 1,
     Retrying = 2,
     Stopping = 3,
+    /// Holding only some of the topic's partitions in whole-transaction mode: nothing applied
+    /// until a rebalance hands it all (a killed member's session still running out, or another
+    /// member sharing the topic).
+    Waiting = 4,
 }
 
 impl State {
@@ -23,6 +27,7 @@ impl State {
             State::Running => "running",
             State::Retrying => "retrying",
             State::Stopping => "stopping",
+            State::Waiting => "waiting_for_partitions",
         }
     }
 
@@ -31,6 +36,7 @@ impl State {
             1 => State::Running,
             2 => State::Retrying,
             3 => State::Stopping,
+            4 => State::Waiting,
             _ => State::Starting,
         }
     }
@@ -65,6 +71,9 @@ pub struct Metrics {
     /// Events at or below the position the views already reflected.
     pub ignored: AtomicU64,
     pub batches: AtomicU64,
+    /// Parts of view transactions written before they could commit (source transactions
+    /// larger than a batch).
+    pub parts: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub errors: AtomicU64,
     pub last_applied_lsn: AtomicU64,
@@ -187,6 +196,13 @@ impl Metrics {
             g(&self.batches),
         );
         out.metric(
+            "projector_transaction_parts_total",
+            "counter",
+            "Parts of view transactions written before they could commit: source transactions \
+             larger than a batch, applied in one view transaction with bounded memory.",
+            g(&self.parts),
+        );
+        out.metric(
             "projector_dead_lettered_total",
             "counter",
             "Records sent to the dead-letter topic.",
@@ -238,14 +254,16 @@ impl Metrics {
 impl Telemetry for Metrics {
     fn health(&self) -> (bool, serde_json::Value) {
         let state = self.state();
+        // Waiting for partitions is as designed (and passes by itself when a member is gone).
+        let up = matches!(state, State::Running | State::Waiting);
         let body = serde_json::json!({
-            "status": if state == State::Running { "UP" } else { "DOWN" },
+            "status": if up { "UP" } else { "DOWN" },
             "state": state.name(),
             "last_applied_lsn": change_event::format_lsn(self.last_applied_lsn.load(Ordering::Relaxed)),
             "consumer_lag": self.lag().into_iter().map(|(p, l)| (p.to_string(), l)).collect::<BTreeMap<_, _>>(),
             "last_error": self.last_error(),
         });
-        (state == State::Running, body)
+        (up, body)
     }
 
     fn render(&self) -> String {

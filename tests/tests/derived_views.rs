@@ -268,9 +268,13 @@ async fn concurrent_user_and_post_writers_keep_every_view_equal_to_its_definitio
     let p = Pipeline::start_with(Stack::from_env(), "dv_conc", 3)
         .await
         .unwrap();
+    let config = projector::Config {
+        transactions: projector::Transactions::PerMember,
+        ..p.projector_config()
+    };
     let projectors = [
-        Projector::start(p.projector_config()).await.unwrap(),
-        Projector::start(p.projector_config()).await.unwrap(),
+        Projector::start(config.clone()).await.unwrap(),
+        Projector::start(config).await.unwrap(),
     ];
     let users = UserApi::start(&p.user_db.url).await.unwrap();
     let posts = PostApi::start(&p.view_db.url).await.unwrap();

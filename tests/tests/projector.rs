@@ -241,7 +241,20 @@ async fn keep_writing(
 
 /// The projector binary as a child process, so it can be killed with SIGKILL.
 async fn spawn_projector(config: &projector::Config) -> tokio::process::Child {
-    tokio::process::Command::new(e2e::workspace_binary("projector").unwrap())
+    spawn_projector_serving(config, &[]).await.0
+}
+
+/// [`spawn_projector`] with more environment, and the URL of its `/metrics`.
+async fn spawn_projector_serving(
+    config: &projector::Config,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = tokio::process::Command::new(e2e::workspace_binary("projector").unwrap())
         .env("VIEW_DB_URL", &config.database_url)
         .env("KAFKA_BROKERS", &config.kafka_brokers)
         .env("PROJECTOR_TOPIC", &config.topic)
@@ -249,14 +262,16 @@ async fn spawn_projector(config: &projector::Config) -> tokio::process::Child {
         .env("PROJECTOR_BATCH_MAX_EVENTS", "500")
         // The group hands a killed member's partition on after this.
         .env("PROJECTOR_CONSUMER_CONFIG", "session.timeout.ms=6000")
-        .env("PROJECTOR_HTTP_LISTEN", "127.0.0.1:0")
+        .env("PROJECTOR_HTTP_LISTEN", format!("127.0.0.1:{port}"))
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
         )
+        .envs(env.iter().copied())
         .kill_on_drop(true)
         .spawn()
-        .unwrap()
+        .unwrap();
+    (child, format!("http://127.0.0.1:{port}"))
 }
 
 #[tokio::test]
@@ -420,8 +435,9 @@ async fn group_members(brokers: &str, group: &str) -> Vec<usize> {
         .collect()
 }
 
-/// Three projectors of one group share a six-partition topic; one is killed with SIGKILL while the
-/// group applies a steady workload; its partitions move to the other two and the views stay exact.
+/// Three projectors of one group (`--transactions per-member`) share a six-partition topic; one is
+/// killed with SIGKILL while the group applies a steady workload; its partitions move to the other
+/// two and the views stay exact.
 #[tokio::test]
 async fn three_projectors_share_the_partitions_and_survive_a_member_killed_mid_batch() {
     let p = Pipeline::start_with(e2e::Stack::from_env(), "proj_scale", 6)
@@ -430,7 +446,8 @@ async fn three_projectors_share_the_partitions_and_survive_a_member_killed_mid_b
     let config = p.projector_config();
     let mut members = Vec::new();
     for _ in 0..3 {
-        members.push(spawn_projector(&config).await);
+        let env = [("PROJECTOR_TRANSACTIONS", "per-member")];
+        members.push(spawn_projector_serving(&config, &env).await.0);
     }
     let (stop, workload) = keep_writing(&p).await;
     // The group has settled when three members hold two partitions each (the sticky assignor
@@ -533,4 +550,165 @@ async fn a_stored_offset_past_the_end_of_the_topic_stops_the_projector() {
         .unwrap();
     assert_eq!(before, after, "the projector applied something");
     p.reader.stop().await.unwrap();
+}
+
+/// Users of the two departments [`moves_between_two_departments`] moves between, each.
+const PAIR: i64 = 1000;
+
+/// Transactions that each move as many users from PairA to PairB as back, in random order, some
+/// larger than a projector batch (500 events), until the token is cancelled. Every state the
+/// source passes through has PAIR users in each department: any other count in department_stats
+/// is a source transaction half applied.
+async fn moves_between_two_departments(
+    p: &Pipeline,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<u64>>,
+) {
+    use rand::Rng;
+
+    let mut writer = p.user_db.client().await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let workload = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut transactions = 0;
+            while !stop.is_cancelled() {
+                let n: i64 = if rand::rng().random_bool(0.1) {
+                    rand::rng().random_range(300..=400)
+                } else {
+                    rand::rng().random_range(1..=20)
+                };
+                let (first, second) = if rand::rng().random_bool(0.5) {
+                    ("PairA", "PairB")
+                } else {
+                    ("PairB", "PairA")
+                };
+                let tx = writer.transaction().await?;
+                let mut moved: Vec<i64> = Vec::new();
+                for (from, to) in [(first, second), (second, first)] {
+                    let rows = tx
+                        .query(
+                            "UPDATE users SET department = $2 WHERE id IN \
+                               (SELECT id FROM users WHERE department = $1 AND id <> ALL($4) \
+                                ORDER BY random() LIMIT $3) \
+                             RETURNING id",
+                            &[&from, &to, &n, &moved],
+                        )
+                        .await?;
+                    moved.extend(rows.iter().map(|r| r.get::<_, i64>(0)));
+                }
+                tx.commit().await?;
+                transactions += 1;
+            }
+            anyhow::Ok(transactions)
+        }
+    });
+    (stop, workload)
+}
+
+/// A reader polling department_stats while transactions move users between two departments never
+/// sees a count the source never had, while the projector is killed with SIGKILL and restarted.
+async fn whole_source_transactions(partitions: i32) {
+    use rand::Rng;
+
+    let p = Pipeline::start_with(
+        e2e::Stack::from_env(),
+        &format!("proj_whole{partitions}"),
+        partitions,
+    )
+    .await
+    .unwrap();
+    let db = p.user_db.client().await.unwrap();
+    db.execute(
+        "INSERT INTO users (name, email, department) \
+         SELECT 'Pair user ' || i, 'pair' || i || '@example.org', \
+                CASE WHEN i % 2 = 0 THEN 'PairA' ELSE 'PairB' END \
+         FROM generate_series(1, $1::bigint) i",
+        &[&(2 * PAIR)],
+    )
+    .await
+    .unwrap();
+    let config = p.projector_config();
+    // Transactions of 600 to 800 changes are more than it holds: they are written in parts.
+    let env = [("PROJECTOR_HOLD_MAX_KIB", "128")];
+    let (mut child, mut http) = spawn_projector_serving(&config, &env).await;
+    p.converged(WAIT).await.unwrap();
+
+    let views = p.view_db.client().await.unwrap();
+    let polling = tokio_util::sync::CancellationToken::new();
+    let poller = tokio::spawn({
+        let polling = polling.clone();
+        async move {
+            let (mut polls, mut bad, mut seen) = (0u64, 0u64, Vec::new());
+            while !polling.is_cancelled() {
+                let rows = views
+                    .query(
+                        "SELECT department, user_count FROM department_stats \
+                         WHERE department IN ('PairA', 'PairB') ORDER BY 1",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                let counts: Vec<(String, i64)> =
+                    rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+                polls += 1;
+                if counts != [("PairA".to_owned(), PAIR), ("PairB".to_owned(), PAIR)] {
+                    bad += 1;
+                    if seen.len() < 10 && !seen.contains(&counts) {
+                        seen.push(counts);
+                    }
+                }
+            }
+            (polls, bad, seen)
+        }
+    });
+    let (stop, workload) = moves_between_two_departments(&p).await;
+    // Source transactions larger than a batch written in parts, before each kill.
+    let mut parts = 0.0;
+    for _ in 0..3 {
+        let pause = rand::rng().random_range(2000..4000);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        match e2e::metric(&http, "projector_transaction_parts_total").await {
+            Ok(n) => parts += n,
+            Err(e) => eprintln!("metric: {e:#}"),
+        }
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+        (child, http) = spawn_projector_serving(&config, &env).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    let transactions = workload.await.unwrap().unwrap();
+    let converging = std::time::Instant::now();
+    p.converged(Duration::from_secs(120)).await.unwrap();
+    let converged_in = converging.elapsed();
+    polling.cancel();
+    let (polls, bad, seen) = poller.await.unwrap();
+    eprintln!(
+        "{partitions} partition(s): {transactions} transactions, {polls} polls, {parts} parts \
+         of larger transactions written before the kills; converged {converged_in:?} after the \
+         writes"
+    );
+    assert!(transactions > 50, "only {transactions} transactions");
+    assert!(polls > 100, "only {polls} polls");
+    assert!(parts > 0.0, "no source transaction was written in parts");
+    assert!(
+        bad == 0,
+        "department_stats showed states the source never had in {bad} of {polls} polls \
+         ({transactions} transactions), e.g. {seen:?}"
+    );
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    p.reader.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn views_never_show_half_a_source_transaction_on_one_partition() {
+    whole_source_transactions(1).await;
+}
+
+#[tokio::test]
+async fn views_never_show_half_a_source_transaction_on_three_partitions() {
+    whole_source_transactions(3).await;
 }
