@@ -50,7 +50,7 @@ pub struct Config {
     /// transaction still arriving, a partition behind the others). Past it, the oldest held
     /// transactions are written into a view transaction left open until they are complete: memory
     /// stays bounded whatever a transaction's size.
-    #[arg(long, env = "PROJECTOR_HOLD_MAX_KIB", default_value_t = 65536, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "PROJECTOR_HOLD_MAX_KIB", default_value_t = 16384, value_parser = clap::value_parser!(u64).range(1..))]
     pub hold_max_kib: u64,
 
     /// Longest time to wait for more events before applying a batch, in milliseconds. 0: a batch

@@ -689,7 +689,7 @@ impl Projector {
             source_table: "public.users".to_owned(),
             batch_max_events: 5000,
             batch_max_wait_ms: 0,
-            hold_max_kib: 65536,
+            hold_max_kib: 16384,
             transactions: projector::config::Transactions::Whole,
             consumer_config: Vec::new(),
             http_listen: "127.0.0.1:0".parse().expect("a valid address"),
