@@ -63,7 +63,10 @@ pub struct Config {
     /// span partitions; a projector then applies only while it holds every partition of the
     /// topic (one active member per group; another one waits). `per-member`: several members
     /// share the partitions and each applies its own, so a source transaction with events in
-    /// partitions of different members is applied in parts, one per member.
+    /// partitions of different members is applied in parts, one per member. `batches`: view
+    /// transactions end where batches end, whole source transactions or not (for topics whose
+    /// positions are stale, e.g. a reader switched to `CDC_READER_DELIVERY=at-least-once`; with
+    /// no positions at all the projector does so by itself, with a warning).
     #[arg(long, env = "PROJECTOR_TRANSACTIONS", value_enum, default_value_t = Transactions::Whole)]
     pub transactions: Transactions,
 
@@ -104,6 +107,7 @@ impl std::fmt::Debug for Config {
 pub enum Transactions {
     Whole,
     PerMember,
+    Batches,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -49,7 +49,7 @@ use change_event::RecordPosition;
 use crate::apply::{ApplyError, Complete, Item, Store, Target};
 use crate::dead_letter::{DeadLetters, Letter};
 use crate::encode::{BadEvent, Change};
-use crate::source_position::Follower;
+use crate::source_position::{Follower, Known};
 
 pub use config::{Config, Transactions};
 pub use telemetry::Metrics;
@@ -953,9 +953,20 @@ impl Projector<'_> {
     /// its records can be applied without tearing it. Per partition that is the end of the
     /// newest reader position whose last record of it is in hand (see [`source_position`]), or
     /// the commit LSN of the last record in hand (a partition is in commit order). `None`: no
-    /// limit (a replay, which has no reader positions to go by).
+    /// limit (a replay, which has no reader positions to go by; a topic whose writer commits no
+    /// positions; `--transactions batches`).
     fn frontier(&self, held: &[Record]) -> Option<u64> {
         let follower = self.follower.as_ref()?;
+        if self.config.transactions == Transactions::Batches {
+            return None;
+        }
+        match follower.known() {
+            Known::Positions => {}
+            // Read the positions first (the projector's first moments).
+            Known::Loading => return Some(0),
+            // Nothing to go by (a reader without Kafka transactions): batches as they come.
+            Known::None => return None,
+        }
         let mut last: HashMap<i32, RecordPosition> = HashMap::new();
         let written = self.view_tx.iter().flat_map(|v| v.applied.iter());
         for (&partition, &position) in self.applied.iter().chain(written) {

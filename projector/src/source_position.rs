@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use change_event::{ReaderPosition, RecordPosition};
 use rdkafka::config::ClientConfig;
@@ -42,6 +42,10 @@ pub struct Targets {
 const KEPT: usize = 4096;
 
 impl Targets {
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
     pub fn push(&mut self, target: Target) {
         if self
             .list
@@ -79,6 +83,22 @@ pub fn applied_through(complete_lsn: u64) -> Option<RecordPosition> {
     })
 }
 
+/// What the reader's positions can tell of the followed topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    /// The position topic is still being read from its tail: wait.
+    Loading,
+    /// Positions of the topic are known.
+    Positions,
+    /// None for [`NO_POSITIONS_AFTER`] after the tail was read: the topic's writer commits none
+    /// (a reader with `CDC_READER_DELIVERY=at-least-once`, another producer).
+    None,
+}
+
+/// How long after reading the position topic's tail a topic without positions is taken for one
+/// whose writer commits none (its first records and their position may arrive a moment apart).
+const NO_POSITIONS_AFTER: Duration = Duration::from_secs(5);
+
 /// Follows the position topic on a thread of its own, from its last [`TAIL`] records on (each
 /// position names every partition, so the newest says all; older ones only let a partition that is
 /// catching up be complete sooner), keeping the positions that name `topic` in [`Targets`];
@@ -88,6 +108,8 @@ pub struct Follower {
     pub changed: Arc<tokio::sync::Notify>,
     /// The partition count of the followed topic (0 until known), read every [`METADATA_EVERY`].
     pub partitions: Arc<AtomicI32>,
+    /// When the position topic's tail was read (or found not to exist).
+    loaded: Arc<Mutex<Option<Instant>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -98,16 +120,20 @@ impl Follower {
             .set("group.id", "projector-source-position")
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
+            // Tells when the tail read at the start is done (see [`Known`]).
+            .set("enable.partition.eof", "true")
             .create_with_context(TracingContext)?;
         let targets = Arc::new(Mutex::new(Targets::default()));
         let changed = Arc::new(tokio::sync::Notify::new());
         let stop = Arc::new(AtomicBool::new(false));
         let partitions = Arc::new(AtomicI32::new(0));
+        let loaded = Arc::new(Mutex::new(None));
         {
             let shared = Shared {
                 targets: targets.clone(),
                 changed: changed.clone(),
                 partitions: partitions.clone(),
+                loaded: loaded.clone(),
                 stop: stop.clone(),
             };
             let topic = topic.to_owned();
@@ -116,7 +142,7 @@ impl Follower {
             std::thread::Builder::new()
                 .name("source-position".to_owned())
                 .spawn(move || {
-                    if assign_tail(&consumer, &position_topic, &shared.stop) {
+                    if assign_tail(&consumer, &position_topic, &shared) {
                         follow(&consumer, &topic, &shared);
                     }
                 })
@@ -126,8 +152,29 @@ impl Follower {
             targets,
             changed,
             partitions,
+            loaded,
             stop,
         })
+    }
+
+    /// What the positions can tell now (see [`Known`]).
+    pub fn known(&self) -> Known {
+        let empty = self
+            .targets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty();
+        if !empty {
+            return Known::Positions;
+        }
+        match *self
+            .loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            Some(at) if at.elapsed() >= NO_POSITIONS_AFTER => Known::None,
+            _ => Known::Loading,
+        }
     }
 
     pub fn complete(&self, partition: i32, applied: Option<RecordPosition>) -> Option<u64> {
@@ -155,7 +202,22 @@ struct Shared {
     targets: Arc<Mutex<Targets>>,
     changed: Arc<tokio::sync::Notify>,
     partitions: Arc<AtomicI32>,
+    loaded: Arc<Mutex<Option<Instant>>>,
     stop: Arc<AtomicBool>,
+}
+
+impl Shared {
+    fn set_loaded(&self) {
+        let mut loaded = self
+            .loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if loaded.is_none() {
+            *loaded = Some(Instant::now());
+            // Woken, the projector looks again once the wait for positions is over.
+            self.changed.notify_one();
+        }
+    }
 }
 
 /// How often the follower reads the followed topic's partition count.
@@ -165,14 +227,15 @@ const METADATA_EVERY: Duration = Duration::from_secs(30);
 const TAIL: i64 = 1000;
 
 /// Assigns the position topic's partition from its last [`TAIL`] records, retrying while it cannot
-/// be read (not created yet, broker away). False when asked to stop first.
+/// be read (broker away); false when asked to stop first. A position topic that does not exist
+/// counts as read (no positions) meanwhile.
 fn assign_tail(
     consumer: &BaseConsumer<TracingContext>,
     position_topic: &str,
-    stop: &AtomicBool,
+    shared: &Shared,
 ) -> bool {
     let mut failing = false;
-    while !stop.load(Ordering::SeqCst) {
+    while !shared.stop.load(Ordering::SeqCst) {
         let assigned = consumer
             .fetch_watermarks(position_topic, 0, Duration::from_secs(5))
             .and_then(|(low, high)| {
@@ -183,6 +246,15 @@ fn assign_tail(
         match assigned {
             Ok(()) => return true,
             Err(e) => {
+                use rdkafka::types::RDKafkaErrorCode as Code;
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        Code::UnknownTopicOrPartition | Code::UnknownTopic | Code::UnknownPartition
+                    )
+                ) {
+                    shared.set_loaded();
+                }
                 if !failing {
                     tracing::warn!(topic = position_topic, error = %e,
                         "the reader's position topic cannot be read yet; retrying");
@@ -201,8 +273,10 @@ fn follow(consumer: &BaseConsumer<TracingContext>, topic: &str, shared: &Shared)
         changed,
         partitions,
         stop,
+        ..
     } = shared;
     let mut failing = false;
+    let mut warned = false;
     let mut metadata_read: Option<std::time::Instant> = None;
     while !stop.load(Ordering::SeqCst) {
         if metadata_read.is_none_or(|at| at.elapsed() >= METADATA_EVERY) {
@@ -218,6 +292,26 @@ fn follow(consumer: &BaseConsumer<TracingContext>, topic: &str, shared: &Shared)
                 }
                 Err(e) => tracing::debug!(error = %e, "reading the topic's partition count failed"),
             }
+        }
+        if !warned
+            && shared
+                .loaded
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_some_and(|at| at.elapsed() >= NO_POSITIONS_AFTER)
+            && targets
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_empty()
+        {
+            warned = true;
+            changed.notify_one();
+            tracing::warn!(
+                topic,
+                "no reader position names this topic: view transactions follow batches and may \
+                 hold part of a source transaction (a reader with \
+                 CDC_READER_DELIVERY=at-least-once commits no positions)"
+            );
         }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
@@ -248,6 +342,8 @@ fn follow(consumer: &BaseConsumer<TracingContext>, topic: &str, shared: &Shared)
                     });
                 changed.notify_one();
             }
+            // The end of the topic as it was: the tail is read.
+            Some(Err(KafkaError::PartitionEOF(_))) => shared.set_loaded(),
             Some(Err(e)) => {
                 if !failing {
                     tracing::warn!(error = %e, "reading the reader's position topic failed; retrying");

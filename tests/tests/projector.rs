@@ -712,3 +712,21 @@ async fn views_never_show_half_a_source_transaction_on_one_partition() {
 async fn views_never_show_half_a_source_transaction_on_three_partitions() {
     whole_source_transactions(3).await;
 }
+
+/// A reader without Kafka transactions commits no positions: the projector cannot tell when a
+/// source transaction is complete, says so, and applies batches as they come (the last changes
+/// too, with nothing after them).
+#[tokio::test]
+async fn a_topic_without_reader_positions_is_still_applied_to_its_last_change() {
+    let p = Pipeline::start_configured(e2e::Stack::from_env(), "proj_nopos", 3, |c| {
+        c.delivery = cdc_reader::publish::Delivery::AtLeastOnce;
+    })
+    .await
+    .unwrap();
+    let projector = Projector::start(p.projector_config()).await.unwrap();
+    let db = p.user_db.client().await.unwrap();
+    random_workload(&db, 20, 10).await.unwrap();
+    p.converged(WAIT).await.unwrap();
+    projector.stop().await.unwrap();
+    p.reader.stop().await.unwrap();
+}
