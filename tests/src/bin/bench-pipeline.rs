@@ -296,6 +296,7 @@ async fn main() -> anyhow::Result<()> {
     let pairs = tokio::spawn(ryw_pairs(
         user_api.http.clone(),
         post_api.http.clone(),
+        derived == "on",
         pairs_stop.clone(),
     ));
     let mut tick = tokio::time::interval(interval);
@@ -524,11 +525,13 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Read-your-writes pairs until `stop`: a user created through user-api, then read back through
-/// post-api with the write's `X-Source-LSN` as `X-Min-Source-LSN`. Each pair's time in ms, and
-/// how many reads were refused (not 200: a stale or timed-out answer).
+/// post-api with the write's `X-Source-LSN` as `X-Min-Source-LSN` (its activity; without the
+/// derived views, its department of its own). Each pair's time in ms, and how many reads were
+/// refused (not 200 with the user: a stale or timed-out answer).
 async fn ryw_pairs(
     user_api: String,
     post_api: String,
+    derived: bool,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<(Vec<f64>, usize)> {
     let http = reqwest::Client::new();
@@ -541,7 +544,7 @@ async fn ryw_pairs(
         let created = http
             .post(format!("{user_api}/api/users"))
             .json(&serde_json::json!({"name": format!("ryw {n}"),
-                "email": format!("ryw{n}@bench.example.org"), "department": "Reads"}))
+                "email": format!("ryw{n}@bench.example.org"), "department": format!("Reads{n}")}))
             .send()
             .await?;
         if created.status() != 201 {
@@ -556,12 +559,18 @@ async fn ryw_pairs(
         let id = created.json::<serde_json::Value>().await?["id"]
             .as_i64()
             .context("no id")?;
+        let path = if derived {
+            format!("/api/posts/users/{id}/activity")
+        } else {
+            format!("/api/posts/users/department/Reads{n}")
+        };
         let read = http
-            .get(format!("{post_api}/api/posts/users/{id}/activity"))
+            .get(format!("{post_api}{path}"))
             .header("X-Min-Source-LSN", lsn)
             .send()
             .await?;
-        if read.status() == 200 {
+        let seen = read.status() == 200 && read.text().await?.contains(&format!("\"ryw {n}\""));
+        if seen {
             times.push(started.elapsed().as_secs_f64() * 1000.0);
         } else {
             refused += 1;
