@@ -1,11 +1,13 @@
-//! The Postgres side: one transaction per batch that writes the view rows, the department counts
-//! and the Kafka offsets together, so the views and "how far we read" never disagree.
+//! The Postgres side: the view transaction that writes the view rows, the department counts and
+//! the Kafka offsets together, so the views and "how far we read" never disagree. It is written in
+//! one or more parts ([`Store::write`], each under a savepoint) and committed with the offsets
+//! ([`Store::commit`]).
 //!
-//! Per batch, whatever its size, the transaction runs a fixed handful of statements (all prepared
-//! once per connection and pipelined): lock the batch's partitions, read the current state of the
-//! users it touches, then write the outcome of [`encode::fold`] with `unnest` arrays. A truncate
-//! splits the batch: what came before it is written, the truncate is applied, and the rest is
-//! folded against the state after it.
+//! Per part, whatever its size, a fixed handful of statements run (all prepared once per
+//! connection and pipelined): lock the part's partitions, read the current state of the users it
+//! touches, then write the outcome of [`encode::fold`] with `unnest` arrays. A truncate splits the
+//! part: what came before it is written, the truncate is applied, and the rest is folded against
+//! the state after it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 

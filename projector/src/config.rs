@@ -41,8 +41,9 @@ pub struct Config {
     #[arg(long, env = "PROJECTOR_SOURCE_TABLE", default_value = "public.users")]
     pub source_table: String,
 
-    /// Most events applied in one database transaction, unless one source transaction has more
-    /// (a view transaction always holds whole source transactions).
+    /// Most events a view transaction takes from the records held, unless one source transaction
+    /// has more (a view transaction always holds whole source transactions; one with parts
+    /// written while more than --hold-max-kib was held has as many as they need).
     #[arg(long, env = "PROJECTOR_BATCH_MAX_EVENTS", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_max_events: u32,
 

@@ -395,8 +395,9 @@ struct Projector<'a> {
 #[derive(Debug)]
 struct ViewTx {
     started: Instant,
-    /// Some records written in it are no longer in hand (parts of a source transaction larger
-    /// than a batch): when it fails, the partitions are read again from the stored offsets.
+    /// Some records written in it are no longer in hand (parts written while more than
+    /// `--hold-max-kib` was held): when it fails, the partitions are read again from the stored
+    /// offsets.
     released: bool,
     /// Per partition: the last record written (by position) and the offset after it.
     applied: HashMap<i32, RecordPosition>,
@@ -426,6 +427,41 @@ impl ViewTx {
 /// position are never held back).
 fn ready(r: &Record, frontier: Option<u64>) -> bool {
     frontier.is_none_or(|f| r.position.is_none_or(|p| p.commit_lsn < f))
+}
+
+/// What [`Projector::take_ready`] takes, given the `frontier` and, when a view transaction is
+/// open, the highest commit LSN written in it (`open`).
+fn take_view_tx(
+    held: &mut Vec<Record>,
+    frontier: Option<u64>,
+    open: Option<Option<u64>>,
+    max: usize,
+) -> Option<Vec<Record>> {
+    let through = open.flatten();
+    if through.is_some_and(|t| frontier.is_some_and(|f| t >= f)) {
+        return None;
+    }
+    let lsn = |r: &Record| r.position.map_or(0, |p| p.commit_lsn);
+    let mut lsns: Vec<u64> = held
+        .iter()
+        .filter(|r| ready(r, frontier))
+        .map(lsn)
+        .collect();
+    if lsns.is_empty() && open.is_none() {
+        return None;
+    }
+    lsns.sort_unstable();
+    // Below the transaction of the first record past the limit (the whole first transaction
+    // when it alone is larger), and past every transaction the open one has parts of.
+    let below = lsns
+        .get(max)
+        .map(|&at| if at > lsns[0] { at } else { lsns[0] + 1 })
+        .map(|b| through.map_or(b, |t| b.max(t + 1)));
+    let records = take_prefix(held, |r| {
+        ready(r, frontier) && below.is_none_or(|b| lsn(r) < b)
+    });
+    // (Ready records behind one that is not, in their partition, wait with it.)
+    (!records.is_empty() || open.is_some()).then_some(records)
 }
 
 /// Takes out of `held`, in order, each partition's records up to the first one `take` refuses
@@ -611,7 +647,8 @@ impl Projector<'_> {
         if !std::mem::take(&mut self.reread) && !self.commit_ready(held).await? {
             return Ok(false);
         }
-        // (Set again if that commit failed: the positioning below is what it asks for.)
+        // (That commit may have failed and asked for the partitions to be read again: the
+        // positioning below does so.)
         self.reread = false;
         self.abandon().await;
         held.clear();
@@ -1002,6 +1039,9 @@ impl Projector<'_> {
         if !self.commit_ready(held).await? {
             return Ok(false);
         }
+        if self.reread {
+            return Ok(true);
+        }
         let bytes: u64 = held.iter().map(Record::size).sum();
         if bytes < self.config.hold_max_kib.saturating_mul(1024) {
             return Ok(true);
@@ -1033,7 +1073,12 @@ impl Projector<'_> {
     /// most `--batch-max-events` events unless a source transaction has more, while there are
     /// some. Ok(false) on shutdown.
     async fn commit_ready(&mut self, held: &mut Vec<Record>) -> Result<bool, Error> {
-        while let Some(records) = self.take_ready(held) {
+        // (After a view transaction with parts was lost, nothing more until the partitions are
+        // read again: a later commit would store offsets past its records.)
+        while !self.reread {
+            let Some(records) = self.take_ready(held) else {
+                break;
+            };
             if !self.apply(records, true).await? {
                 return Ok(false);
             }
@@ -1043,36 +1088,13 @@ impl Projector<'_> {
 
     /// The records of the next view transaction, taken out of `held`: the ready records of the
     /// oldest source transactions, at most `--batch-max-events` of them unless the first
-    /// transaction has more. `None` when there is nothing to commit, or the open view
-    /// transaction holds transactions not yet complete.
+    /// transaction has more, and every ready record of the transactions the open view
+    /// transaction (committed with them) has parts of. `None` when there is nothing to commit,
+    /// or the open view transaction holds transactions not yet complete.
     fn take_ready(&self, held: &mut Vec<Record>) -> Option<Vec<Record>> {
         let frontier = self.frontier(held);
-        let committable = self
-            .view_tx
-            .as_ref()
-            .is_none_or(|v| v.through.is_none_or(|t| frontier.is_none_or(|f| t < f)));
-        if !committable {
-            return None;
-        }
-        let lsn = |r: &Record| r.position.map_or(0, |p| p.commit_lsn);
-        let mut lsns: Vec<u64> = held
-            .iter()
-            .filter(|r| ready(r, frontier))
-            .map(lsn)
-            .collect();
-        if lsns.is_empty() && self.view_tx.is_none() {
-            return None;
-        }
-        lsns.sort_unstable();
-        // Below the transaction of the first record past the limit; the whole first transaction
-        // when it alone is larger.
-        let max = self.config.batch_max_events as usize;
-        let below = lsns
-            .get(max)
-            .map(|&at| if at > lsns[0] { at } else { lsns[0] + 1 });
-        Some(take_prefix(held, |r| {
-            ready(r, frontier) && below.is_none_or(|b| lsn(r) < b)
-        }))
+        let open = self.view_tx.as_ref().map(|v| v.through);
+        take_view_tx(held, frontier, open, self.config.batch_max_events as usize)
     }
 
     /// One attempt at one view transaction of what [`Projector::commit_ready`] commits, for the
@@ -1496,6 +1518,58 @@ mod tests {
         // Without a frontier (a replay) everything is ready.
         assert_eq!(take_prefix(&mut held, |r| ready(r, None)).len(), 2);
         assert!(held.is_empty());
+    }
+
+    #[test]
+    fn view_transactions_take_whole_transactions_up_to_the_limit() {
+        let at = |rs: &[Record]| {
+            rs.iter()
+                .map(|r| (r.partition, r.offset))
+                .collect::<Vec<_>>()
+        };
+        // Three transactions of three records each on one partition; at most 4 records: the
+        // first transaction only (the second would pass the limit).
+        let mut held: Vec<Record> = (0..9)
+            .map(|i| record(0, i, Some(10 * (1 + i as u64 / 3))))
+            .collect();
+        let taken = take_view_tx(&mut held, Some(100), None, 4).unwrap();
+        assert_eq!(at(&taken), [(0, 0), (0, 1), (0, 2)]);
+        // A transaction larger than the limit is taken whole.
+        let taken = take_view_tx(&mut held, Some(100), None, 2).unwrap();
+        assert_eq!(taken.len(), 3);
+        // Nothing at or past the frontier.
+        assert!(take_view_tx(&mut held, Some(30), None, 10).is_none());
+        assert_eq!(held.len(), 3);
+    }
+
+    #[test]
+    fn an_open_view_transaction_commits_with_every_record_of_its_transactions() {
+        // Parts of transactions 150 and 200 written (through 200); partition 1 then brings 6
+        // records of 150 and 2 of 200. With a limit of 1 the commit still takes all of them.
+        let mut held: Vec<Record> = (0..6)
+            .map(|i| record(1, i, Some(150)))
+            .chain((6..8).map(|i| record(1, i, Some(200))))
+            .collect();
+        let taken = take_view_tx(&mut held, Some(250), Some(Some(200)), 1).unwrap();
+        assert_eq!(taken.len(), 8);
+        // Not before every partition is complete past it.
+        let mut held = vec![record(1, 0, Some(150))];
+        assert!(take_view_tx(&mut held, Some(200), Some(Some(200)), 1).is_none());
+        // An open transaction with nothing more to add is committed (empty list).
+        let mut held = Vec::new();
+        assert_eq!(
+            take_view_tx(&mut held, Some(250), Some(Some(200)), 1).map(|r| r.len()),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn ready_records_behind_one_held_back_give_nothing_to_commit() {
+        // A record without a position after one not yet complete: nothing to take (an empty
+        // view transaction would be committed over and over).
+        let mut held = vec![record(0, 0, Some(200)), record(0, 1, None)];
+        assert!(take_view_tx(&mut held, Some(150), None, 10).is_none());
+        assert_eq!(held.len(), 2);
     }
 
     #[test]

@@ -71,8 +71,8 @@ pub struct Metrics {
     /// Events at or below the position the views already reflected.
     pub ignored: AtomicU64,
     pub batches: AtomicU64,
-    /// Parts of view transactions written before they could commit (source transactions
-    /// larger than a batch).
+    /// Parts of view transactions written before they could commit (more than
+    /// `--hold-max-kib` held: a large source transaction, or a partition behind the others).
     pub parts: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub errors: AtomicU64,
@@ -198,8 +198,8 @@ impl Metrics {
         out.metric(
             "projector_transaction_parts_total",
             "counter",
-            "Parts of view transactions written before they could commit: source transactions \
-             larger than a batch, applied in one view transaction with bounded memory.",
+            "Parts of view transactions written before they could commit (more than \
+             --hold-max-kib held: a large source transaction, or a partition behind the others).",
             g(&self.parts),
         );
         out.metric(
