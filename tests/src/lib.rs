@@ -322,6 +322,16 @@ pub fn unique_suffix() -> String {
         .to_lowercase()
 }
 
+/// How far `client`'s server has flushed its WAL (`pg_current_wal_flush_lsn()`): every change
+/// committed before is at or below it.
+pub async fn wal_flush_lsn(client: &tokio_postgres::Client) -> anyhow::Result<u64> {
+    let lsn: String = client
+        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+        .await?
+        .get(0);
+    change_event::parse_lsn(&lsn).with_context(|| format!("not an LSN: {lsn}"))
+}
+
 /// `url` with its database replaced by `db`.
 fn with_database(url: &str, db: &str) -> String {
     let (base, _) = url.rsplit_once('/').unwrap_or((url, ""));

@@ -271,14 +271,7 @@ async fn the_committed_position_names_each_partitions_last_record_and_follows_an
         .batch_execute("CREATE TABLE elsewhere (id serial PRIMARY KEY, v text);")
         .await
         .unwrap();
-    let topic = format!("t-users-{}", unique_suffix());
-    let mut config = Reader::config(
-        &stack,
-        &db,
-        &["public.users"],
-        &[format!("public.users={topic}")],
-    );
-    config.topic_partitions = 3;
+    let (config, topic) = three_partition_reader(&stack, &db);
     let kafka = config.kafka().unwrap();
     let reader = Reader::start(config).await.unwrap();
     reader.wait_streaming().await.unwrap();
@@ -293,13 +286,6 @@ async fn the_committed_position_names_each_partitions_last_record_and_follows_an
     };
     let end_lsn =
         |position: &Value| change_event::parse_lsn(position["end_lsn"].as_str().unwrap()).unwrap();
-    let wal = |sql: &'static str| {
-        let client = &client;
-        async move {
-            let lsn: String = client.query_one(sql, &[]).await.unwrap().get(0);
-            change_event::parse_lsn(&lsn).unwrap()
-        }
-    };
 
     // Source transactions of several rows, updates, deletes (with tombstones), a truncate (sent
     // to every partition) and rows after it.
@@ -313,7 +299,7 @@ async fn the_committed_position_names_each_partitions_last_record_and_follows_an
         .await
         .unwrap();
     e2e::insert_bench_users(&client, 30, 4).await.unwrap();
-    let written = wal("SELECT pg_current_wal_flush_lsn()::text").await;
+    let written = e2e::wal_flush_lsn(&client).await.unwrap();
     let position = wait_for(
         "the committed position to pass the writes",
         WAIT,
@@ -341,7 +327,7 @@ async fn the_committed_position_names_each_partitions_last_record_and_follows_an
             .await
             .unwrap();
     }
-    let idle = wal("SELECT pg_current_wal_flush_lsn()::text").await;
+    let idle = e2e::wal_flush_lsn(&client).await.unwrap();
     let started = std::time::Instant::now();
     let moved = wait_for(
         "the committed position to follow the idle WAL",
@@ -358,6 +344,19 @@ async fn the_committed_position_names_each_partitions_last_record_and_follows_an
     reader.stop().await.unwrap();
 }
 
+/// A reader of `users` into a new topic of 3 partitions, and the topic.
+fn three_partition_reader(stack: &Stack, db: &TestDb) -> (cdc_reader::Config, String) {
+    let topic = format!("t-users-{}", unique_suffix());
+    let mut config = Reader::config(
+        stack,
+        db,
+        &["public.users"],
+        &[format!("public.users={topic}")],
+    );
+    config.topic_partitions = 3;
+    (config, topic)
+}
+
 /// A reader that finds no committed position naming partitions (here: it ran at least once
 /// before, which commits no position) reads each partition's last record first: its first
 /// position names all of them, not only the partition its first change goes to.
@@ -368,14 +367,7 @@ async fn a_position_without_named_partitions_is_completed_from_the_partitions_la
         .await
         .unwrap();
     let client = db.client().await.unwrap();
-    let topic = format!("t-users-{}", unique_suffix());
-    let mut config = Reader::config(
-        &stack,
-        &db,
-        &["public.users"],
-        &[format!("public.users={topic}")],
-    );
-    config.topic_partitions = 3;
+    let (mut config, topic) = three_partition_reader(&stack, &db);
     config.delivery = cdc_reader::publish::Delivery::AtLeastOnce;
     let kafka = config.kafka().unwrap();
     let reader = Reader::start(config.clone()).await.unwrap();
@@ -391,12 +383,7 @@ async fn a_position_without_named_partitions_is_completed_from_the_partitions_la
         .execute("UPDATE users SET name = 'moved' WHERE id = 1", &[])
         .await
         .unwrap();
-    let written: String = client
-        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let written = change_event::parse_lsn(&written).unwrap();
+    let written = e2e::wal_flush_lsn(&client).await.unwrap();
     let position = wait_for("a committed position past the update", WAIT, || async {
         let p = e2e::committed_position(
             &stack.kafka_brokers,

@@ -664,15 +664,19 @@ async fn whole_source_transactions(partitions: i32) {
         }
     });
     let (stop, workload) = moves_between_two_departments(&p).await;
-    // Source transactions larger than a batch written in parts, before each kill.
+    // Kills at random moments of the writes (the point of the test, so a sleep, not a wait for a
+    // condition), and writes go on for a while under the last projector. Parts of view
+    // transactions written, summed over the killed projectors. (Killing each one only once it has
+    // committed does not work yet: a restarted projector catching up on 3 partitions under these
+    // writes, holding 128 KiB, keeps its view transaction open past 60 s; see the README's
+    // limits.)
     let mut parts = 0.0;
     for _ in 0..3 {
         let pause = rand::rng().random_range(2000..4000);
         tokio::time::sleep(Duration::from_millis(pause)).await;
-        match e2e::metric(&http, "projector_transaction_parts_total").await {
-            Ok(n) => parts += n,
-            Err(e) => eprintln!("metric: {e:#}"),
-        }
+        parts += e2e::metric(&http, "projector_transaction_parts_total")
+            .await
+            .unwrap();
         child.start_kill().unwrap();
         child.wait().await.unwrap();
         (child, http) = spawn_projector_serving(&config, &env).await;

@@ -341,22 +341,18 @@ async fn after_a_restart_idle_partitions_follow_the_readers_idle_position() {
         .await
         .unwrap();
     }
-    let lsn: String = db
-        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let lsn = e2e::wal_flush_lsn(&db).await.unwrap();
     let (status, body, answered, took) = consistent(
         &f,
         reqwest::Method::GET,
         "/api/posts/stats/departments",
         None,
-        &lsn,
+        &change_event::format_lsn(lsn),
     )
     .await;
     eprintln!("a position past the last captured change answered {status} after {took:?}");
     assert_eq!(status, 200, "{body}");
-    assert!(answered.is_some_and(|a| a >= change_event::parse_lsn(&lsn).unwrap()));
+    assert!(answered.is_some_and(|a| a >= lsn));
     f.users.stop().await.unwrap();
     f.posts.stop().await.unwrap();
     f.projector.take().unwrap().stop().await.unwrap();
