@@ -328,6 +328,9 @@ fn consumer_config(config: &Config, group: &str) -> Result<ClientConfig, Error> 
         // (librdkafka's default is 45 s); a restarted one waits that long for them.
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
+        // A fetch with nothing to return waits this long at the broker, and partitions resumed
+        // meanwhile (see `Projector::pause`) wait for it (librdkafka's default is 500 ms).
+        .set("fetch.wait.max.ms", "100")
         .set("statistics.interval.ms", "5000");
     for (k, v) in config.consumer_overrides()? {
         // librdkafka's debug lines, when asked for, are logged (at `tracing`'s debug level).
@@ -389,6 +392,10 @@ struct Projector<'a> {
     /// In whole-transaction mode, holding only some of the topic's partitions: they are paused
     /// and nothing is applied until a rebalance hands this member all of them.
     waiting: bool,
+    /// Partitions paused while a view transaction with parts is open because they are complete
+    /// past it: fetching goes to the partitions it waits for (more of these would only be held,
+    /// and parts of them would move the transaction's end further away).
+    ahead: BTreeSet<i32>,
 }
 
 /// The view transaction being written: what it holds so far.
@@ -516,6 +523,7 @@ impl<'a> Projector<'a> {
             view_tx: None,
             reread: false,
             waiting: false,
+            ahead: BTreeSet::new(),
         })
     }
 }
@@ -653,9 +661,10 @@ impl Projector<'_> {
         self.abandon().await;
         held.clear();
         self.positions.clear();
-        if std::mem::take(&mut self.waiting) {
-            self.pause(false);
-        }
+        // (Whatever was paused: a partition paused, revoked and assigned again may still be.)
+        self.waiting = false;
+        self.ahead.clear();
+        self.pause_all(false);
         for partition in self.consumer.context().assigned() {
             let start = match &self.bounds {
                 Some(b) => b.start.get(&partition).copied(),
@@ -718,7 +727,7 @@ impl Projector<'_> {
                      leaving; several members sharing a topic need --transactions per-member)"
                 );
                 self.waiting = true;
-                self.pause(true);
+                self.pause_all(true);
                 self.metrics.set_state(telemetry::State::Waiting);
             } else {
                 if mine < partitions {
@@ -881,9 +890,18 @@ impl Projector<'_> {
     }
 
     /// Pauses (or resumes) fetching every partition this member holds.
-    fn pause(&self, pause: bool) {
+    fn pause_all(&self, pause: bool) {
+        self.pause(&self.consumer.context().assigned(), pause);
+    }
+
+    /// Pauses (or resumes) fetching `partitions`. Records fetched and not yet consumed are
+    /// dropped by the client and fetched again on resume, from after the last one consumed.
+    fn pause(&self, partitions: &[i32], pause: bool) {
+        if partitions.is_empty() {
+            return;
+        }
         let mut tpl = TopicPartitionList::new();
-        for p in self.consumer.context().assigned() {
+        for &p in partitions {
             tpl.add_partition(&self.config.topic, p);
         }
         let done = if pause {
@@ -993,6 +1011,13 @@ impl Projector<'_> {
     /// limit (a replay, which has no reader positions to go by; a topic whose writer commits no
     /// positions; `--transactions batches`).
     fn frontier(&self, held: &[Record]) -> Option<u64> {
+        self.complete_through(held)
+            .map(|c| c.into_values().min().unwrap_or(u64::MAX))
+    }
+
+    /// Per positioned partition, the source commit LSN below which its records are all in hand
+    /// (see [`Projector::frontier`]); `None`: no limit.
+    fn complete_through(&self, held: &[Record]) -> Option<BTreeMap<i32, u64>> {
         let follower = self.follower.as_ref()?;
         if self.config.transactions == Transactions::Batches {
             return None;
@@ -1000,7 +1025,7 @@ impl Projector<'_> {
         match follower.known() {
             Known::Positions => {}
             // Read the positions first (the projector's first moments).
-            Known::Loading => return Some(0),
+            Known::Loading => return Some(self.positions.keys().map(|&p| (p, 0)).collect()),
             // Nothing to go by (a reader without Kafka transactions): batches as they come.
             Known::None => return None,
         }
@@ -1016,25 +1041,26 @@ impl Projector<'_> {
                 *e = (*e).max(position);
             }
         }
-        let mut frontier = u64::MAX;
-        for &partition in self.positions.keys() {
+        let through = self.positions.keys().map(|&partition| {
             let last = last.get(&partition).copied();
             let complete = [
                 self.complete.get(&partition).copied(),
                 follower.complete(partition, last),
                 last.map(|p| p.commit_lsn),
             ];
-            frontier = frontier.min(complete.into_iter().flatten().max().unwrap_or(0));
-        }
-        Some(frontier)
+            (partition, complete.into_iter().flatten().max().unwrap_or(0))
+        });
+        Some(through.collect())
     }
 
     /// Writes what `held` allows. The records of the source transactions complete in every
     /// partition (see [`Projector::frontier`]) are committed, in view transactions of whole
     /// source transactions, with what an open one holds already. When more than
     /// `--hold-max-kib` stays held (a source transaction larger than that, or a partition far
-    /// behind the others), the older half of it goes into the open view transaction, which
-    /// commits once they are complete. Ok(false) on shutdown.
+    /// behind the others), the older half of it goes into a view transaction left open, which
+    /// commits once they are complete; while it is open, only records it needs are written in
+    /// parts, and past the limit the partitions complete past it are paused until it commits.
+    /// Ok(false) on shutdown.
     async fn step(&mut self, held: &mut Vec<Record>) -> Result<bool, Error> {
         if !self.commit_ready(held).await? {
             return Ok(false);
@@ -1042,19 +1068,33 @@ impl Projector<'_> {
         if self.reread {
             return Ok(true);
         }
+        let through = self.view_tx.as_ref().map(|v| v.through);
+        if through.is_none() {
+            self.resume_ahead();
+        }
         let bytes: u64 = held.iter().map(Record::size).sum();
         if bytes < self.config.hold_max_kib.saturating_mul(1024) {
             return Ok(true);
         }
-        let frontier = self.frontier(held);
-        let mut waiting: Vec<u64> = held
-            .iter()
-            .filter(|r| !ready(r, frontier))
-            .filter_map(|r| r.position.map(|p| p.commit_lsn))
-            .collect();
-        waiting.sort_unstable();
-        let Some(&upto) = waiting.get(waiting.len() / 2) else {
-            return Ok(true);
+        if let Some(Some(through)) = through {
+            self.pause_ahead(held, through);
+        }
+        let upto = match through.flatten() {
+            // Only what the open transaction waits for: a part past its end would move the end.
+            Some(through) => through,
+            None => {
+                let frontier = self.frontier(held);
+                let mut waiting: Vec<u64> = held
+                    .iter()
+                    .filter(|r| !ready(r, frontier))
+                    .filter_map(|r| r.position.map(|p| p.commit_lsn))
+                    .collect();
+                waiting.sort_unstable();
+                let Some(&upto) = waiting.get(waiting.len() / 2) else {
+                    return Ok(true);
+                };
+                upto
+            }
         };
         let records = take_prefix(held, |r| r.position.is_none_or(|p| p.commit_lsn <= upto));
         if records.is_empty() {
@@ -1067,6 +1107,33 @@ impl Projector<'_> {
         );
         self.metrics.parts.fetch_add(1, Ordering::Relaxed);
         self.apply(records, false).await
+    }
+
+    /// Pauses the partitions complete past `through`, the end of the open view transaction.
+    fn pause_ahead(&mut self, held: &[Record], through: u64) {
+        let Some(complete) = self.complete_through(held) else {
+            return;
+        };
+        let ahead: Vec<i32> = complete
+            .into_iter()
+            .filter(|&(p, c)| c > through && !self.ahead.contains(&p))
+            .map(|(p, _)| p)
+            .collect();
+        if !ahead.is_empty() {
+            tracing::debug!(
+                ?ahead,
+                through,
+                "pausing partitions complete past the open view transaction"
+            );
+            self.pause(&ahead, true);
+            self.ahead.extend(ahead);
+        }
+    }
+
+    /// Resumes the partitions [`Projector::pause_ahead`] paused.
+    fn resume_ahead(&mut self) {
+        let ahead: Vec<i32> = std::mem::take(&mut self.ahead).into_iter().collect();
+        self.pause(&ahead, false);
     }
 
     /// Commits view transactions of the ready records (and what the open one holds), each of at

@@ -664,15 +664,26 @@ async fn whole_source_transactions(partitions: i32) {
         }
     });
     let (stop, workload) = moves_between_two_departments(&p).await;
-    // Kills at random moments of the writes (the point of the test, so a sleep, not a wait for a
-    // condition), and writes go on for a while under the last projector. Parts of view
-    // transactions written, summed over the killed projectors. (Killing each one only once it has
-    // committed does not work yet: a restarted projector catching up on 3 partitions under these
-    // writes, holding 128 KiB, keeps its view transaction open past 60 s; see the README's
-    // limits.)
+    // Each projector is killed at a random moment of the writes once it has committed a view
+    // transaction since its start (a restarted one catching up on several partitions must not
+    // keep its view transaction open while the writes go on); parts of view transactions
+    // written, summed over the killed projectors.
     let mut parts = 0.0;
     for _ in 0..3 {
-        let pause = rand::rng().random_range(2000..4000);
+        let started = std::time::Instant::now();
+        while e2e::metric(&http, "projector_batches_total")
+            .await
+            .unwrap_or(0.0)
+            < 1.0
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "a restarted projector committed nothing in 20 s of steady writes"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!("committed {:?} after its start", started.elapsed());
+        let pause = rand::rng().random_range(0..2000);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         parts += e2e::metric(&http, "projector_transaction_parts_total")
             .await
