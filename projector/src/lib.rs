@@ -25,6 +25,7 @@ pub mod apply;
 pub mod config;
 pub mod dead_letter;
 pub mod encode;
+pub mod leader;
 pub mod replay;
 pub mod source_position;
 pub mod telemetry;
@@ -288,6 +289,37 @@ async fn consume(
             Err(e) => return Err(e.into()),
         }
     }
+    loop {
+        // In whole-transaction mode one member applies, the others stand by (see [`leader`]).
+        let term = match config.transactions {
+            Transactions::Whole => {
+                let key = Target::lock_key(&config.group, &config.topic);
+                let standby = || metrics.set_state(telemetry::State::Standby);
+                match leader::acquire(&config.database_url, &key, shutdown, standby).await {
+                    Some(term) => Some(term),
+                    None => return Ok(()),
+                }
+            }
+            Transactions::PerMember | Transactions::Batches => None,
+        };
+        let stop = term
+            .as_ref()
+            .map_or_else(|| shutdown.clone(), |t| t.lost.clone());
+        project(config, metrics, &stop).await?;
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        // (The lock was lost: the consumer has left the group; stand by again.)
+    }
+}
+
+/// Joins the group and applies until `shutdown`.
+async fn project(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    metrics.set_state(telemetry::State::Starting);
     let dead_letters = DeadLetters::new(
         &config.kafka_brokers,
         &config.dead_letter_topic(),
@@ -723,8 +755,8 @@ impl Projector<'_> {
                     partitions,
                     "this projector holds only some of the topic's partitions: it applies \
                      whole source transactions only with all of them, and waits for a rebalance \
-                     (a killed member's session running out, or another member of the group \
-                     leaving; several members sharing a topic need --transactions per-member)"
+                     (a killed member's session running out, or a member of the group in \
+                     another mode leaving: members sharing a topic need --transactions per-member)"
                 );
                 self.waiting = true;
                 self.pause_all(true);

@@ -18,6 +18,9 @@ pub enum State {
     /// until a rebalance hands it all (a killed member's session still running out, or another
     /// member sharing the topic).
     Waiting = 4,
+    /// Another projector of the group holds the leader lock (whole-transaction mode): not
+    /// consuming, ready to take over.
+    Standby = 5,
 }
 
 impl State {
@@ -28,6 +31,7 @@ impl State {
             State::Retrying => "retrying",
             State::Stopping => "stopping",
             State::Waiting => "waiting_for_partitions",
+            State::Standby => "standby",
         }
     }
 
@@ -37,6 +41,7 @@ impl State {
             2 => State::Retrying,
             3 => State::Stopping,
             4 => State::Waiting,
+            5 => State::Standby,
             _ => State::Starting,
         }
     }
@@ -254,8 +259,8 @@ impl Metrics {
 impl Telemetry for Metrics {
     fn health(&self) -> (bool, serde_json::Value) {
         let state = self.state();
-        // Waiting for partitions is as designed (and passes by itself when a member is gone).
-        let up = matches!(state, State::Running | State::Waiting);
+        // Waiting for partitions (it passes when a member is gone) and standing by are as designed.
+        let up = matches!(state, State::Running | State::Waiting | State::Standby);
         let body = serde_json::json!({
             "status": if up { "UP" } else { "DOWN" },
             "state": state.name(),

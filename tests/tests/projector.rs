@@ -508,6 +508,62 @@ async fn three_projectors_share_the_partitions_and_survive_a_member_killed_mid_b
     p.reader.stop().await.unwrap();
 }
 
+/// The `state` in a projector's /health.
+async fn projector_state(http: &str) -> anyhow::Result<String> {
+    let health: serde_json::Value = reqwest::get(format!("{http}/health")).await?.json().await?;
+    Ok(health["state"].as_str().unwrap_or_default().to_owned())
+}
+
+/// Two projectors of one group in whole-transaction mode (the default) on a three-partition
+/// topic: one applies, the other stands by instead of taking some of the partitions (then both
+/// would wait for ever); killed with SIGKILL, the first is replaced by the second.
+#[tokio::test]
+async fn a_second_projector_in_whole_transaction_mode_stands_by_and_takes_over() {
+    let p = Pipeline::start_with(e2e::Stack::from_env(), "proj_standby", 3)
+        .await
+        .unwrap();
+    let config = p.projector_config();
+    let (mut first, first_http) = spawn_projector_serving(&config, &[]).await;
+    e2e::wait_for("the first projector to run", WAIT, || async {
+        Ok((projector_state(&first_http).await.ok().as_deref() == Some("running")).then_some(()))
+    })
+    .await
+    .unwrap();
+    let (mut second, second_http) = spawn_projector_serving(&config, &[]).await;
+    e2e::wait_for("the second projector to stand by", WAIT, || async {
+        Ok((projector_state(&second_http).await.ok().as_deref() == Some("standby")).then_some(()))
+    })
+    .await
+    .unwrap();
+    let (stop, workload) = keep_writing(&p).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    workload.await.unwrap().unwrap();
+    p.converged(WAIT).await.unwrap();
+    assert_eq!(projector_state(&second_http).await.unwrap(), "standby");
+    assert_eq!(
+        group_members(&config.kafka_brokers, &config.group).await,
+        [3],
+        "only the applying projector is in the group"
+    );
+
+    let (stop, workload) = keep_writing(&p).await;
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    e2e::wait_for("the second projector to take over", WAIT, || async {
+        Ok((projector_state(&second_http).await.ok().as_deref() == Some("running")).then_some(()))
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    workload.await.unwrap().unwrap();
+    p.converged(Duration::from_secs(120)).await.unwrap();
+    second.start_kill().unwrap();
+    second.wait().await.unwrap();
+    p.reader.stop().await.unwrap();
+}
+
 /// Views applied further than the topic reaches (it was deleted and created again): the projector
 /// stops with an error that names the partition and the way out, and applies nothing.
 #[tokio::test]
