@@ -108,6 +108,13 @@ pub struct Config {
     #[arg(long, env = "CDC_READER_COMMIT_INTERVAL_MS", default_value_t = 100)]
     pub commit_interval_ms: u64,
 
+    /// Least time from a Kafka commit's return to the next transaction's first record, in
+    /// milliseconds. Kafka's coordinator answers a transaction that starts while the previous
+    /// one's markers are still being written with CONCURRENT_TRANSACTIONS, and librdkafka then
+    /// retries after a fixed 20 ms; a short gap avoids that (0: none).
+    #[arg(long, env = "CDC_READER_TRANSACTION_GAP_MS", default_value_t = 8)]
+    pub transaction_gap_ms: u64,
+
     /// Most records in one Kafka transaction, and held in memory for the next one while one
     /// commits; a source transaction larger than this is split across Kafka transactions (at a
     /// record it resumes exactly after).
@@ -280,6 +287,7 @@ impl Config {
                 .filter(|id| !id.trim().is_empty())
                 .unwrap_or_else(|| format!("cdc-reader.{}.{}", self.server_name, self.slot)),
             position_topic: self.position_topic.clone(),
+            transaction_gap: Duration::from_millis(self.transaction_gap_ms),
         })
     }
 

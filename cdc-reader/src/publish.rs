@@ -111,6 +111,9 @@ pub struct KafkaSettings {
     pub transactional_id: String,
     /// The compacted topic that holds committed positions.
     pub position_topic: String,
+    /// Least time between a commit's return and the next transaction (see
+    /// `--transaction-gap-ms`).
+    pub transaction_gap: Duration,
 }
 
 /// The last record sent to each (topic, partition).
@@ -236,6 +239,10 @@ pub struct Publisher {
     /// The last position committed, and the last record of each partition then.
     committed: Option<Committed>,
     committed_lasts: Lasts,
+    /// When the next transaction may begin: [`KafkaSettings::transaction_gap`] after the last
+    /// commit returned.
+    next_begin: Option<Instant>,
+    transaction_gap: Duration,
     /// The last record of each partition sent so far (committed, being committed or open).
     sent_lasts: Lasts,
     /// Whether those name every partition's last record (see [`Publisher::learn_lasts`]).
@@ -259,7 +266,11 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
         .set("bootstrap.servers", &settings.brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5")
+        // A commit waits for every record of its transaction to be acknowledged, and that wait
+        // does not cut the linger short (rdkafka's flush would, in 100 ms polls, see
+        // `wait_delivered`): records go out at once, and those produced while requests are in
+        // flight still form batches.
+        .set("linger.ms", "0")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000")
         .set("compression.type", "lz4")
@@ -310,6 +321,8 @@ impl Publisher {
             skipped: 0,
             committed: None,
             committed_lasts: Lasts::new(),
+            next_begin: None,
+            transaction_gap: settings.transaction_gap,
             sent_lasts: Lasts::new(),
             lasts_known: false,
         })
@@ -435,7 +448,7 @@ impl Publisher {
         if self.delivery != Delivery::ExactlyOnce || !self.is_idle() {
             return Ok(());
         }
-        self.begin()?;
+        self.begin().await?;
         self.begin_commit(Some(position)).await
     }
 
@@ -499,9 +512,15 @@ impl Publisher {
         }
     }
 
-    fn begin(&mut self) -> Result<(), PublishError> {
+    /// Opens a transaction when none is: once [`KafkaSettings::transaction_gap`] has passed
+    /// since the last commit (a transaction begun sooner may meet the last one's markers still
+    /// being written, and wait 20 ms more).
+    async fn begin(&mut self) -> Result<(), PublishError> {
         if self.open.is_none() {
             if self.delivery == Delivery::ExactlyOnce {
+                if let Some(at) = self.next_begin.take().filter(|at| *at > Instant::now()) {
+                    tokio::time::sleep_until(at.into()).await;
+                }
                 self.producer
                     .begin_transaction()
                     .map_err(|source| PublishError::Transaction {
@@ -531,7 +550,7 @@ impl Publisher {
         if let Some(value) = &record.value {
             r = r.payload(value);
         }
-        self.begin()?;
+        self.begin().await?;
         self.produce(r).await?;
         if let Some(open) = &mut self.open {
             open.records += 1;
@@ -629,6 +648,7 @@ impl Publisher {
         match outcome {
             Ok(Ok(())) if failure.is_none() => {
                 self.committed = Some(committing.position);
+                self.next_begin = Some(Instant::now() + self.transaction_gap);
                 self.committed_lasts = committing.lasts;
                 Ok(committing.records)
             }

@@ -604,6 +604,7 @@ impl Reader {
             transactional_id: None,
             position_topic: "cdc-reader-positions".to_owned(),
             commit_interval_ms: 100,
+            transaction_gap_ms: 8,
             max_in_flight: 50_000,
             status_interval_ms: 100,
             snapshot: cdc_reader::config::SnapshotMode::Initial,

@@ -293,6 +293,7 @@ async fn main() -> anyhow::Result<()> {
     user_api.wait_healthy().await?;
     post_api.wait_healthy().await?;
     let pairs_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let arrivals = kafka_arrivals(&stack.kafka_brokers, &topic, pairs_stop.clone())?;
     let pairs = tokio::spawn(ryw_pairs(
         user_api.http.clone(),
         post_api.http.clone(),
@@ -327,6 +328,7 @@ async fn main() -> anyhow::Result<()> {
     let load_s = load_started.elapsed().as_secs_f64();
     pairs_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut ryw, ryw_refused) = pairs.await??;
+    let arrivals = arrivals.await??;
     ryw.sort_by(f64::total_cmp);
     user_api.stop().await?;
     post_api.stop().await?;
@@ -336,6 +338,8 @@ async fn main() -> anyhow::Result<()> {
     let (ryw_p50, ryw_p99) = (percentile(&ryw, 0.50), percentile(&ryw, 0.99));
     // Collect when each marker reached the view.
     let mut latencies = Vec::with_capacity(commits.len());
+    // The two stages: commit → readable in Kafka (read_committed), then → the row written.
+    let (mut to_kafka, mut from_kafka) = (Vec::new(), Vec::new());
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let rows = views
@@ -348,9 +352,13 @@ async fn main() -> anyhow::Result<()> {
             for r in rows {
                 let name: String = r.get(0);
                 let projected: DateTime<Utc> = r.get(1);
+                let ms = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(0) as f64 / 1000.0;
                 if let Some(c) = commits.get(&name) {
-                    latencies
-                        .push((projected - *c).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+                    latencies.push(ms(projected - *c));
+                    if let Some(k) = arrivals.get(&name) {
+                        to_kafka.push(ms(*k - *c));
+                        from_kafka.push(ms(projected - *k));
+                    }
                 }
             }
             break;
@@ -364,6 +372,8 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     latencies.sort_by(f64::total_cmp);
+    to_kafka.sort_by(f64::total_cmp);
+    from_kafka.sort_by(f64::total_cmp);
     let (p50, p99, max) = (
         percentile(&latencies, 0.50),
         percentile(&latencies, 0.99),
@@ -448,6 +458,15 @@ async fn main() -> anyhow::Result<()> {
         "    commit → user_view latency  p50 {p50:8.1} ms   p99 {p99:8.1} ms   max {max:8.1} ms"
     );
     println!(
+        "      of which commit → readable in Kafka  p50 {:8.1} ms   p99 {:8.1} ms, then → user_view \
+         p50 {:8.1} ms   p99 {:8.1} ms ({} markers seen in Kafka)",
+        percentile(&to_kafka, 0.5),
+        percentile(&to_kafka, 0.99),
+        percentile(&from_kafka, 0.5),
+        percentile(&from_kafka, 0.99),
+        to_kafka.len()
+    );
+    println!(
         "    write-then-consistent-read pairs: {} (refused {ryw_refused})  p50 {ryw_p50:8.1} ms   p99 {ryw_p99:8.1} ms",
         ryw.len()
     );
@@ -507,6 +526,10 @@ async fn main() -> anyhow::Result<()> {
         "steady_rate": rate,
         "steady_changes": total,
         "latency_max_ms": tenth(max),
+        "latency_to_kafka_p50_ms": tenth(percentile(&to_kafka, 0.5)),
+        "latency_to_kafka_p99_ms": tenth(percentile(&to_kafka, 0.99)),
+        "latency_from_kafka_p50_ms": tenth(percentile(&from_kafka, 0.5)),
+        "latency_from_kafka_p99_ms": tenth(percentile(&from_kafka, 0.99)),
         "ryw_pairs": ryw.len(),
         "ryw_refused": ryw_refused,
         "reader_cpu_s": reader_cpu,
@@ -522,6 +545,58 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("BENCH {bench}");
     Ok(())
+}
+
+/// When each marker was first readable in Kafka.
+type Arrivals = HashMap<String, DateTime<Utc>>;
+
+/// When each steady-load marker (`lat …` names) becomes readable in `topic` for a
+/// `read_committed` consumer, from the topic's end now until `stop`.
+fn kafka_arrivals(
+    brokers: &str,
+    topic: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<Arrivals>>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("bench-arrivals-{}", unique_suffix()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            assignment.add_partition_offset(topic, p.id(), rdkafka::Offset::End)?;
+        }
+    }
+    consumer.assign(&assignment)?;
+    Ok(tokio::task::spawn_blocking(move || {
+        let mut seen = HashMap::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let now = Utc::now();
+            let Some(value) = message?.payload().map(<[u8]>::to_vec) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&value) else {
+                continue;
+            };
+            let after = v.get("payload").unwrap_or(&v).get("after");
+            if let Some(name) = after.and_then(|a| a.get("name")).and_then(|n| n.as_str()) {
+                if name.starts_with("lat ") {
+                    seen.insert(name.to_owned(), now);
+                }
+            }
+        }
+        Ok(seen)
+    }))
 }
 
 /// Read-your-writes pairs until `stop`: a user created through user-api, then read back through
@@ -595,6 +670,7 @@ async fn produce_limit(stack: &Stack, topic: &str, n: i64) -> anyhow::Result<f64
         delivery: cdc_reader::publish::Delivery::AtLeastOnce,
         transactional_id: String::new(),
         position_topic: String::new(),
+        transaction_gap: Duration::ZERO,
     };
     let limit_topic = format!("bench-produce-{}", unique_suffix());
     cdc_reader::publish::ensure_topics(&settings, std::slice::from_ref(&limit_topic)).await?;
