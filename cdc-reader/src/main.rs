@@ -94,7 +94,7 @@ impl ReaderArgs {
             let (db, conn) = tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
                 .await
                 .context("connecting to the reader's database")?;
-            tokio::spawn(conn);
+            service::spawn_connection(conn, "replay request");
             let mut poll = ask(&db).await?;
             let started = Instant::now();
             let mut said_waiting = false;

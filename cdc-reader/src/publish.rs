@@ -177,9 +177,7 @@ impl ProducerContext for DeliveryContext {
     fn delivery(&self, result: &DeliveryResult<'_>, (): ()) {
         if let Err((error, _)) = result {
             if self.failures.fetch_add(1, Ordering::Relaxed) == 0 {
-                if let Ok(mut first) = self.first_failure.lock() {
-                    *first = Some(error.clone());
-                }
+                *service::lock(&self.first_failure) = Some(error.clone());
             }
         }
     }
@@ -191,7 +189,7 @@ impl DeliveryContext {
         if self.failures.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        let first = self.first_failure.lock().ok().and_then(|f| f.clone());
+        let first = service::lock(&self.first_failure).clone();
         Some(PublishError::Delivery(first.unwrap_or(
             KafkaError::MessageProduction(RDKafkaErrorCode::Fail),
         )))

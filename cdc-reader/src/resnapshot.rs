@@ -411,7 +411,7 @@ async fn worker(
     let (mut db, conn) = tokio_postgres::connect(&database_url, tokio_postgres::NoTls)
         .await
         .map_err(pg("connecting for the on-demand snapshot"))?;
-    tokio::spawn(conn);
+    service::spawn_connection(conn, "on-demand snapshot");
     db.batch_execute(
         "SET DateStyle = ISO; SET TimeZone = UTC; SET IntervalStyle = iso_8601; \
          SET extra_float_digits = 3; SET bytea_output = hex",
@@ -529,11 +529,16 @@ async fn worker(
                 }
                 let mut key = Row::new();
                 for k in &keys {
-                    key.insert(k.clone(), after.get(k).cloned().unwrap_or_default());
+                    let value = after.get(k).cloned().ok_or_else(|| {
+                        SetupError::Unsupported(format!(
+                            "key column {k} missing from a snapshot chunk of {schema}.{name}"
+                        ))
+                    })?;
+                    key.insert(k.clone(), value);
                 }
                 chunk.rows.push(ChunkRow {
                     topic: topic.clone(),
-                    key: serde_json::to_vec(&key).unwrap_or_default(),
+                    key: crate::envelope::to_json_bytes(&key),
                     schema: schema.to_owned(),
                     table: name.to_owned(),
                     after,

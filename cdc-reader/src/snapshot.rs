@@ -273,7 +273,12 @@ pub async fn take(
                 }
                 let mut key = Row::new();
                 for k in &key_names {
-                    key.insert(k.clone(), after.get(k).cloned().unwrap_or_default());
+                    let value = after.get(k).cloned().ok_or_else(|| {
+                        SetupError::Unsupported(format!(
+                            "key column {k} missing from the snapshot of {schema}.{name}"
+                        ))
+                    })?;
+                    key.insert(k.clone(), value);
                 }
                 let key = to_json_bytes(&key);
                 if earlier.take(table, &key) == Some(content_hash(&after)) {
@@ -301,7 +306,9 @@ pub async fn take(
             .map_err(pg("closing the snapshot cursor"))?;
         // Rows an earlier attempt published that are gone now: a delete and its tombstone.
         for key in earlier.remaining(table) {
-            let before: Row = serde_json::from_slice(&key).unwrap_or_default();
+            let before: Row = serde_json::from_slice(&key).map_err(|e| {
+                SnapshotError::Attempt(format!("a key it published is not a JSON object ({e})"))
+            })?;
             let envelope = Envelope {
                 before: Some(before),
                 after: None,
@@ -437,7 +444,7 @@ async fn earlier_attempts(
                 .or_default()
                 .insert(partition.to_string(), offset);
         }
-        let offsets = serde_json::to_string(&offsets).unwrap_or_default();
+        let offsets = String::from_utf8_lossy(&to_json_bytes(&offsets)).into_owned();
         db.execute(
             "INSERT INTO cdc_reader_snapshot_attempts (slot, first_point, start_offsets) \
              VALUES ($1, $2::text::pg_lsn, $3::text::jsonb)",
@@ -554,9 +561,7 @@ impl Published {
 /// (serde_json's maps are ordered by key, so equal rows serialize alike).
 fn content_hash(after: &Row) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_vec(after)
-        .unwrap_or_default()
-        .hash(&mut hasher);
+    to_json_bytes(after).hash(&mut hasher);
     hasher.finish()
 }
 

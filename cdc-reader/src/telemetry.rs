@@ -74,13 +74,11 @@ impl Metrics {
 
     pub fn record_error(&self, error: String) {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut last) = self.last_error.lock() {
-            *last = Some(error);
-        }
+        *service::lock(&self.last_error) = Some(error);
     }
 
     fn last_error(&self) -> Option<String> {
-        self.last_error.lock().ok().and_then(|l| l.clone())
+        service::lock(&self.last_error).clone()
     }
 
     /// Prometheus text exposition.

@@ -219,11 +219,7 @@ impl Store {
         let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
             .await
             .map_err(ApplyError::Connect)?;
-        let connection = tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::warn!(%error, "materialized_view_db connection ended");
-            }
-        });
+        let connection = service::spawn_connection(conn, "view transactions");
         if let Some(schema) = &target.schema {
             // Before preparing: the statements' table names resolve through it.
             client

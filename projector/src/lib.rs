@@ -143,12 +143,7 @@ impl Context {
     }
 
     fn assigned(&self) -> Vec<i32> {
-        self.assigned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .copied()
-            .collect()
+        service::lock(&self.assigned).iter().copied().collect()
     }
 }
 
@@ -201,17 +196,11 @@ impl ConsumerContext for Context {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = ?partitions(tpl), "partitions assigned");
-                self.assigned
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .extend(mine(tpl));
+                service::lock(&self.assigned).extend(mine(tpl));
             }
             Rebalance::Revoke(tpl) => {
                 tracing::info!(partitions = ?partitions(tpl), "partitions revoked");
-                let mut assigned = self
-                    .assigned
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut assigned = service::lock(&self.assigned);
                 for p in mine(tpl) {
                     assigned.remove(&p);
                 }

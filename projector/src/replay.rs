@@ -719,11 +719,7 @@ async fn connect(url: &str) -> Result<Client, ReplayError> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .map_err(sql("connecting"))?;
-    tokio::spawn(async move {
-        if let Err(error) = conn.await {
-            tracing::warn!(%error, "materialized_view_db connection ended");
-        }
-    });
+    service::spawn_connection(conn, "replay");
     Ok(client)
 }
 
@@ -745,12 +741,10 @@ fn quote(ident: &str) -> String {
 }
 
 fn set_ranges(ranges: &Ranges, start: &BTreeMap<i32, i64>, stop: &BTreeMap<i32, i64>) {
-    if let Ok(mut r) = ranges.lock() {
-        *r = start
-            .iter()
-            .map(|(p, s)| (*p, (*s, stop.get(p).copied().unwrap_or(*s))))
-            .collect();
-    }
+    *service::lock(ranges) = start
+        .iter()
+        .map(|(p, s)| (*p, (*s, stop.get(p).copied().unwrap_or(*s))))
+        .collect();
 }
 
 fn spawn_progress(
@@ -763,9 +757,7 @@ fn spawn_progress(
         loop {
             tick.tick().await;
             let applied = metrics.applied();
-            let Ok(r) = ranges.lock().map(|r| r.clone()) else {
-                return;
-            };
+            let r = service::lock(&ranges).clone();
             let (mut done, mut total) = (0, 0);
             for (p, (start, stop)) in r {
                 total += (stop - start).max(0);
@@ -966,11 +958,7 @@ fn assign(
     }
     consumer.assign(&tpl).map_err(crate::Error::Kafka)?;
     let context = consumer.context();
-    context
-        .assigned
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .extend(partitions.iter().copied());
+    service::lock(&context.assigned).extend(partitions.iter().copied());
     context.generation.fetch_add(1, Ordering::SeqCst);
     Ok(())
 }

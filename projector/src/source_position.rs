@@ -159,29 +159,18 @@ impl Follower {
 
     /// What the positions can tell now (see [`Known`]).
     pub fn known(&self) -> Known {
-        let empty = self
-            .targets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_empty();
+        let empty = service::lock(&self.targets).is_empty();
         if !empty {
             return Known::Positions;
         }
-        match *self
-            .loaded
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-        {
+        match *service::lock(&self.loaded) {
             Some(at) if at.elapsed() >= NO_POSITIONS_AFTER => Known::None,
             _ => Known::Loading,
         }
     }
 
     pub fn complete(&self, partition: i32, applied: Option<RecordPosition>) -> Option<u64> {
-        self.targets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .complete(partition, applied)
+        service::lock(&self.targets).complete(partition, applied)
     }
 }
 
@@ -208,10 +197,7 @@ struct Shared {
 
 impl Shared {
     fn set_loaded(&self) {
-        let mut loaded = self
-            .loaded
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut loaded = service::lock(&self.loaded);
         if loaded.is_none() {
             *loaded = Some(Instant::now());
             // Woken, the projector looks again once the wait for positions is over.
@@ -294,15 +280,8 @@ fn follow(consumer: &BaseConsumer<TracingContext>, topic: &str, shared: &Shared)
             }
         }
         if !warned
-            && shared
-                .loaded
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .is_some_and(|at| at.elapsed() >= NO_POSITIONS_AFTER)
-            && targets
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .is_empty()
+            && service::lock(&shared.loaded).is_some_and(|at| at.elapsed() >= NO_POSITIONS_AFTER)
+            && service::lock(targets).is_empty()
         {
             warned = true;
             changed.notify_one();
@@ -333,13 +312,10 @@ fn follow(consumer: &BaseConsumer<TracingContext>, topic: &str, shared: &Shared)
                 if lasts.is_empty() {
                     continue;
                 }
-                targets
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(Target {
-                        end_lsn: position.end_lsn,
-                        lasts,
-                    });
+                service::lock(targets).push(Target {
+                    end_lsn: position.end_lsn,
+                    lasts,
+                });
                 changed.notify_one();
             }
             // The end of the topic as it was: the tail is read.

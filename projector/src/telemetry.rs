@@ -102,14 +102,13 @@ impl Metrics {
 
     pub fn record_error(&self, error: String) {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut last) = self.last_error.lock() {
-            *last = Some(error);
-        }
+        *service::lock(&self.last_error) = Some(error);
     }
 
     pub fn record_batch(&self, took: Duration) {
         self.batches.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut l) = self.latency.lock() {
+        {
+            let mut l = service::lock(&self.latency);
             let s = took.as_secs_f64();
             for (bucket, le) in l.buckets.iter_mut().zip(LATENCY_BUCKETS) {
                 if s <= le {
@@ -122,13 +121,12 @@ impl Metrics {
     }
 
     pub fn set_high_watermark(&self, partition: i32, high: i64) {
-        if let Ok(mut p) = self.partitions.lock() {
-            p.high.insert(partition, high);
-        }
+        service::lock(&self.partitions).high.insert(partition, high);
     }
 
     pub fn set_applied(&self, partition: i32, next_offset: i64) {
-        if let Ok(mut p) = self.partitions.lock() {
+        {
+            let mut p = service::lock(&self.partitions);
             let e = p.applied.entry(partition).or_insert(next_offset);
             *e = (*e).max(next_offset);
         }
@@ -136,17 +134,12 @@ impl Metrics {
 
     /// The next offset to apply per partition, as far as this process applied.
     pub fn applied(&self) -> BTreeMap<i32, i64> {
-        self.partitions
-            .lock()
-            .map(|p| p.applied.clone())
-            .unwrap_or_default()
+        service::lock(&self.partitions).applied.clone()
     }
 
     /// Records in the topic not yet applied, per partition (where both ends are known).
     pub fn lag(&self) -> Vec<(i32, i64)> {
-        let Ok(p) = self.partitions.lock() else {
-            return Vec::new();
-        };
+        let p = service::lock(&self.partitions);
         p.applied
             .iter()
             .filter_map(|(part, applied)| {
@@ -158,7 +151,7 @@ impl Metrics {
     }
 
     fn last_error(&self) -> Option<String> {
-        self.last_error.lock().ok().and_then(|l| l.clone())
+        service::lock(&self.last_error).clone()
     }
 
     pub fn render(&self) -> String {
@@ -232,7 +225,8 @@ impl Metrics {
             "partition",
             self.lag().into_iter().map(|(p, l)| (p.to_string(), l)),
         );
-        if let Ok(l) = self.latency.lock() {
+        {
+            let l = service::lock(&self.latency);
             let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
                 .iter()
                 .copied()

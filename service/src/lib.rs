@@ -106,6 +106,28 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     out
 }
 
+/// Runs a PostgreSQL connection (`tokio_postgres::connect`'s second half) on a task of its own;
+/// an error it ends with is logged as a warning naming `what` it serves.
+pub fn spawn_connection<F>(connection: F, what: &'static str) -> tokio::task::JoinHandle<()>
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(%error, connection = what, "a database connection ended with an error");
+        }
+    })
+}
+
+/// Locks `mutex`, also after a thread panicked while holding it. The state behind the services'
+/// mutexes is simple (a first error, counters, an assignment): a panic elsewhere (which is logged)
+/// must not turn it into "nothing" — an empty assignment, a delivery failure not reported.
+pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Capped exponential backoff: 100 ms, 200 ms, ... up to `max`; `reset` after a success.
 #[derive(Debug, Clone)]
 pub struct Backoff {
