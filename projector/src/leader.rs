@@ -72,6 +72,18 @@ pub async fn acquire(
                 ended.cancel();
             }
         });
+        // The server keeps the lock until it sees the connection gone: a holder whose host died
+        // or was cut off (no FIN) is detected in ~11 s, not after the OS's 2 hours of TCP
+        // keepalive (no effect over a Unix socket, where that cannot happen).
+        if let Err(error) = client
+            .batch_execute(
+                "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
+                 SET tcp_keepalives_count = 3; SET tcp_user_timeout = 10000",
+            )
+            .await
+        {
+            tracing::warn!(%error, "setting TCP keepalives on the leader lock's connection failed");
+        }
         loop {
             match try_lock(&client, key).await {
                 Ok(true) => {

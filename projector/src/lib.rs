@@ -298,6 +298,8 @@ async fn consume(
         if shutdown.is_cancelled() {
             return Ok(());
         }
+        // Not consuming until the lock is held again (or another holds it: standby).
+        metrics.set_state(telemetry::State::Starting);
         // (The lock was lost: the consumer has left the group; stand by again.)
     }
 }
@@ -1094,11 +1096,12 @@ impl Projector<'_> {
             self.resume_ahead();
         }
         let bytes: u64 = held.iter().map(Record::size).sum();
-        if bytes < self.config.hold_max_kib.saturating_mul(1024) {
-            return Ok(true);
-        }
+        let full = bytes >= self.config.hold_max_kib.saturating_mul(1024);
         if let Some(Some(through)) = through {
-            self.pause_ahead(held, through);
+            self.pause_ahead(held, through, full);
+        }
+        if !full {
+            return Ok(true);
         }
         let upto = match through.flatten() {
             // Only what the open transaction waits for: a part past its end would move the end.
@@ -1130,11 +1133,29 @@ impl Projector<'_> {
         self.apply(records, false).await
     }
 
-    /// Pauses the partitions complete past `through`, the end of the open view transaction.
-    fn pause_ahead(&mut self, held: &[Record], through: u64) {
+    /// While the open view transaction ends at `through`: past the hold limit (`full`), pauses
+    /// the partitions complete past it; resumes those paused that are no longer known to be (the
+    /// reader positions that said so were dropped from the follower's window, and only their
+    /// next records would say it again).
+    fn pause_ahead(&mut self, held: &[Record], through: u64, full: bool) {
         let Some(complete) = self.complete_through(held) else {
             return;
         };
+        let behind: Vec<i32> = self
+            .ahead
+            .iter()
+            .copied()
+            .filter(|p| complete.get(p).is_none_or(|&c| c <= through))
+            .collect();
+        if !behind.is_empty() {
+            self.pause(&behind, false);
+            for p in &behind {
+                self.ahead.remove(p);
+            }
+        }
+        if !full {
+            return;
+        }
         let ahead: Vec<i32> = complete
             .into_iter()
             .filter(|&(p, c)| c > through && !self.ahead.contains(&p))

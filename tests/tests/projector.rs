@@ -733,8 +733,8 @@ async fn whole_source_transactions(partitions: i32) {
             < 1.0
         {
             assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "a restarted projector committed nothing in 20 s of steady writes"
+                started.elapsed() < Duration::from_secs(25),
+                "a restarted projector committed nothing in 25 s of steady writes"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
