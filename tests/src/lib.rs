@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod chaos;
+pub mod config_docs;
 pub mod connect;
 pub mod full;
 

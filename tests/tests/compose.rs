@@ -620,3 +620,16 @@ async fn the_postgres_init_script_grants_each_service_what_it_needs_and_no_more(
         ]
     );
 }
+
+/// docs/configuration.md is what the binaries' `--help` say (scripts/config-docs writes it).
+#[test]
+fn the_configuration_reference_is_what_the_binaries_say() {
+    let path = repo().join("docs/configuration.md");
+    let file = std::fs::read_to_string(&path).unwrap_or_default();
+    let page = e2e::config_docs::render().unwrap();
+    assert!(
+        file == page,
+        "{} is stale: run scripts/config-docs",
+        path.display()
+    );
+}
