@@ -379,7 +379,7 @@ struct Projector<'a> {
     config: &'a Config,
     metrics: &'a Arc<Metrics>,
     shutdown: &'a CancellationToken,
-    consumer: StreamConsumer<Context>,
+    consumer: Arc<StreamConsumer<Context>>,
     /// `None` in a replay: what cannot be applied was dead-lettered when first consumed; it is
     /// reported, not sent again.
     dead_letters: Option<DeadLetters>,
@@ -526,7 +526,7 @@ impl<'a> Projector<'a> {
             config,
             metrics,
             shutdown,
-            consumer,
+            consumer: Arc::new(consumer),
             dead_letters: None,
             store: None,
             target,
@@ -897,18 +897,34 @@ impl Projector<'_> {
             }
             // Right after an assignment librdkafka may refuse a seek until the partition's fetcher
             // has started; that passes.
-            match self.consumer.seek(
-                &self.config.topic,
-                partition,
-                Offset::Offset(cursor.next),
-                Duration::from_secs(10),
-            ) {
+            let topic = self.config.topic.clone();
+            let next = Offset::Offset(cursor.next);
+            let seek = move |c: &StreamConsumer<Context>| {
+                c.seek(&topic, partition, next, Duration::from_secs(10))
+            };
+            match self.kafka(seek).await {
                 Ok(()) => return,
                 Err(e) => tracing::debug!(partition, error = %e, "seeking failed; retrying"),
             }
             if !backoff.wait(self.shutdown).await {
                 return;
             }
+        }
+    }
+
+    /// Runs a call of the Kafka client that blocks (metadata, watermarks, a seek: up to their
+    /// timeouts) on the blocking pool, off the async runtime's worker threads.
+    async fn kafka<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&StreamConsumer<Context>) -> T + Send + 'static,
+    ) -> T {
+        let consumer = Arc::clone(&self.consumer);
+        match tokio::task::spawn_blocking(move || call(&consumer)).await {
+            Ok(t) => t,
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(e) => panic!("a blocking Kafka call did not finish: {e}"),
+            },
         }
     }
 
@@ -941,16 +957,15 @@ impl Projector<'_> {
     async fn partition_count(&self) -> Option<usize> {
         let mut backoff = service::Backoff::default();
         loop {
-            let topic = self.config.topic.as_str();
-            match self
-                .consumer
-                .fetch_metadata(Some(topic), Duration::from_secs(10))
-            {
-                Ok(m) => {
-                    if let Some(t) = m.topics().iter().find(|t| t.name() == topic) {
-                        return Some(t.partitions().len());
-                    }
-                }
+            let topic = self.config.topic.clone();
+            let count = move |c: &StreamConsumer<Context>| {
+                let m = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+                let t = m.topics().iter().find(|t| t.name() == topic);
+                Ok::<_, KafkaError>(t.map(|t| t.partitions().len()))
+            };
+            match self.kafka(count).await {
+                Ok(Some(n)) => return Some(n),
+                Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e,
                     "reading the topic's partition count failed; retrying"),
             }
@@ -965,11 +980,11 @@ impl Projector<'_> {
     async fn watermarks(&self, partition: i32) -> Option<(i64, i64)> {
         let mut backoff = service::Backoff::default();
         loop {
-            match self.consumer.fetch_watermarks(
-                &self.config.topic,
-                partition,
-                Duration::from_secs(10),
-            ) {
+            let topic = self.config.topic.clone();
+            let marks = move |c: &StreamConsumer<Context>| {
+                c.fetch_watermarks(&topic, partition, Duration::from_secs(10))
+            };
+            match self.kafka(marks).await {
                 Ok(w) => return Some(w),
                 Err(e) => tracing::warn!(partition, error = %e,
                     "reading the partition's watermarks failed; retrying"),
