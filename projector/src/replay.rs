@@ -503,7 +503,10 @@ impl<'a> Run<'a> {
                         pause_live(db, config, marks).await?;
                         stored_offsets(db, config).await?
                     } else {
-                        high_watermarks(&p.consumer, &config.topic, start.keys())?
+                        let topic = config.topic.clone();
+                        let partitions: Vec<i32> = start.keys().copied().collect();
+                        p.kafka(move |c| high_watermarks(c, &topic, partitions.iter()))
+                            .await?
                     };
                     let stop: BTreeMap<i32, i64> = p
                         .positions
