@@ -29,6 +29,16 @@ pub struct Opt {
     pub text: String,
 }
 
+impl Opt {
+    /// The long flag (`--database-url`).
+    pub fn long(&self) -> Option<&str> {
+        self.flag
+            .split_whitespace()
+            .map(|w| w.trim_end_matches(','))
+            .find(|w| w.starts_with("--"))
+    }
+}
+
 /// A command's `--help`: what it does, its usage line and its options.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Help {
@@ -37,6 +47,13 @@ pub struct Help {
     pub options: Vec<Opt>,
     /// What follows the options (clap's `after_help`), a paragraph per line.
     pub after: String,
+}
+
+impl Help {
+    /// Whether the usage line requires `--flag`.
+    pub fn requires(&self, flag: &str) -> bool {
+        self.usage.split_whitespace().any(|w| w == flag)
+    }
 }
 
 /// Parses clap's long `--help` (run with an empty environment).
@@ -128,7 +145,7 @@ fn describe(opt: &mut Opt, line: &str) {
 }
 
 /// `bin [sub] --help` with an empty environment.
-fn help_text(bin: &str, sub: Option<&str>) -> anyhow::Result<String> {
+pub fn help_text(bin: &str, sub: Option<&str>) -> anyhow::Result<String> {
     let path = crate::workspace_binary(bin)?;
     let out = Command::new(&path)
         .args(sub)
@@ -176,8 +193,7 @@ pub fn render() -> anyhow::Result<String> {
             if let Some(p) = &o.possible {
                 write!(text, " (one of: {p})")?;
             }
-            let name = o.flag.split_whitespace().next().unwrap_or_default();
-            let required = help.usage.split_whitespace().any(|w| w == name);
+            let required = o.long().is_some_and(|f| help.requires(f));
             writeln!(
                 out,
                 "| `{}` | {} | {} | {} |",

@@ -89,46 +89,25 @@ struct Help {
 }
 
 fn help(bin: &str) -> Help {
-    let path = e2e::workspace_binary(bin).unwrap();
-    let out = Command::new(&path)
-        .arg("--help")
-        .env_clear()
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{bin} --help failed: {out:?}");
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut env = BTreeMap::new();
-    let mut required = BTreeSet::new();
-    let mut flag = String::new();
-    for line in text.lines() {
-        if let Some(usage) = line.strip_prefix("Usage: ") {
-            required.extend(
-                usage
-                    .split_whitespace()
-                    .filter(|w| w.starts_with("--"))
-                    .map(str::to_owned),
-            );
-        }
-        if let Some(f) = line.split_whitespace().find(|w| w.starts_with("--")) {
-            flag = f.trim_end_matches(',').to_owned();
-        }
-        if let Some((_, rest)) = line.split_once("[env: ") {
-            let var: String = rest
-                .chars()
-                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
-                .collect();
-            let default = line
-                .split_once("[default: ")
-                .map(|(_, d)| d.split(']').next().unwrap().to_owned());
-            env.insert(
-                var,
-                EnvOption {
-                    flag: flag.clone(),
-                    default,
-                },
-            );
-        }
-    }
+    let text = e2e::config_docs::help_text(bin, None).unwrap();
+    let parsed = e2e::config_docs::parse(&text).unwrap();
+    let env: BTreeMap<String, EnvOption> = parsed
+        .options
+        .iter()
+        .filter_map(|o| {
+            let option = EnvOption {
+                flag: o.long()?.to_owned(),
+                default: o.default.clone(),
+            };
+            Some((o.env.clone()?, option))
+        })
+        .collect();
+    let required = parsed
+        .usage
+        .split_whitespace()
+        .filter(|w| w.starts_with("--"))
+        .map(str::to_owned)
+        .collect();
     assert!(
         !env.is_empty(),
         "{bin} --help names no environment variable:\n{text}"

@@ -463,22 +463,7 @@ async fn three_projectors_share_the_partitions_and_survive_a_member_killed_mid_b
 
     // Kill one while it applies: once the group has moved the offsets since.
     let views = p.view_db.client().await.unwrap();
-    let applied = || async {
-        views
-            .query_one(
-                "SELECT coalesce(sum(next_offset), 0)::bigint FROM projector_offsets",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
-    let before = applied().await;
-    e2e::wait_for("the group to apply more", WAIT, || async {
-        Ok((applied().await > before).then_some(()))
-    })
-    .await
-    .unwrap();
+    applies_more(&views, "the group").await;
     let mut killed = members.remove(0);
     killed.start_kill().unwrap();
     killed.wait().await.unwrap();
@@ -492,12 +477,7 @@ async fn three_projectors_share_the_partitions_and_survive_a_member_killed_mid_b
     .unwrap();
     assert_eq!(shares, [3, 3]);
     // The two go on applying the running workload before it stops.
-    let before = applied().await;
-    e2e::wait_for("the two members to apply more", WAIT, || async {
-        Ok((applied().await > before).then_some(()))
-    })
-    .await
-    .unwrap();
+    applies_more(&views, "the two members").await;
     stop.cancel();
     workload.await.unwrap().unwrap();
     p.converged(Duration::from_secs(120)).await.unwrap();
@@ -508,10 +488,39 @@ async fn three_projectors_share_the_partitions_and_survive_a_member_killed_mid_b
     p.reader.stop().await.unwrap();
 }
 
+/// Waits until the offsets stored with the views move on (`who` applies more).
+async fn applies_more(views: &tokio_postgres::Client, who: &str) {
+    let applied = || async {
+        views
+            .query_one(
+                "SELECT coalesce(sum(next_offset), 0)::bigint FROM projector_offsets",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let before = applied().await;
+    e2e::wait_for(&format!("{who} to apply more"), WAIT, || async {
+        Ok((applied().await > before).then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
 /// The `state` in a projector's /health.
 async fn projector_state(http: &str) -> anyhow::Result<String> {
     let health: serde_json::Value = reqwest::get(format!("{http}/health")).await?.json().await?;
     Ok(health["state"].as_str().unwrap_or_default().to_owned())
+}
+
+/// Waits until the projector serving `http` reports `state`.
+async fn wait_for_state(http: &str, state: &str) {
+    e2e::wait_for(&format!("a projector in state {state}"), WAIT, || async {
+        Ok((projector_state(http).await.ok().as_deref() == Some(state)).then_some(()))
+    })
+    .await
+    .unwrap();
 }
 
 /// Two projectors of one group in whole-transaction mode (the default) on a three-partition
@@ -524,19 +533,12 @@ async fn a_second_projector_in_whole_transaction_mode_stands_by_and_takes_over()
         .unwrap();
     let config = p.projector_config();
     let (mut first, first_http) = spawn_projector_serving(&config, &[]).await;
-    e2e::wait_for("the first projector to run", WAIT, || async {
-        Ok((projector_state(&first_http).await.ok().as_deref() == Some("running")).then_some(()))
-    })
-    .await
-    .unwrap();
+    wait_for_state(&first_http, "running").await;
     let (mut second, second_http) = spawn_projector_serving(&config, &[]).await;
-    e2e::wait_for("the second projector to stand by", WAIT, || async {
-        Ok((projector_state(&second_http).await.ok().as_deref() == Some("standby")).then_some(()))
-    })
-    .await
-    .unwrap();
+    wait_for_state(&second_http, "standby").await;
+    let views = p.view_db.client().await.unwrap();
     let (stop, workload) = keep_writing(&p).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    applies_more(&views, "the first projector").await;
     stop.cancel();
     workload.await.unwrap().unwrap();
     p.converged(WAIT).await.unwrap();
@@ -550,12 +552,9 @@ async fn a_second_projector_in_whole_transaction_mode_stands_by_and_takes_over()
     let (stop, workload) = keep_writing(&p).await;
     first.start_kill().unwrap();
     first.wait().await.unwrap();
-    e2e::wait_for("the second projector to take over", WAIT, || async {
-        Ok((projector_state(&second_http).await.ok().as_deref() == Some("running")).then_some(()))
-    })
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for_state(&second_http, "running").await;
+    // It applies the running workload, not only what is left once it stops.
+    applies_more(&views, "the second projector").await;
     stop.cancel();
     workload.await.unwrap().unwrap();
     p.converged(Duration::from_secs(120)).await.unwrap();
