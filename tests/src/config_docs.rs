@@ -173,7 +173,7 @@ pub fn render() -> anyhow::Result<String> {
          Every flag of every command, as its `--help` says. Each flag with a variable can be set \
          through that environment variable instead (the flag wins); `RUST_LOG` (default `info`) \
          sets the log level of all of them. Where the variables go in the dev stack and in \
-         Docker compose: the README.\n",
+         Docker compose: [operations.md](operations.md#configuration) and [docker.md](docker.md).\n",
     );
     for (bin, sub) in COMMANDS {
         let name = sub.map_or(bin.to_owned(), |s| format!("{bin} {s}"));

@@ -11,7 +11,7 @@ use anyhow::Context;
 use serde_json::{json, Map, Value};
 
 /// The settings under which Debezium's PostgreSQL connector writes the most natural JSON it can,
-/// the one our events are compared with (README: "Coming from Debezium").
+/// the one our events are compared with (docs/debezium.md).
 pub const NATURAL_JSON: &[(&str, &str)] = &[
     ("plugin.name", "pgoutput"),
     // Plain JSON values and keys, as our reader writes them.

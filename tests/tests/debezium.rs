@@ -37,7 +37,7 @@ enum Expect {
     UnknownAsNull,
 }
 
-/// The written list of intended differences (README: "Coming from Debezium" has it as a table).
+/// The written list of intended differences (docs/debezium.md has it as a table).
 /// `path` is `key.<column>`, `value.<field>` or `value.<before|after|source>.<field>`, a `*` standing
 /// for `before` and `after`; `ops` limits an entry to records of those operations (empty: all).
 struct Intended {
