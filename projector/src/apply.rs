@@ -5,7 +5,7 @@
 //!
 //! Per part, whatever its size, a fixed handful of statements run (all prepared once per
 //! connection and pipelined): lock the part's partitions, read the current state of the users it
-//! touches, then write the outcome of [`encode::fold`] with `unnest` arrays. A truncate splits the
+//! touches, then write the outcome of [`events::fold`] with `unnest` arrays. A truncate splits the
 //! part: what came before it is written, the truncate is applied, and the rest is folded against
 //! the state after it.
 
@@ -15,7 +15,7 @@ use change_event::{format_lsn, parse_lsn, Position, RecordPosition};
 use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, Statement};
 
-use crate::encode::{self, BadEvent, Change, Current, Final, Status, UserRow};
+use crate::events::{self, BadEvent, Change, Current, Final, Status, UserRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -784,7 +784,7 @@ async fn write_segment(
             }
         }
     }
-    let folded = encode::fold(&current, floor, &changes);
+    let folded = events::fold(&current, floor, &changes);
     outcome.ignored += folded.ignored;
     bad.extend(folded.bad.into_iter().map(|(i, e)| (first_index + i, e)));
 
@@ -903,7 +903,7 @@ struct StatsColumns<'a> {
 
 impl<'a> StatsColumns<'a> {
     /// (departments whose counts only grow, the others).
-    fn split(stats: &'a BTreeMap<String, encode::StatsDelta>) -> (Self, Self) {
+    fn split(stats: &'a BTreeMap<String, events::StatsDelta>) -> (Self, Self) {
         let (mut add, mut change) = (Self::default(), Self::default());
         for (d, delta) in stats {
             let to = if delta.users >= 0 && delta.active >= 0 && delta.inactive >= 0 {

@@ -35,7 +35,8 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::Target;
-use crate::{consumer_config, encode, Bounds, Config, Context, Metrics, Projector};
+use crate::project::{assign, consumer_config, Bounds, Context, Mode, Projector};
+use crate::{events, Config, Metrics};
 
 /// Where a replay starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -406,7 +407,7 @@ impl<'a> Run<'a> {
             self.shutdown,
             consumer,
             target,
-            Some(bounds),
+            Mode::Replay(bounds),
         )
         .map_err(|e| ReplayError::Projector(Box::new(e)))
     }
@@ -509,9 +510,8 @@ impl<'a> Run<'a> {
                             .await?
                     };
                     let stop: BTreeMap<i32, i64> = p
-                        .positions
-                        .iter()
-                        .map(|(part, c)| (*part, ends.get(part).copied().unwrap_or(0).max(c.next)))
+                        .next_offsets()
+                        .map(|(part, next)| (part, ends.get(&part).copied().unwrap_or(0).max(next)))
                         .collect();
                     set_ranges(ranges, start, &stop);
                     p.resume(stop).await;
@@ -930,7 +930,7 @@ async fn scan(
         let Some((_, high)) = todo.get(&p).copied() else {
             continue;
         };
-        let position = encode::decode(message.key(), message.payload(), (&table.0, &table.1))
+        let position = events::decode(message.key(), message.payload(), (&table.0, &table.1))
             .ok()
             .and_then(|c| c.position());
         let offset = message.offset();
@@ -945,25 +945,6 @@ async fn scan(
         }
     }
     Ok(result)
-}
-
-/// Takes `partitions` of `topic` without a group (a replay reads on its own); the loop then
-/// positions them as after a rebalance.
-fn assign(
-    consumer: &StreamConsumer<Context>,
-    topic: &str,
-    partitions: &[i32],
-) -> Result<(), crate::Error> {
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning)
-            .map_err(crate::Error::Kafka)?;
-    }
-    consumer.assign(&tpl).map_err(crate::Error::Kafka)?;
-    let context = consumer.context();
-    service::lock(&context.assigned).extend(partitions.iter().copied());
-    context.generation.fetch_add(1, Ordering::SeqCst);
-    Ok(())
 }
 
 #[cfg(test)]
