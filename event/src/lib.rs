@@ -165,6 +165,11 @@ impl RecordPosition {
         };
         parts.next().is_none().then_some(position)
     }
+
+    /// The position a [`RecordPosition::HEADER`] header's value holds, if it is one.
+    pub fn from_header(value: &[u8]) -> Option<Self> {
+        RecordPosition::parse(std::str::from_utf8(value).ok()?)
+    }
 }
 
 /// What the reader commits with each Kafka transaction into its position topic (key: its
@@ -259,6 +264,29 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn record_positions_order_and_round_trip() {
+        let a = RecordPosition {
+            commit_lsn: 10,
+            event_index: 3,
+            sub: 0,
+        };
+        let tombstone = RecordPosition { sub: 1, ..a };
+        let next = RecordPosition {
+            commit_lsn: 10,
+            event_index: 4,
+            sub: 0,
+        };
+        assert!(a < tombstone && tombstone < next);
+        assert_eq!(
+            RecordPosition::parse(&tombstone.header_value()),
+            Some(tombstone)
+        );
+        for bad in ["", "1:2", "1:2:3:4", "x:1:0", "1:2:300"] {
+            assert_eq!(RecordPosition::parse(bad), None, "{bad}");
+        }
+    }
 
     fn source() -> Source {
         Source {

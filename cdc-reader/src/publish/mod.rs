@@ -23,25 +23,27 @@
 //! key, so the position committed with a transaction can say which record is the last one of
 //! each partition so far: a consumer that has read every partition that far has every source
 //! transaction ending at or before the position, whole.
+//!
+//! - this file: the producer and its Kafka transactions;
+//! - [`position`]: the resume position committed with them, and reading the topics back;
+//! - [`topics`]: creating the topics and reading their partition counts and ends.
 
-use std::collections::{BTreeMap, HashMap};
+mod position;
+mod topics;
+
+pub use position::{read_back, Committed, Lasts};
+pub use topics::ensure_topics;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, Header, Headers, OwnedHeaders};
+use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::{Message, Offset, TopicPartitionList};
-
-use service::kafka::TracingContext;
-
-use crate::decode::Lsn;
-use change_event::ReaderPosition;
 
 use crate::envelope::{Record, RecordPosition};
 
@@ -114,43 +116,6 @@ pub struct KafkaSettings {
     /// Least time between a commit's return and the next transaction (see
     /// `--transaction-gap-ms`).
     pub transaction_gap: Duration,
-}
-
-/// The last record sent to each (topic, partition).
-pub type Lasts = BTreeMap<(String, i32), RecordPosition>;
-
-/// Where a stream resumes, as committed with the records it covers. The record in the position
-/// topic also names the last record of every partition so far ([`change_event::ReaderPosition`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Committed {
-    /// End LSN of the last source transaction wholly in Kafka: streaming resumes here.
-    pub end_lsn: Lsn,
-    /// Set when the source transaction after `end_lsn` was split: its records up to this one are
-    /// in Kafka and are not sent again.
-    pub position: Option<RecordPosition>,
-}
-
-impl Committed {
-    /// The position record's value.
-    fn to_json(self, key: &str, lasts: &Lasts) -> Vec<u8> {
-        ReaderPosition {
-            end_lsn: self.end_lsn,
-            split: self.position,
-            partitions: lasts.clone(),
-        }
-        .to_json(key)
-    }
-
-    fn parse(value: &[u8]) -> Option<(Self, Lasts)> {
-        let p = ReaderPosition::parse(value)?;
-        Some((
-            Committed {
-                end_lsn: p.end_lsn,
-                position: p.split,
-            },
-            p.partitions,
-        ))
-    }
 }
 
 /// The producer's context: librdkafka's logs into `tracing`, and the first failed delivery kept
@@ -283,8 +248,6 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Publisher {
-    /// A producer for one session. Exactly once, it registers its `transactional.id`, which
-    /// fences any earlier producer of the same id and ends (aborts) what that one left open.
     pub async fn new(settings: &KafkaSettings) -> Result<Self, PublishError> {
         let mut config = client_config(settings);
         if settings.delivery == Delivery::ExactlyOnce {
@@ -328,126 +291,6 @@ impl Publisher {
 
     pub fn delivery(&self) -> Delivery {
         self.delivery
-    }
-
-    /// The position committed last with this publisher's `transactional.id` (exactly once; at
-    /// least once there is none). Read after [`Publisher::new`], when nothing of an earlier
-    /// producer is open any more.
-    pub async fn committed(
-        &mut self,
-        settings: &KafkaSettings,
-    ) -> Result<Option<Committed>, PublishError> {
-        if self.delivery != Delivery::ExactlyOnce {
-            return Ok(None);
-        }
-        let key = self.transactional_id.clone();
-        let topic = self.position_topic.clone();
-        let brokers = settings.brokers.clone();
-        let partitions = self.partition_count(&topic).await?;
-        let read = blocking(move || {
-            let consumer = reading_consumer(&brokers)?;
-            let starts: Vec<(i32, i64)> = (0..partitions).map(|p| (p, 0)).collect();
-            let mut last: Option<Option<Vec<u8>>> = None;
-            read_to_end(&consumer, &topic, &starts, |m| {
-                if m.key() == Some(key.as_bytes()) {
-                    last = Some(m.payload().map(<[u8]>::to_vec));
-                }
-            })
-            .map_err(|(partition, source)| PublishError::ReadBack {
-                topic: topic.clone(),
-                partition,
-                source,
-            })?;
-            match last {
-                None | Some(None) => Ok(None),
-                Some(Some(value)) => {
-                    // Positions of readers before they named partitions name none.
-                    let named = serde_json::from_slice::<serde_json::Value>(&value)
-                        .is_ok_and(|v| v.get("partitions").is_some());
-                    Committed::parse(&value)
-                        .map(|(position, lasts)| Some((position, lasts, named)))
-                        .ok_or_else(|| PublishError::Position {
-                            topic: topic.clone(),
-                            key: key.clone(),
-                            value: String::from_utf8_lossy(&value).into_owned(),
-                        })
-                }
-            }
-        })
-        .await??;
-        let Some((position, lasts, named)) = read else {
-            return Ok(None);
-        };
-        self.lasts_known = named;
-        self.committed = Some(position);
-        self.committed_lasts.clone_from(&lasts);
-        self.sent_lasts = lasts;
-        Ok(Some(position))
-    }
-
-    /// When the committed position does not name the last record of every partition (there is
-    /// none, though the topics may hold records: another delivery mode, a new transactional id;
-    /// or an older reader wrote it), reads each partition's last record: a position that named
-    /// only the partitions this session writes would tell consumers the others are complete.
-    pub async fn learn_lasts(
-        &mut self,
-        settings: &KafkaSettings,
-        topics: &[String],
-    ) -> Result<(), PublishError> {
-        if self.delivery != Delivery::ExactlyOnce || self.lasts_known {
-            return Ok(());
-        }
-        let mut work = Vec::new();
-        for topic in topics {
-            let n = self.partition_count(topic).await?;
-            work.extend((0..n).map(|p| (topic.clone(), p)));
-        }
-        let brokers = settings.brokers.clone();
-        let found = blocking(move || {
-            let consumer = reading_consumer(&brokers)?;
-            let mut found = Lasts::new();
-            for (topic, partition) in work {
-                if let Some(last) = last_record_position(&consumer, &topic, partition)? {
-                    found.insert((topic, partition), last);
-                }
-            }
-            Ok::<_, PublishError>(found)
-        })
-        .await??;
-        tracing::info!(
-            partitions = found.len(),
-            "the committed position named no partitions: read their last records"
-        );
-        for (k, last) in found {
-            let sent = self.sent_lasts.entry(k.clone()).or_insert(last);
-            *sent = (*sent).max(last);
-            let committed = self.committed_lasts.entry(k).or_insert(last);
-            *committed = (*committed).max(last);
-        }
-        self.lasts_known = true;
-        Ok(())
-    }
-
-    /// Records at or below `position` are not sent (Kafka has them from a split transaction).
-    pub fn skip_through(&mut self, position: Option<RecordPosition>) {
-        self.skip_through = position;
-    }
-
-    /// The end LSN of the last committed position, if any.
-    pub fn committed_end(&self) -> Option<Lsn> {
-        self.committed.map(|c| c.end_lsn)
-    }
-
-    /// Exactly once, with nothing open: begins committing a Kafka transaction that holds only
-    /// `position` (its outcome through [`Publisher::commit_done`]). An idle stream's position
-    /// moves on so, and readers of the position topic learn that nothing else committed
-    /// before it.
-    pub async fn begin_position_commit(&mut self, position: Committed) -> Result<(), PublishError> {
-        if self.delivery != Delivery::ExactlyOnce || !self.is_idle() {
-            return Ok(());
-        }
-        self.begin().await?;
-        self.begin_commit(Some(position)).await
     }
 
     /// Records sent in the open transaction.
@@ -723,83 +566,6 @@ impl Publisher {
             );
         }
     }
-
-    /// The partition count of each of `topics`, as the cluster says now (and this publisher keeps
-    /// using for its session).
-    pub async fn partition_counts(
-        &mut self,
-        topics: &[String],
-    ) -> Result<Vec<(String, i32)>, PublishError> {
-        let mut counts = Vec::with_capacity(topics.len());
-        for topic in topics {
-            counts.push((topic.clone(), self.partition_count(topic).await?));
-        }
-        Ok(counts)
-    }
-
-    async fn partition_count(&mut self, topic: &str) -> Result<i32, PublishError> {
-        if let Some(&n) = self.partitions.get(topic) {
-            return Ok(n);
-        }
-        let producer = self.producer.clone();
-        let name = topic.to_owned();
-        let metadata = blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(Some(&name), Duration::from_secs(10))
-        })
-        .await?
-        .map_err(|source| PublishError::Metadata {
-            topic: topic.to_owned(),
-            source,
-        })?;
-        let n = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .map(|t| t.partitions().len())
-            .unwrap_or(0);
-        let n = i32::try_from(n).unwrap_or(i32::MAX);
-        if n == 0 {
-            return Err(PublishError::Metadata {
-                topic: topic.to_owned(),
-                source: KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition),
-            });
-        }
-        self.partitions.insert(topic.to_owned(), n);
-        Ok(n)
-    }
-
-    /// Where every partition of `topics` ends now (its high watermark), as (topic, partition,
-    /// offset).
-    pub async fn end_offsets(
-        &mut self,
-        settings: &KafkaSettings,
-        topics: &[String],
-    ) -> Result<Vec<(String, i32, i64)>, PublishError> {
-        let mut work = Vec::new();
-        for topic in topics {
-            let n = self.partition_count(topic).await?;
-            work.extend((0..n).map(|p| (topic.clone(), p)));
-        }
-        let brokers = settings.brokers.clone();
-        blocking(move || {
-            let consumer = reading_consumer(&brokers)?;
-            work.into_iter()
-                .map(|(topic, partition)| {
-                    let (_, high) = consumer
-                        .fetch_watermarks(&topic, partition, Duration::from_secs(10))
-                        .map_err(|source| PublishError::ReadBack {
-                            topic: topic.clone(),
-                            partition,
-                            source,
-                        })?;
-                    Ok((topic, partition, high))
-                })
-                .collect()
-        })
-        .await?
-    }
 }
 
 /// Waits until librdkafka holds nothing more of the producer: every record delivered (or failed)
@@ -824,251 +590,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|_| PublishError::Cancelled)
-}
-
-/// A consumer that reads assigned partitions and commits nothing; it reports where each partition
-/// ends (`enable.partition.eof`), so a read knows it is done without counting offsets.
-fn reading_consumer(brokers: &str) -> Result<BaseConsumer<TracingContext>, PublishError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "cdc-reader-read-back")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .create_with_context(TracingContext)
-        .map_err(PublishError::Client)
-}
-
-/// The `cdc.position` of the last record of `topic` [`partition`] (read committed), reading
-/// back from its end in growing windows (its last offsets may be transaction markers). Blocking.
-fn last_record_position(
-    consumer: &BaseConsumer<TracingContext>,
-    topic: &str,
-    partition: i32,
-) -> Result<Option<RecordPosition>, PublishError> {
-    let read_back = |source| PublishError::ReadBack {
-        topic: topic.to_owned(),
-        partition,
-        source,
-    };
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .map_err(read_back)?;
-    let mut window = 16;
-    loop {
-        let from = low.max(high - window);
-        let mut last = None;
-        read_to_end(consumer, topic, &[(partition, from)], |m| {
-            let position = m.headers().and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == RecordPosition::HEADER)
-                    .and_then(|h| std::str::from_utf8(h.value?).ok())
-                    .and_then(RecordPosition::parse)
-            });
-            last = position.or(last);
-        })
-        .map_err(|(_, source)| read_back(source))?;
-        if last.is_some() || from <= low {
-            return Ok(last);
-        }
-        window *= 8;
-    }
-}
-
-/// Longest wait for the next record or end of partition while reading back.
-const READ_STALL: Duration = Duration::from_secs(30);
-
-/// Reads each of `topic`'s partitions in `starts` from its offset to its end, as the broker reports
-/// it (offset gaps from compaction or transaction markers need no arithmetic), handing every record
-/// to `f` in offset order within its partition. Blocking.
-fn read_to_end(
-    consumer: &BaseConsumer<TracingContext>,
-    topic: &str,
-    starts: &[(i32, i64)],
-    mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
-) -> Result<(), (i32, KafkaError)> {
-    let Some(&(first, _)) = starts.first() else {
-        return Ok(());
-    };
-    let mut tpl = TopicPartitionList::new();
-    for (partition, from) in starts {
-        tpl.add_partition_offset(topic, *partition, Offset::Offset(*from))
-            .map_err(|e| (*partition, e))?;
-    }
-    consumer.assign(&tpl).map_err(|e| (first, e))?;
-    let mut open: std::collections::HashSet<i32> = starts.iter().map(|(p, _)| *p).collect();
-    let mut progress = std::time::Instant::now();
-    while !open.is_empty() {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) if open.contains(&m.partition()) => {
-                f(&m);
-                progress = std::time::Instant::now();
-            }
-            // A partition already read to its end: neither handed on nor progress.
-            Some(Ok(_)) => {}
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                open.remove(&p);
-                progress = std::time::Instant::now();
-            }
-            Some(Err(e)) => return Err((first, e)),
-            None if progress.elapsed() > READ_STALL => {
-                let p = open.iter().next().copied().unwrap_or(first);
-                return Err((
-                    p,
-                    KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut),
-                ));
-            }
-            None => {}
-        }
-    }
-    consumer.unassign().map_err(|e| (first, e))
-}
-
-/// Reads every record of each `(topic, partition)` from its offset to its end and folds it into
-/// `state` with `f` (in offset order within a partition): topic, key, value, position.
-pub async fn read_back<S, F>(
-    settings: &KafkaSettings,
-    starts: Vec<(String, i32, i64)>,
-    mut state: S,
-    f: F,
-) -> Result<S, PublishError>
-where
-    S: Send + 'static,
-    F: Fn(&mut S, &str, Option<&[u8]>, Option<&[u8]>, Option<RecordPosition>) + Send + 'static,
-{
-    let brokers = settings.brokers.clone();
-    tokio::task::spawn_blocking(move || {
-        let consumer = reading_consumer(&brokers)?;
-        let mut by_topic: HashMap<String, Vec<(i32, i64)>> = HashMap::new();
-        for (topic, partition, from) in starts {
-            by_topic.entry(topic).or_default().push((partition, from));
-        }
-        for (topic, starts) in &by_topic {
-            read_to_end(&consumer, topic, starts, |m| {
-                f(&mut state, topic, m.key(), m.payload(), record_position(m));
-            })
-            .map_err(|(partition, source)| PublishError::ReadBack {
-                topic: topic.clone(),
-                partition,
-                source,
-            })?;
-        }
-        Ok(state)
-    })
-    .await
-    .map_err(|_| PublishError::Cancelled)?
-}
-
-/// The position a record carries: its `cdc.position` header, else `source` in its value.
-fn record_position<M: Message>(m: &M) -> Option<RecordPosition> {
-    if let Some(headers) = m.headers() {
-        for h in headers.iter() {
-            if h.key == RecordPosition::HEADER {
-                return std::str::from_utf8(h.value?)
-                    .ok()
-                    .and_then(RecordPosition::parse);
-            }
-        }
-    }
-    let value: serde_json::Value = change_event::parse(m.payload()?).ok()?;
-    let source = &value["source"];
-    Some(RecordPosition {
-        commit_lsn: source["commit_lsn"].as_u64()?,
-        event_index: source["event_index"].as_u64()?,
-        sub: 0,
-    })
-}
-
-/// Settings of the position topic: only the latest position per key matters, and the topic is
-/// read from its start whenever a session begins, so it is compacted and kept in small segments.
-const POSITION_TOPIC_CONFIG: [(&str, &str); 3] = [
-    ("cleanup.policy", "compact"),
-    ("segment.bytes", "8388608"),
-    ("min.cleanable.dirty.ratio", "0.1"),
-];
-
-/// Creates each of `topics` (and, exactly once, the position topic) that does not exist yet.
-pub async fn ensure_topics(
-    settings: &KafkaSettings,
-    topics: &[String],
-) -> Result<(), PublishError> {
-    let admin: AdminClient<TracingContext> = client_config(settings)
-        .create_with_context(TracingContext)
-        .map_err(PublishError::Client)?;
-    let replication = || TopicReplication::Fixed(settings.topic_replication_factor);
-    let mut new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|t| {
-            settings.topic_config.iter().fold(
-                NewTopic::new(t, settings.topic_partitions, replication()),
-                |topic, (k, v)| topic.set(k, v),
-            )
-        })
-        .collect();
-    let mut topics = topics.to_vec();
-    if settings.delivery == Delivery::ExactlyOnce {
-        new.push(POSITION_TOPIC_CONFIG.iter().fold(
-            NewTopic::new(&settings.position_topic, 1, replication()),
-            |topic, (k, v)| topic.set(k, v),
-        ));
-        topics.push(settings.position_topic.clone());
-    }
-    let results = admin
-        .create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        )
-        .await
-        .map_err(|source| PublishError::CreateTopic {
-            topic: topics.join(","),
-            source,
-        })?;
-    for result in results {
-        match result {
-            Ok(topic) => tracing::info!(
-                topic,
-                replication_factor = settings.topic_replication_factor,
-                "created topic"
-            ),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
-                return Err(PublishError::CreateTopic {
-                    topic,
-                    source: KafkaError::AdminOp(code),
-                })
-            }
-        }
-    }
-    // A created topic reaches every broker's metadata a moment later; until then a producer asking
-    // for its partitions is told it does not exist.
-    tokio::task::spawn_blocking(move || {
-        let started = std::time::Instant::now();
-        loop {
-            let missing = topics.iter().find(|topic| {
-                admin
-                    .inner()
-                    .fetch_metadata(Some(topic), Duration::from_secs(10))
-                    .ok()
-                    .and_then(|m| {
-                        let t = m.topics().iter().find(|t| t.name() == topic.as_str())?;
-                        (t.error().is_none() && !t.partitions().is_empty()).then_some(())
-                    })
-                    .is_none()
-            });
-            let Some(topic) = missing else {
-                return Ok(());
-            };
-            if started.elapsed() > Duration::from_secs(30) {
-                return Err(PublishError::Metadata {
-                    topic: topic.clone(),
-                    source: KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    })
-    .await
-    .map_err(|_| PublishError::Cancelled)?
 }
 
 /// True for errors that retrying with a fresh producer can cure (broker away, timeouts, leader
@@ -1153,95 +674,5 @@ mod tests {
             assert!(is_transient(&delivery(code)), "{code:?}");
         }
         assert!(is_transient(&PublishError::Cancelled));
-    }
-
-    #[test]
-    fn committed_positions_round_trip() {
-        let at = |commit_lsn, event_index| RecordPosition {
-            commit_lsn,
-            event_index,
-            sub: 0,
-        };
-        let lasts: Lasts = [
-            (("users".to_owned(), 0), at(0x16B_3600, 2)),
-            (("users".to_owned(), 2), at(0x16B_3748, 7)),
-            (("orders".to_owned(), 0), at(0x16B_3500, 0)),
-        ]
-        .into_iter()
-        .collect();
-        for (position, lasts) in [
-            (None, Lasts::new()),
-            (
-                Some(RecordPosition {
-                    sub: 1,
-                    ..at(0x16B_3748, 7)
-                }),
-                lasts.clone(),
-            ),
-        ] {
-            let committed = Committed {
-                end_lsn: 0x16B_3700,
-                position,
-            };
-            let json = committed.to_json("cdc-reader.cdc.slot", &lasts);
-            assert_eq!(Committed::parse(&json), Some((committed, lasts)));
-        }
-        let text = String::from_utf8(
-            Committed {
-                end_lsn: 0x16B_3700,
-                position: None,
-            }
-            .to_json("k", &lasts),
-        )
-        .unwrap();
-        assert!(text.contains(r#""end_lsn":"0/16B3700""#), "{text}");
-        assert!(
-            text.contains(r#""users":{"0":"23803392:2:0","2":"23803720:7:0"}"#),
-            "{text}"
-        );
-        // Written before positions named partitions: none named.
-        assert_eq!(
-            Committed::parse(br#"{"end_lsn":"0/1","position":null}"#),
-            Some((
-                Committed {
-                    end_lsn: 1,
-                    position: None
-                },
-                Lasts::new()
-            ))
-        );
-        for bad in [
-            &b"{}"[..],
-            b"not json",
-            br#"{"end_lsn":"0/1","position":"x"}"#,
-            br#"{"end_lsn":"0/1","position":null,"partitions":{"users":{"x":"1:0:0"}}}"#,
-            br#"{"end_lsn":"0/1","position":null,"partitions":{"users":{"0":"1:0"}}}"#,
-            br#"{"end_lsn":"0/1","position":null,"partitions":[]}"#,
-        ] {
-            assert_eq!(Committed::parse(bad), None);
-        }
-    }
-
-    #[test]
-    fn record_positions_order_and_round_trip() {
-        let a = RecordPosition {
-            commit_lsn: 10,
-            event_index: 3,
-            sub: 0,
-        };
-        let tombstone = RecordPosition { sub: 1, ..a };
-        let next = RecordPosition {
-            commit_lsn: 10,
-            event_index: 4,
-            sub: 0,
-        };
-        assert!(a < tombstone && tombstone < next);
-        assert_eq!(
-            RecordPosition::parse(&tombstone.header_value()),
-            Some(tombstone)
-        );
-        for bad in ["", "1:2", "1:2:3:4", "x:1:0", "1:2:300"] {
-            assert_eq!(RecordPosition::parse(bad), None, "{bad}");
-        }
     }
 }
