@@ -66,6 +66,26 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The source block of an event of `schema.table`, with what every event's has; the caller
+    /// sets where it stands (LSNs, transaction, index, time, snapshot marker).
+    pub fn source(&self, schema: &str, table: &str) -> Source {
+        Source {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            connector: "postgresql".to_owned(),
+            name: self.server_name.clone(),
+            db: self.database.clone(),
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+            tx_id: None,
+            lsn: None,
+            sequence: None,
+            ts_ms: 0,
+            snapshot: "false".to_owned(),
+            commit_lsn: 0,
+            event_index: 0,
+        }
+    }
+
     /// A column value as this reader writes it.
     pub fn value(&self, type_oid: u32, text: &str) -> Value {
         if self.schemas {
@@ -95,26 +115,41 @@ impl Settings {
     }
 }
 
-/// A record's key bytes: plain JSON, or with its schema.
-pub fn key_bytes(schemas: Option<&TableSchemas>, key: &Row) -> Vec<u8> {
-    with_key_schema(schemas, to_json_bytes(key))
-}
-
-/// A plain JSON key as the record carries it: with its schema when records have them.
-pub fn with_key_schema(schemas: Option<&TableSchemas>, plain: Vec<u8>) -> Vec<u8> {
-    match schemas {
+/// The records of one change event, made here for every path (streamed, initial snapshot,
+/// on-demand snapshot): the event under `key` (plain JSON; `None` for a truncate, which every
+/// partition of the topic gets), with the schemas when records carry them, and after a delete its
+/// tombstone, which lets compaction forget the key. Each carries the event's position.
+pub fn records(
+    topic: String,
+    key: Option<Vec<u8>>,
+    envelope: &Envelope,
+    schemas: Option<&TableSchemas>,
+) -> impl Iterator<Item = Record> {
+    let position = RecordPosition::of(&envelope.source, 0);
+    let key = key.map(|plain| match schemas {
         Some(s) => s.key(&plain),
         None => plain,
-    }
-}
-
-/// A record's value bytes: plain JSON, or with its schema.
-pub fn value_bytes(schemas: Option<&TableSchemas>, envelope: &Envelope) -> Vec<u8> {
+    });
     let plain = to_json_bytes(envelope);
-    match schemas {
+    let value = match schemas {
         Some(s) => s.value(&plain),
         None => plain,
-    }
+    };
+    let tombstone = (envelope.op == Op::Delete).then(|| Record {
+        topic: topic.clone(),
+        key: key.clone(),
+        value: None,
+        all_partitions: false,
+        position: RecordPosition { sub: 1, ..position },
+    });
+    let event = Record {
+        topic,
+        key,
+        value: Some(value),
+        all_partitions: envelope.op == Op::Truncate,
+        position,
+    };
+    std::iter::once(event).chain(tombstone)
 }
 
 #[derive(Debug)]
@@ -276,7 +311,6 @@ impl Builder {
                 for id in t.relation_ids {
                     let (source, topic) = self.source(id)?;
                     let schemas = self.tables.get(&id).and_then(|t| t.schemas.clone());
-                    let position = RecordPosition::of(&source, 0);
                     let envelope = Envelope {
                         before: None,
                         after: None,
@@ -285,13 +319,7 @@ impl Builder {
                         ts_ms: now_ms,
                         unchanged_toast: Vec::new(),
                     };
-                    records.push(Record {
-                        topic,
-                        key: None,
-                        value: Some(value_bytes(schemas.as_deref(), &envelope)),
-                        all_partitions: true,
-                        position,
-                    });
+                    records.extend(self::records(topic, None, &envelope, schemas.as_deref()));
                 }
                 Ok(Step::Records(records))
             }
@@ -320,20 +348,16 @@ impl Builder {
             lsn => format!("\"{lsn}\""),
         };
         let source = Source {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            connector: "postgresql".to_owned(),
-            name: self.settings.server_name.clone(),
-            db: self.settings.database.clone(),
-            schema: table.relation.namespace.clone(),
-            table: table.relation.name.clone(),
             tx_id: Some(i64::from(tx.xid)),
             lsn: Some(lsn),
             // Debezium writes LSNs here as decimal strings.
             sequence: Some(format!("[{last_commit},\"{lsn}\"]")),
             ts_ms: tx.commit_time_ms,
-            snapshot: "false".to_owned(),
             commit_lsn: tx.commit_lsn,
             event_index: index,
+            ..self
+                .settings
+                .source(&table.relation.namespace, &table.relation.name)
         };
         Ok((source, table.topic.clone()))
     }
@@ -398,8 +422,6 @@ impl Builder {
          -> Result<(), EnvelopeError> {
             let (source, topic) = this.source(id)?;
             let schemas = this.tables.get(&id).and_then(|t| t.schemas.clone());
-            let key = Some(key_bytes(schemas.as_deref(), key));
-            let position = RecordPosition::of(&source, 0);
             let envelope = Envelope {
                 before,
                 after,
@@ -408,23 +430,12 @@ impl Builder {
                 ts_ms: now_ms,
                 unchanged_toast,
             };
-            records.push(Record {
-                topic: topic.clone(),
-                key: key.clone(),
-                value: Some(value_bytes(schemas.as_deref(), &envelope)),
-                all_partitions: false,
-                position,
-            });
-            if op == Op::Delete {
-                // The tombstone lets compaction forget the key.
-                records.push(Record {
-                    topic,
-                    key,
-                    value: None,
-                    all_partitions: false,
-                    position: RecordPosition { sub: 1, ..position },
-                });
-            }
+            records.extend(self::records(
+                topic,
+                Some(to_json_bytes(key)),
+                &envelope,
+                schemas.as_deref(),
+            ));
             Ok(())
         };
         match (op, old_key, new_key) {

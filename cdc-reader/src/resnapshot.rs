@@ -25,7 +25,7 @@ use tokio_postgres::Client;
 
 use crate::connect::TableSchemas;
 use crate::decode::Lsn;
-use crate::envelope::{value_bytes, with_key_schema, Record, RecordPosition, Settings};
+use crate::envelope::{self, Record, Settings};
 use crate::setup::{self, pg, SetupError};
 use crate::snapshot::published_columns;
 
@@ -326,21 +326,13 @@ impl Running {
                     }
                     let index = records.len() as u64;
                     let source = Source {
-                        version: env!("CARGO_PKG_VERSION").to_owned(),
-                        connector: "postgresql".to_owned(),
-                        name: settings.server_name.clone(),
-                        db: settings.database.clone(),
-                        schema: row.schema,
-                        table: row.table,
-                        tx_id: None,
                         lsn: Some(lsn),
-                        sequence: None,
                         ts_ms: crate::stream::now_ms(),
                         snapshot: "incremental".to_owned(),
                         commit_lsn: lsn,
                         event_index: index,
+                        ..settings.source(&row.schema, &row.table)
                     };
-                    let position = RecordPosition::of(&source, 0);
                     let envelope = Envelope {
                         before: None,
                         after: Some(row.after),
@@ -349,14 +341,12 @@ impl Running {
                         ts_ms: crate::stream::now_ms(),
                         unchanged_toast: Vec::new(),
                     };
-                    let key = with_key_schema(row.schemas.as_deref(), row.key);
-                    records.push(Record {
-                        topic: row.topic,
-                        key: Some(key),
-                        value: Some(value_bytes(row.schemas.as_deref(), &envelope)),
-                        all_partitions: false,
-                        position,
-                    });
+                    records.extend(envelope::records(
+                        row.topic,
+                        Some(row.key),
+                        &envelope,
+                        row.schemas.as_deref(),
+                    ));
                 }
                 tracing::debug!(
                     mark,

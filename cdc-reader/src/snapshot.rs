@@ -42,9 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connect::TableSchemas;
 use crate::decode::Lsn;
-use crate::envelope::{
-    to_json_bytes, value_bytes, with_key_schema, Record, RecordPosition, Settings,
-};
+use crate::envelope::{self, to_json_bytes, RecordPosition, Settings};
 use crate::publish::{self, KafkaSettings, PublishError, Publisher};
 use crate::setup::{self, SetupError};
 use crate::telemetry::Metrics;
@@ -189,19 +187,12 @@ pub async fn take(
     let source = |schema: &str, table: &str, index: u64| {
         let now = crate::stream::now_ms();
         Source {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            connector: "postgresql".to_owned(),
-            name: target.settings.server_name.clone(),
-            db: target.settings.database.clone(),
-            schema: schema.to_owned(),
-            table: table.to_owned(),
-            tx_id: None,
             lsn: Some(consistent_point),
-            sequence: None,
             ts_ms: now,
             snapshot: "true".to_owned(),
             commit_lsn: consistent_point.saturating_sub(1),
             event_index: index,
+            ..target.settings.source(schema, table)
         }
     };
     for table in target.tables {
@@ -620,23 +611,7 @@ impl Out<'_> {
     }
 
     async fn send(&mut self, (topic, key, envelope, schemas): Pending) -> Result<(), PublishError> {
-        let position = RecordPosition::of(&envelope.source, 0);
-        let key = with_key_schema(schemas.as_deref(), key);
-        let tombstone = (envelope.op == Op::Delete).then(|| Record {
-            topic: topic.clone(),
-            key: Some(key.clone()),
-            position: RecordPosition { sub: 1, ..position },
-            value: None,
-            all_partitions: false,
-        });
-        let event = Record {
-            topic,
-            key: Some(key),
-            position,
-            value: Some(value_bytes(schemas.as_deref(), &envelope)),
-            all_partitions: false,
-        };
-        for record in std::iter::once(event).chain(tombstone) {
+        for record in envelope::records(topic, Some(key), &envelope, schemas.as_deref()) {
             if self.publisher.open_records() >= self.max_in_flight {
                 self.commit().await?;
             }
