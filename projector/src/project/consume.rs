@@ -370,8 +370,7 @@ impl Projector<'_> {
             headers
                 .iter()
                 .find(|h| h.key == RecordPosition::HEADER)
-                .and_then(|h| std::str::from_utf8(h.value?).ok())
-                .and_then(RecordPosition::parse)
+                .and_then(|h| RecordPosition::from_header(h.value?))
         });
         let decoded = events::decode(
             key.as_deref(),
