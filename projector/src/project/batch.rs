@@ -47,13 +47,13 @@ impl ViewTx {
 
 /// Whether `r` belongs to a source transaction complete below `frontier` (records without a
 /// position are never held back).
-pub(super) fn ready(r: &Record, frontier: Option<u64>) -> bool {
+fn ready(r: &Record, frontier: Option<u64>) -> bool {
     frontier.is_none_or(|f| r.position.is_none_or(|p| p.commit_lsn < f))
 }
 
 /// What [`Projector::take_ready`] takes, given the `frontier` and, when a view transaction is
 /// open, the highest commit LSN written in it (`open`).
-pub(super) fn take_view_tx(
+fn take_view_tx(
     held: &mut Vec<Record>,
     frontier: Option<u64>,
     open: Option<Option<u64>>,
@@ -88,7 +88,7 @@ pub(super) fn take_view_tx(
 
 /// Takes out of `held`, in order, each partition's records up to the first one `take` refuses
 /// (a partition's records are applied in order).
-pub(super) fn take_prefix(held: &mut Vec<Record>, take: impl Fn(&Record) -> bool) -> Vec<Record> {
+fn take_prefix(held: &mut Vec<Record>, take: impl Fn(&Record) -> bool) -> Vec<Record> {
     let mut blocked = BTreeSet::new();
     let mut taken = Vec::new();
     let mut kept = Vec::with_capacity(held.len());
@@ -108,18 +108,18 @@ impl Projector<'_> {
     /// The source commit LSN below which every positioned partition's records are all in hand
     /// (applied, written or held): a source transaction that committed below it is complete, and
     /// its records can be applied without tearing it. Per partition that is the end of the
-    /// newest reader position whose last record of it is in hand (see [`source_position`]), or
+    /// newest reader position whose last record of it is in hand (see [`crate::source_position`]), or
     /// the commit LSN of the last record in hand (a partition is in commit order). `None`: no
     /// limit (a replay, which has no reader positions to go by; a topic whose writer commits no
     /// positions; `--transactions batches`).
-    pub(super) fn frontier(&self, held: &[Record]) -> Option<u64> {
+    fn frontier(&self, held: &[Record]) -> Option<u64> {
         self.complete_through(held)
             .map(|c| c.into_values().min().unwrap_or(u64::MAX))
     }
 
     /// Per positioned partition, the source commit LSN below which its records are all in hand
     /// (see [`Projector::frontier`]); `None`: no limit.
-    pub(super) fn complete_through(&self, held: &[Record]) -> Option<BTreeMap<i32, u64>> {
+    fn complete_through(&self, held: &[Record]) -> Option<BTreeMap<i32, u64>> {
         let follower = self.mode.follower()?;
         if self.config.transactions == Transactions::Batches {
             return None;
@@ -216,7 +216,7 @@ impl Projector<'_> {
     /// the partitions complete past it; resumes those paused that are no longer known to be (the
     /// reader positions that said so were dropped from the follower's window, and only their
     /// next records would say it again).
-    pub(super) fn pause_ahead(&mut self, held: &[Record], through: u64, full: bool) {
+    fn pause_ahead(&mut self, held: &[Record], through: u64, full: bool) {
         let Some(complete) = self.complete_through(held) else {
             return;
         };
@@ -252,7 +252,7 @@ impl Projector<'_> {
     }
 
     /// Resumes the partitions [`Projector::pause_ahead`] paused.
-    pub(super) fn resume_ahead(&mut self) {
+    fn resume_ahead(&mut self) {
         let ahead: Vec<i32> = std::mem::take(&mut self.ahead).into_iter().collect();
         self.pause(&ahead, false);
     }
@@ -279,7 +279,7 @@ impl Projector<'_> {
     /// transaction has more, and every ready record of the transactions the open view
     /// transaction (committed with them) has parts of. `None` when there is nothing to commit,
     /// or the open view transaction holds transactions not yet complete.
-    pub(super) fn take_ready(&self, held: &mut Vec<Record>) -> Option<Vec<Record>> {
+    fn take_ready(&self, held: &mut Vec<Record>) -> Option<Vec<Record>> {
         let frontier = self.frontier(held);
         let open = self.view_tx.as_ref().map(|v| v.through);
         take_view_tx(held, frontier, open, self.config.batch_max_events as usize)

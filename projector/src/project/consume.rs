@@ -24,27 +24,27 @@ use crate::{apply, events, source_position, telemetry, Config, Error, Metrics, T
 /// The consumer's context: librdkafka logs into `tracing`, statistics into the metrics, and a
 /// generation number bumped on every rebalance so the loop knows to re-position.
 pub(crate) struct Context {
-    pub(super) generation: AtomicU64,
+    generation: AtomicU64,
     /// An offset commit to Kafka is under way (its result not yet reported).
-    pub(super) kafka_commit_in_flight: AtomicBool,
+    kafka_commit_in_flight: AtomicBool,
     /// Partitions of the topic this member holds now.
-    pub(super) assigned: Mutex<BTreeSet<i32>>,
-    pub(super) metrics: Arc<Metrics>,
-    pub(super) topic: String,
+    assigned: Mutex<BTreeSet<i32>>,
+    metrics: Arc<Metrics>,
+    topic: String,
 }
 
 impl Context {
     pub(crate) fn new(metrics: Arc<Metrics>, topic: &str) -> Context {
         Context {
             generation: AtomicU64::new(0),
-            kafka_commit_in_flight: std::sync::atomic::AtomicBool::new(false),
-            assigned: std::sync::Mutex::new(BTreeSet::new()),
+            kafka_commit_in_flight: AtomicBool::new(false),
+            assigned: Mutex::new(BTreeSet::new()),
             metrics,
             topic: topic.to_owned(),
         }
     }
 
-    pub(super) fn assigned(&self) -> Vec<i32> {
+    fn assigned(&self) -> Vec<i32> {
         service::lock(&self.assigned).iter().copied().collect()
     }
 }
@@ -392,7 +392,7 @@ impl Projector<'_> {
     /// Reads `partition` from `cursor.next` on. Records deleted by retention before they were
     /// applied cannot be read: that is logged as an error and the partition moves on from its first
     /// remaining record (`low`).
-    pub(super) async fn seek(&mut self, partition: i32, cursor: Cursor, low: i64) {
+    async fn seek(&mut self, partition: i32, cursor: Cursor, low: i64) {
         let mut cursor = cursor;
         if low > cursor.next {
             tracing::error!(
@@ -452,7 +452,7 @@ impl Projector<'_> {
     }
 
     /// Pauses (or resumes) fetching every partition this member holds.
-    pub(super) fn pause_all(&self, pause: bool) {
+    fn pause_all(&self, pause: bool) {
         self.pause(&self.consumer.context().assigned(), pause);
     }
 
@@ -477,7 +477,7 @@ impl Projector<'_> {
     }
 
     /// The topic's partition count, retrying while the broker does not say; `None` on shutdown.
-    pub(super) async fn partition_count(&self) -> Option<usize> {
+    async fn partition_count(&self) -> Option<usize> {
         let mut backoff = service::Backoff::default();
         loop {
             let topic = self.config.topic.clone();
@@ -500,7 +500,7 @@ impl Projector<'_> {
 
     /// The first offset the topic still holds in `partition` and the one after its last record,
     /// retrying while the broker does not say; `None` on shutdown.
-    pub(super) async fn watermarks(&self, partition: i32) -> Option<(i64, i64)> {
+    async fn watermarks(&self, partition: i32) -> Option<(i64, i64)> {
         let mut backoff = service::Backoff::default();
         loop {
             let topic = self.config.topic.clone();
@@ -520,7 +520,7 @@ impl Projector<'_> {
 
     /// The offset stored with the views for `partition`, retrying while the database is away.
     /// `None` when asked to shut down first.
-    pub(super) async fn stored_offset(
+    async fn stored_offset(
         &mut self,
         partition: i32,
     ) -> Result<Option<Option<apply::Stored>>, Error> {
@@ -587,4 +587,4 @@ impl Projector<'_> {
 }
 
 /// Least time between two offset commits to Kafka (see [`Projector::commit_to_kafka`]).
-pub(super) const KAFKA_COMMIT_EVERY: Duration = Duration::from_secs(1);
+const KAFKA_COMMIT_EVERY: Duration = Duration::from_secs(1);

@@ -87,7 +87,7 @@ impl Projector<'_> {
 
     /// Writes `records` into the view transaction; with `refused`, only their offsets (the
     /// database refused them for that reason: they are dead-lettered).
-    pub(super) async fn write_chunk(
+    async fn write_chunk(
         &mut self,
         records: &[Record],
         refused: Option<&str>,
@@ -193,7 +193,7 @@ impl Projector<'_> {
         }
     }
 
-    pub(super) async fn ensure_dead_letter_topic(&mut self) -> Result<(), BatchError> {
+    async fn ensure_dead_letter_topic(&mut self) -> Result<(), BatchError> {
         if let Some(d) = self.mode.dead_letters() {
             if !self.dead_letter_topic_ready {
                 d.ensure_topic(&self.config.kafka_brokers)
@@ -207,8 +207,8 @@ impl Projector<'_> {
 
     /// The `complete_lsn` every positioned partition reaches once `written` (the last record of
     /// each partition in the view transaction) is applied, where it rises (see
-    /// [`source_position`]).
-    pub(super) fn completes(&self, written: &HashMap<i32, RecordPosition>) -> Vec<Complete> {
+    /// [`crate::source_position`]).
+    fn completes(&self, written: &HashMap<i32, RecordPosition>) -> Vec<Complete> {
         let Some(follower) = self.mode.follower() else {
             return Vec::new();
         };
@@ -243,7 +243,7 @@ impl Projector<'_> {
     }
 
     /// After a commit: what [`Projector::completes`] said is now stored.
-    pub(super) fn completed(
+    fn completed(
         &mut self,
         applied: HashMap<i32, RecordPosition>,
         completes: &[Complete],
@@ -261,10 +261,10 @@ impl Projector<'_> {
     /// say are complete further (idle ones, or ones whose last records came before the position
     /// did), and stores the topic's partition count when it is new. Ok(false) on shutdown.
     pub(super) async fn raise_complete(&mut self) -> Result<bool, Error> {
-        // (A view transaction open on the connection would take these writes in.)
         let Some(follower) = self.mode.follower() else {
             return Ok(true);
         };
+        // (A view transaction open on the connection would take these writes in.)
         if self.positions.is_empty() || self.view_tx.is_some() {
             return Ok(true);
         }
@@ -308,14 +308,14 @@ impl Projector<'_> {
 }
 
 /// A replay does not dead-letter again what the projector dead-lettered when it first met it.
-pub(super) fn not_applied(letters: &[Letter<'_>]) {
+fn not_applied(letters: &[Letter<'_>]) {
     for l in letters {
         tracing::warn!(partition = l.partition, offset = l.offset, kind = l.kind, error = %l.error,
             "replay: an event that cannot be applied (dead-lettered when it was first consumed)");
     }
 }
 
-pub(super) fn letter<'a>(r: &'a Record, kind: &'static str, error: String) -> Letter<'a> {
+fn letter<'a>(r: &'a Record, kind: &'static str, error: String) -> Letter<'a> {
     Letter {
         partition: r.partition,
         offset: r.offset,
