@@ -14,10 +14,14 @@
 //! - [`snapshot`]: the initial snapshot under the slot's exported snapshot, as `op: "r"` events.
 //! - [`setup`]: publication, slot and catalog lookups over plain SQL.
 //! - [`replay`]: streaming again from an earlier LSN, asked through `cdc_reader_replays`.
+//! - [`resnapshot`]: on-demand snapshots while streaming, asked through
+//!   `cdc_reader_snapshot_requests`.
+//! - [`control`]: the task that takes those requests and hands them to the session.
 //! - [`config`], [`telemetry`]: flags, `/health` and `/metrics`.
 
 pub mod config;
 pub mod connect;
+pub mod control;
 pub mod decode;
 pub mod envelope;
 pub mod partition;
@@ -63,29 +67,29 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    let (mut control, control_task) = control::spawn(&config, metrics.clone(), shutdown.clone());
+
     let mut backoff = service::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    let mut resume = stream::Resume::default();
+    let mut resume = stream::Resume::new(control.progress.clone());
     let result = loop {
         if shutdown.is_cancelled() {
             break Ok(());
         }
-        let before = resume.acknowledged;
-        match stream::session(&config, &metrics, &mut resume, &shutdown).await {
-            Ok(()) => break Ok(()),
-            Err(stream::SessionError::Rewind(from)) => {
+        let before = resume.acknowledged();
+        match stream::session(&config, &metrics, &mut resume, &mut control, &shutdown).await {
+            Ok(stream::End::Shutdown) => break Ok(()),
+            Ok(stream::End::Rewind(from)) => {
                 // A replay: the next session streams from there (the slot still has it).
-                resume.acknowledged = from;
-                resume.rewind = Some(from);
-                resume.replay_sent_base = Some(metrics.events_published.load(Ordering::Relaxed));
+                resume.rewind(from, metrics.events_published.load(Ordering::Relaxed));
             }
             Err(e) if e.is_transient() => {
                 let error = service::error_chain(&e);
-                tracing::warn!(%error, acknowledged = %setup::lsn_text(resume.acknowledged),
+                tracing::warn!(%error, acknowledged = %setup::lsn_text(resume.acknowledged()),
                     "replication session ended; resuming from the last acknowledged position");
                 metrics.record_error(error);
                 metrics.reconnects.fetch_add(1, Ordering::Relaxed);
                 metrics.set_state(telemetry::State::Retrying);
-                if resume.acknowledged > before {
+                if resume.acknowledged() > before {
                     backoff.reset();
                 }
                 if !backoff.wait(&shutdown).await {
@@ -101,7 +105,11 @@ pub async fn run(
         }
     };
     shutdown.cancel();
-    for (name, task) in [("telemetry", http), ("slot lag", lag)] {
+    for (name, task) in [
+        ("telemetry", http),
+        ("slot lag", lag),
+        ("control requests", control_task),
+    ] {
         if let Err(e) = task.await {
             tracing::error!(task = name, error = %e, "task panicked");
         }

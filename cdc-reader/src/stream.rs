@@ -24,9 +24,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pgwire_replication::{Lsn as PgLsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::control::{Control, Progress, Report, Request};
 use crate::decode::{self, Lsn, Message};
 use crate::envelope::{self, Builder, EnvelopeError, Step};
 use crate::publish::{self, PublishError, Publisher};
@@ -58,8 +60,14 @@ pub enum SessionError {
     Envelope(#[from] EnvelopeError),
     #[error("the initial snapshot failed")]
     Snapshot(#[from] crate::snapshot::SnapshotError),
-    /// Not a failure: a replay was asked for; the next session streams from this LSN.
-    #[error("a replay from {} was asked for", setup::lsn_text(*.0))]
+}
+
+/// How a session ended, when not by a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Shutdown was asked for.
+    Shutdown,
+    /// A replay was asked for: the next session streams from this LSN.
     Rewind(Lsn),
 }
 
@@ -83,7 +91,6 @@ impl SessionError {
             ),
             SessionError::Publish(e) => publish::is_transient(e),
             SessionError::Snapshot(e) => e.is_transient(),
-            SessionError::Rewind(_) => true,
             SessionError::Config(_)
             | SessionError::Url(_)
             | SessionError::Decode(_)
@@ -93,13 +100,39 @@ impl SessionError {
 }
 
 /// Position the next session resumes from: the last LSN confirmed in this process (0: the slot's).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Resume {
-    pub acknowledged: Lsn,
-    /// While a replay runs: `events_published` when it started.
-    pub replay_sent_base: Option<u64>,
+    acknowledged: Lsn,
     /// A replay's start, until the session that streams from it has begun.
-    pub rewind: Option<Lsn>,
+    rewind: Option<Lsn>,
+    /// What the control task learns of it.
+    progress: Arc<Progress>,
+}
+
+impl Resume {
+    pub fn new(progress: Arc<Progress>) -> Self {
+        Resume {
+            acknowledged: 0,
+            rewind: None,
+            progress,
+        }
+    }
+
+    pub fn acknowledged(&self) -> Lsn {
+        self.acknowledged
+    }
+
+    fn set_acknowledged(&mut self, lsn: Lsn) {
+        self.acknowledged = lsn;
+        self.progress.set_acknowledged(lsn);
+    }
+
+    /// The next session streams again from `from`; `published` is `events_published` now.
+    pub fn rewind(&mut self, from: Lsn, published: u64) {
+        self.set_acknowledged(from);
+        self.rewind = Some(from);
+        self.progress.replay_started(published);
+    }
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -109,13 +142,14 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// One replication session, until shutdown (Ok) or a failure (Err).
+/// One replication session, until shutdown or a replay request (Ok) or a failure (Err).
 pub async fn session(
     config: &Config,
     metrics: &Arc<Metrics>,
     resume: &mut Resume,
+    control: &mut Control,
     shutdown: &CancellationToken,
-) -> Result<(), SessionError> {
+) -> Result<End, SessionError> {
     let pg_config: tokio_postgres::Config =
         config.database_url.parse().map_err(SessionError::Url)?;
     let (mut db, conn) = pg_config
@@ -123,7 +157,10 @@ pub async fn session(
         .await
         .map_err(SessionError::Connect)?;
     let conn = tokio::spawn(conn);
-    let result = stream(config, &pg_config, &mut db, metrics, resume, shutdown).await;
+    let result = stream(
+        config, &pg_config, &mut db, metrics, resume, control, shutdown,
+    )
+    .await;
     drop(db);
     if let Ok(Err(e)) = conn.await {
         tracing::debug!(error = %e, "catalog connection ended with an error");
@@ -137,8 +174,9 @@ async fn stream(
     db: &mut tokio_postgres::Client,
     metrics: &Arc<Metrics>,
     resume: &mut Resume,
+    control: &mut Control,
     shutdown: &CancellationToken,
-) -> Result<(), SessionError> {
+) -> Result<End, SessionError> {
     // One reader per slot, for the whole session: the slot alone does not tell (it is not active
     // while a snapshot is read), and a second reader must neither drop nor share it.
     setup::lock_slot(db, &config.slot).await?;
@@ -160,6 +198,7 @@ async fn stream(
         db,
         metrics,
         resume,
+        control,
         shutdown,
         &mut publisher,
         committed,
@@ -212,10 +251,11 @@ async fn stream_with(
     db: &mut tokio_postgres::Client,
     metrics: &Arc<Metrics>,
     resume: &mut Resume,
+    control: &mut Control,
     shutdown: &CancellationToken,
     publisher: &mut Publisher,
     committed: Option<publish::Committed>,
-) -> Result<(), SessionError> {
+) -> Result<End, SessionError> {
     let settings = envelope::Settings {
         server_name: config.server_name.clone(),
         database: pg_config.get_dbname().unwrap_or_default().to_owned(),
@@ -241,7 +281,7 @@ async fn stream_with(
                         oldest: confirmed,
                     };
                     crate::replay::refuse(db, &config.slot, &refusal).await?;
-                    resume.replay_sent_base = None;
+                    resume.progress.replay_refused();
                     rewind = None;
                 }
             }
@@ -249,7 +289,7 @@ async fn stream_with(
             let (start, skip) =
                 start_position(confirmed, resume.acknowledged, rewind, committed, wal_end);
             publisher.skip_through(skip);
-            resume.acknowledged = resume.acknowledged.max(start);
+            resume.set_acknowledged(resume.acknowledged.max(start));
             let repl = ReplicationClient::connect(replication_config(config, pg_config, start))
                 .await
                 .map_err(SessionError::Replication)?;
@@ -274,10 +314,10 @@ async fn stream_with(
             };
             let Some(point) = snapshot::take(&mut repl, db, &target, publisher, shutdown).await?
             else {
-                return Ok(());
+                return Ok(End::Shutdown);
             };
             repl.start().await.map_err(SessionError::Replication)?;
-            resume.acknowledged = resume.acknowledged.max(point);
+            resume.set_acknowledged(resume.acknowledged.max(point));
             tracing::info!(slot = %config.slot, start = %setup::lsn_text(point), "streaming");
             repl
         }
@@ -291,7 +331,11 @@ async fn stream_with(
     metrics.set_state(State::Streaming);
 
     let snapshot_settings = settings.clone();
-    let mut on_demand: Option<resnapshot::Running> = None;
+    resume.progress.set_skipped(0);
+    let mut on_demand = OnDemand {
+        running: None,
+        reports: control.reports.clone(),
+    };
     let mut builder = Builder::new(settings);
     // The slot is told a position `window` bytes behind what Kafka has (never backwards: the
     // server ignores that), so a replay can start that far back.
@@ -299,13 +343,14 @@ async fn stream_with(
     let acknowledge = |lsn: Lsn, repl: &ReplicationClient, resume: &mut Resume| {
         if lsn > resume.acknowledged {
             repl.update_applied_lsn(PgLsn(lsn.saturating_sub(window)));
-            resume.acknowledged = lsn;
+            resume.set_acknowledged(lsn);
             metrics.acknowledged_lsn.store(lsn, Ordering::Relaxed);
         }
     };
-    let mut replays = tokio::time::interval(Duration::from_secs(1));
-    replays.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut replay_poll_failed = false;
+    let mut control_open = true;
+    // How often a running on-demand snapshot is checked for its end.
+    let mut snapshot_check = tokio::time::interval(Duration::from_secs(1));
+    snapshot_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Batch::default();
     // An idle WAL end to commit as the position, and when the last one was.
     let mut watermark: Option<Lsn> = None;
@@ -369,35 +414,31 @@ async fn stream_with(
                 if closed.is_err() {
                     tracing::warn!("the replication stream did not close within 5 s");
                 }
-                return Ok(());
+                return Ok(End::Shutdown);
             }
-            _ = replays.tick() => {
-                let polled = match poll_replays(db, &config.slot, resume, publisher.skipped, metrics, window).await {
-                    Ok(Some(from)) => {
-                        // Whatever is open goes in first: the replay starts from a clean state.
-                        if let Some(lsn) = batch.finish(publisher, builder.in_transaction(), resume, metrics).await? {
-                            acknowledge(lsn, &repl, resume);
-                        }
-                        return Err(SessionError::Rewind(from));
+            request = control.requests.recv(), if control_open => match request {
+                Some(Request::Replay(from)) => {
+                    // Whatever is open goes in first: the replay starts from a clean state.
+                    if let Some(lsn) = batch.finish(publisher, builder.in_transaction(), resume, metrics).await? {
+                        acknowledge(lsn, &repl, resume);
                     }
-                    Ok(None) => poll_snapshots(db, config, &mut on_demand, &snapshot_settings, resume.acknowledged, publisher.is_idle()).await,
-                    Err(e) => Err(e),
-                };
-                match polled {
-                    Ok(()) => {}
-                    Err(e) => {
-                        // Replays wait; streaming goes on (a lost connection shows elsewhere).
-                        if !replay_poll_failed {
-                            tracing::warn!(error = %service::error_chain(&e), "looking for replay and snapshot requests failed");
-                            replay_poll_failed = true;
-                        }
-                    }
+                    return Ok(End::Rewind(from));
                 }
+                Some(Request::Snapshot(request)) => on_demand.start(request, config, &snapshot_settings),
+                None => {
+                    // (Only when the task failed: it ends with shutdown, which comes first.)
+                    tracing::error!("the control task ended: replay and snapshot requests wait for a restart");
+                    control_open = false;
+                }
+            },
+            _ = snapshot_check.tick(), if on_demand.running.is_some() => {
+                on_demand.check(resume.acknowledged, publisher.is_idle());
             }
             done = publisher.commit_done(), if publisher.is_committing() => {
                 if let Some(lsn) = batch.done(done?, metrics) {
                     acknowledge(lsn, &repl, resume);
                 }
+                resume.progress.set_skipped(publisher.skipped);
                 publisher.send_waiting().await?;
                 if publisher.is_idle() {
                     // Source transactions that ended while the commit ran, with nothing to send.
@@ -453,7 +494,7 @@ async fn stream_with(
                         };
                         if let Step::Records(records) = builder.apply(message, wal_start.0, now_ms(), |_| primary_key)? {
                             for record in records {
-                                if let Some(snapshot) = &mut on_demand {
+                                if let Some(snapshot) = &mut on_demand.running {
                                     snapshot.streamed(&record);
                                 }
                                 batch.sending(&record);
@@ -462,7 +503,7 @@ async fn stream_with(
                         }
                     }
                     ReplicationEvent::Message { prefix, content, lsn, .. } if prefix == resnapshot::PREFIX => {
-                        if let Some(snapshot) = &mut on_demand {
+                        if let Some(snapshot) = &mut on_demand.running {
                             if let resnapshot::Watermark::Publish(records) = snapshot.watermark(&content, lsn.0, &snapshot_settings).await? {
                                 for record in records {
                                     batch.sending(&record);
@@ -472,7 +513,7 @@ async fn stream_with(
                         }
                     }
                     ReplicationEvent::Message { .. } => {}
-                    ReplicationEvent::StoppedAt { .. } => return Ok(()),
+                    ReplicationEvent::StoppedAt { .. } => return Ok(End::Shutdown),
                 }
             }
             // Nothing more to read right now, between source transactions: commit what is open.
@@ -633,58 +674,33 @@ impl Batch {
     }
 }
 
-/// Closes a running replay once Kafka has everything it covers, then takes a new request, if any.
-async fn poll_replays(
-    db: &tokio_postgres::Client,
-    slot: &str,
-    resume: &mut Resume,
-    skipped: u64,
-    metrics: &Metrics,
-    window: u64,
-) -> Result<Option<Lsn>, SetupError> {
-    if let Some(base) = resume.replay_sent_base {
-        let sent = metrics
-            .events_published
-            .load(Ordering::Relaxed)
-            .saturating_sub(base);
-        if crate::replay::finish(db, slot, resume.acknowledged, skipped, sent).await? {
-            resume.replay_sent_base = None;
-        }
-    }
-    crate::replay::take(db, slot, resume.acknowledged.saturating_sub(window)).await
+/// The on-demand snapshot the session runs, if any. Dropped with the session, it tells the control
+/// task, which hands the request over again.
+struct OnDemand {
+    running: Option<resnapshot::Running>,
+    reports: mpsc::UnboundedSender<Report>,
 }
 
-/// Starts the oldest on-demand snapshot request when none runs; closes the running one once the
-/// worker ended and Kafka has every row it published (nothing in flight, or a transaction end
-/// after its last chunk acknowledged).
-async fn poll_snapshots(
-    db: &tokio_postgres::Client,
-    config: &Config,
-    on_demand: &mut Option<resnapshot::Running>,
-    settings: &envelope::Settings,
-    acknowledged: Lsn,
-    idle: bool,
-) -> Result<(), SetupError> {
-    if let Some(running) = on_demand {
-        let (request, rows, last_high) = (running.request, running.rows, running.last_high);
-        match running.finished() {
-            None => {}
-            Some(Ok(())) if idle || acknowledged > last_high => {
-                resnapshot::close(db, request, "done", rows).await?;
-                tracing::info!(request, rows, "on-demand snapshot done");
-                *on_demand = None;
-            }
-            Some(Ok(())) => {}
-            Some(Err(e)) => {
-                tracing::warn!(request, error = %e, "on-demand snapshot failed");
-                resnapshot::close(db, request, &format!("failed: {e}"), rows).await?;
-                *on_demand = None;
-            }
+impl OnDemand {
+    fn start(
+        &mut self,
+        request: resnapshot::Request,
+        config: &Config,
+        settings: &envelope::Settings,
+    ) {
+        if let Some(running) = &self.running {
+            // (The control task hands out one at a time.)
+            tracing::warn!(
+                running = running.request,
+                request = request.id,
+                "an on-demand snapshot request while one runs; it waits"
+            );
+            self.report(Report::SnapshotAbandoned {
+                request: request.id,
+            });
+            return;
         }
-        return Ok(());
-    }
-    if let Some(request) = resnapshot::take(db, &config.slot, &config.tables).await? {
-        *on_demand = Some(resnapshot::Running::start(
+        self.running = Some(resnapshot::Running::start(
             request,
             &config.slot,
             &config.publication,
@@ -692,7 +708,43 @@ async fn poll_snapshots(
             settings,
         ));
     }
-    Ok(())
+
+    /// Reports the running snapshot's end once its worker ended and Kafka has every row it
+    /// published (nothing in flight, or a source transaction end after its last chunk
+    /// acknowledged).
+    fn check(&mut self, acknowledged: Lsn, idle: bool) {
+        let Some(running) = &mut self.running else {
+            return;
+        };
+        let (request, rows, last_high) = (running.request, running.rows, running.last_high);
+        let outcome = match running.finished() {
+            None => return,
+            Some(Ok(())) if !(idle || acknowledged > last_high) => return,
+            Some(outcome) => outcome.clone(),
+        };
+        self.running = None;
+        self.report(Report::SnapshotEnded {
+            request,
+            outcome,
+            rows,
+        });
+    }
+
+    fn report(&self, report: Report) {
+        if self.reports.send(report).is_err() {
+            tracing::debug!("the control task stopped; a snapshot report was dropped");
+        }
+    }
+}
+
+impl Drop for OnDemand {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            self.report(Report::SnapshotAbandoned {
+                request: running.request,
+            });
+        }
+    }
 }
 
 fn replication_config(

@@ -1,0 +1,257 @@
+//! Control requests: replays (`cdc_reader_replays`, see [`crate::replay`]) and on-demand snapshots
+//! (`cdc_reader_snapshot_requests`, see [`crate::resnapshot`]), which `cdc-reader replay` and
+//! `cdc-reader snapshot` write. A task of its own, on a connection of its own, takes them every
+//! second and hands them to the streaming session through a channel ([`Request`]); the session
+//! tells it where the stream stands ([`Progress`]) and how a snapshot ended ([`Report`]), and the
+//! task closes what is finished. The WAL loop never waits on these tables, and a lost connection
+//! here delays requests only.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::decode::Lsn;
+use crate::setup::{pg, SetupError};
+use crate::telemetry::Metrics;
+use crate::{replay, resnapshot, Config};
+
+/// What the session is asked to do.
+#[derive(Debug)]
+pub enum Request {
+    /// Stream again from this LSN (the slot still has it): the session ends, and the next one
+    /// starts there.
+    Replay(Lsn),
+    /// Publish the current rows of these tables while streaming.
+    Snapshot(resnapshot::Request),
+}
+
+/// What the session tells the control task about a snapshot it was handed.
+#[derive(Debug)]
+pub enum Report {
+    /// Kafka has every row it published (`Ok`), or it failed: the request is closed.
+    SnapshotEnded {
+        request: i64,
+        outcome: Result<(), String>,
+        rows: u64,
+    },
+    /// The session ended before it did: the request stays open and is taken again.
+    SnapshotAbandoned { request: i64 },
+}
+
+/// Where the stream stands, as the session counts it: what closing a replay goes by.
+#[derive(Debug)]
+pub struct Progress {
+    /// Everything before this LSN is in Kafka (the position confirmed, before the replay window).
+    acknowledged: AtomicU64,
+    /// Records the current session did not send again (Kafka had them).
+    skipped: AtomicU64,
+    /// While a replay runs: `events_published` when it started; [`NO_REPLAY`] otherwise.
+    replay_base: AtomicU64,
+}
+
+const NO_REPLAY: u64 = u64::MAX;
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            acknowledged: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            replay_base: AtomicU64::new(NO_REPLAY),
+        }
+    }
+}
+
+impl Progress {
+    pub fn set_acknowledged(&self, lsn: Lsn) {
+        self.acknowledged.store(lsn, Ordering::Relaxed);
+    }
+
+    pub fn set_skipped(&self, skipped: u64) {
+        self.skipped.store(skipped, Ordering::Relaxed);
+    }
+
+    /// A replay starts streaming; `published` is `events_published` now.
+    pub fn replay_started(&self, published: u64) {
+        self.replay_base.store(published, Ordering::Relaxed);
+    }
+
+    /// The replay asked for will not run (refused when its session began).
+    pub fn replay_refused(&self) {
+        self.replay_base.store(NO_REPLAY, Ordering::Relaxed);
+    }
+}
+
+/// The session's side of the control task.
+#[derive(Debug)]
+pub struct Control {
+    pub requests: mpsc::Receiver<Request>,
+    pub reports: mpsc::UnboundedSender<Report>,
+    pub progress: Arc<Progress>,
+}
+
+/// Starts the control task; it ends on `shutdown`.
+pub fn spawn(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> (Control, tokio::task::JoinHandle<()>) {
+    let (requests_tx, requests) = mpsc::channel(4);
+    let (reports, reports_rx) = mpsc::unbounded_channel();
+    let progress = Arc::new(Progress::default());
+    let task = Task {
+        config: config.clone(),
+        metrics,
+        progress: progress.clone(),
+        requests: requests_tx,
+        db: None,
+        snapshot: None,
+        ended: VecDeque::new(),
+        failing: false,
+    };
+    let handle = tokio::spawn(task.run(reports_rx, shutdown));
+    (
+        Control {
+            requests,
+            reports,
+            progress,
+        },
+        handle,
+    )
+}
+
+struct Task {
+    config: Config,
+    metrics: Arc<Metrics>,
+    progress: Arc<Progress>,
+    requests: mpsc::Sender<Request>,
+    db: Option<Client>,
+    /// The snapshot request handed to the session, until it reports how it ended.
+    snapshot: Option<i64>,
+    /// Snapshots ended, their requests not yet closed.
+    ended: VecDeque<(i64, Result<(), String>, u64)>,
+    /// The last round failed (logged once until one succeeds).
+    failing: bool,
+}
+
+impl Task {
+    async fn run(
+        mut self,
+        mut reports: mpsc::UnboundedReceiver<Report>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                report = reports.recv() => match report {
+                    Some(report) => self.report(report),
+                    None => return,
+                },
+                _ = tick.tick() => {}
+            }
+            match self.round().await {
+                Ok(()) => self.failing = false,
+                Err(e) => {
+                    if !self.failing {
+                        tracing::warn!(error = %service::error_chain(&e),
+                            "looking for replay and snapshot requests failed; retrying");
+                        self.failing = true;
+                    }
+                    if self.db.as_ref().is_some_and(Client::is_closed) {
+                        self.db = None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn report(&mut self, report: Report) {
+        match report {
+            Report::SnapshotEnded {
+                request,
+                outcome,
+                rows,
+            } => self.ended.push_back((request, outcome, rows)),
+            Report::SnapshotAbandoned { request } => {
+                if self.snapshot == Some(request) {
+                    self.snapshot = None;
+                }
+            }
+        }
+    }
+
+    /// Closes what ended, then takes a replay request or, when none, a snapshot request.
+    async fn round(&mut self) -> Result<(), SetupError> {
+        if self.db.is_none() {
+            let (client, conn) =
+                tokio_postgres::connect(&self.config.database_url, tokio_postgres::NoTls)
+                    .await
+                    .map_err(pg("connecting for control requests"))?;
+            service::spawn_connection(conn, "control requests");
+            self.db = Some(client);
+        }
+        let Some(db) = &self.db else {
+            return Ok(());
+        };
+        let slot = &self.config.slot;
+        while let Some((request, outcome, rows)) = self.ended.front().cloned() {
+            match outcome {
+                Ok(()) => {
+                    resnapshot::close(db, request, "done", rows).await?;
+                    tracing::info!(request, rows, "on-demand snapshot done");
+                }
+                Err(e) => {
+                    tracing::warn!(request, error = %e, "on-demand snapshot failed");
+                    resnapshot::close(db, request, &format!("failed: {e}"), rows).await?;
+                }
+            }
+            self.ended.pop_front();
+            if self.snapshot == Some(request) {
+                self.snapshot = None;
+            }
+        }
+        let acknowledged = self.progress.acknowledged.load(Ordering::Relaxed);
+        let base = self.progress.replay_base.load(Ordering::Relaxed);
+        if base != NO_REPLAY {
+            let sent = self
+                .metrics
+                .events_published
+                .load(Ordering::Relaxed)
+                .saturating_sub(base);
+            let skipped = self.progress.skipped.load(Ordering::Relaxed);
+            if replay::finish(db, slot, acknowledged, skipped, sent).await? {
+                // (Unless another replay started meanwhile.)
+                let _ = self.progress.replay_base.compare_exchange(
+                    base,
+                    NO_REPLAY,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+        }
+        let reported = acknowledged.saturating_sub(self.config.wal_replay_window_bytes);
+        if let Some(from) = replay::take(db, slot, reported).await? {
+            self.send(Request::Replay(from)).await;
+            return Ok(());
+        }
+        if self.snapshot.is_none() {
+            if let Some(request) = resnapshot::take(db, slot, &self.config.tables).await? {
+                self.snapshot = Some(request.id);
+                self.send(Request::Snapshot(request)).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send(&self, request: Request) {
+        if self.requests.send(request).await.is_err() {
+            tracing::debug!("the reader stopped; a control request was not handed over");
+        }
+    }
+}
