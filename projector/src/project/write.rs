@@ -243,11 +243,7 @@ impl Projector<'_> {
     }
 
     /// After a commit: what [`Projector::completes`] said is now stored.
-    fn completed(
-        &mut self,
-        applied: HashMap<i32, RecordPosition>,
-        completes: &[Complete],
-    ) {
+    fn completed(&mut self, applied: HashMap<i32, RecordPosition>, completes: &[Complete]) {
         for (partition, position) in applied {
             let last = self.applied.entry(partition).or_insert(position);
             *last = (*last).max(position);
