@@ -44,11 +44,7 @@ fn seq(p: Position) -> i64 {
     i64::try_from(p.event_index).unwrap_or(i64::MAX)
 }
 
-async fn floor(
-    db: &Client,
-    s: &Statements,
-    table: &str,
-) -> Result<Option<Position>, ApplyError> {
+async fn floor(db: &Client, s: &Statements, table: &str) -> Result<Option<Position>, ApplyError> {
     let row = db
         .query_opt(&s.floor, &[&table])
         .await

@@ -19,24 +19,30 @@
 //! its position guard makes whatever it applies after the hand-back exact. Events that cannot be
 //! applied are reported, not dead-lettered again. Two replays of one group and topic never run at
 //! once.
+//!
+//! Here: the plan and the run; [`offsets`]: where each partition starts and stops; [`swap`]: the
+//! swap, pausing the live projector, and recomputing what derives from the views.
+
+mod offsets;
+mod swap;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use change_event::{format_lsn, Position};
+use change_event::format_lsn;
 use chrono::{DateTime, Utc};
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::Target;
 use crate::project::{assign, consumer_config, Bounds, Context, Mode, Projector};
-use crate::{events, Config, Metrics};
+use crate::{Config, Metrics};
+use offsets::{high_watermarks, start_offsets, topic_partitions};
+use swap::{pause_live, quote, recount_departments, repair_derived, swap, VIEW_TABLES};
 
 /// Where a replay starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,20 +246,6 @@ pub struct Summary {
 
 /// The schema a rebuild fills before the swap.
 pub const REBUILD_SCHEMA: &str = "projector_rebuild";
-/// The schema the replaced tables pass through during the swap.
-const RETIRED_SCHEMA: &str = "projector_retired";
-/// The tables a rebuild replaces: the views and the positions that guard them.
-const VIEW_TABLES: [&str; 4] = [
-    "user_view",
-    "department_stats",
-    "user_view_deletions",
-    "projector_truncations",
-];
-
-/// Makes each derived view (post_stats, user_activity, ...: see `derived_views` in
-/// materialized_view_db) equal to its definition, in order; one row per view with the rows written.
-const REPAIR_DERIVED: &str =
-    "SELECT name, derived_view_repair(name) FROM derived_views ORDER BY position";
 
 /// Runs a replay. `confirm` sees the plan first and may refuse it (then `Ok(None)`); `progress`
 /// is called about once a second.
@@ -537,187 +529,6 @@ impl<'a> Run<'a> {
     }
 }
 
-/// Replaces the live view tables by the rebuilt ones, in one transaction.
-async fn swap(db: &Client, live_schema: &str) -> Result<(), ReplayError> {
-    let live = quote(live_schema);
-    // Privileges granted on the live tables (beyond their owner's) go to the new ones.
-    let mut grants = String::new();
-    for t in VIEW_TABLES {
-        for row in db
-            .query(
-                "SELECT a.privilege_type, CASE WHEN a.grantee = 0 THEN 'PUBLIC' \
-                        ELSE quote_ident(pg_get_userbyid(a.grantee)) END \
-                 FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a \
-                 WHERE c.oid = ($1 || '.' || $2)::regclass AND a.grantee <> c.relowner",
-                &[&live, &t],
-            )
-            .await
-            .map_err(sql("reading the privileges on the view tables"))?
-        {
-            let (privilege, grantee): (String, String) = (row.get(0), row.get(1));
-            grants.push_str(&format!(
-                " GRANT {privilege} ON {REBUILD_SCHEMA}.{t} TO {grantee};"
-            ));
-        }
-    }
-    // Their triggers (the notes that keep the derived views current, and any of the user's) are
-    // created again on the new tables, from their definitions as they read now.
-    let mut triggers = String::new();
-    for t in VIEW_TABLES {
-        for row in db
-            .query(
-                "SELECT pg_get_triggerdef(oid) FROM pg_trigger \
-                 WHERE tgrelid = ($1 || '.' || $2)::regclass AND NOT tgisinternal ORDER BY tgname",
-                &[&live, &t],
-            )
-            .await
-            .map_err(sql("reading the triggers on the view tables"))?
-        {
-            triggers.push_str(&format!(" {};", row.get::<_, String>(0)));
-        }
-    }
-    // The derived views' definitions read user_view: they go with the old tables and are created
-    // again over the new ones, with their privileges.
-    let (mut drop_definitions, mut definitions) = (Vec::new(), String::new());
-    for row in db
-        .query(
-            "SELECT quote_ident(v.relname), pg_get_viewdef(v.oid), \
-                    coalesce(string_agg(format(' GRANT %s ON %I TO %s;', a.privilege_type, \
-                        v.relname, CASE WHEN a.grantee = 0 THEN 'PUBLIC' \
-                                        ELSE quote_ident(pg_get_userbyid(a.grantee)) END), '') \
-                             FILTER (WHERE a.privilege_type IS NOT NULL), '') \
-             FROM derived_views d \
-             JOIN pg_class v ON v.oid = (d.name || '_definition')::regclass \
-             LEFT JOIN LATERAL aclexplode(v.relacl) a ON a.grantee <> v.relowner \
-             GROUP BY d.position, v.oid, v.relname ORDER BY d.position",
-            &[],
-        )
-        .await
-        .map_err(sql("reading the definitions of the derived views"))?
-    {
-        let (name, query, grants): (String, String, String) = (row.get(0), row.get(1), row.get(2));
-        drop_definitions.push(format!("{live}.{name}"));
-        definitions.push_str(&format!(
-            " CREATE VIEW {live}.{name} AS {};{grants}",
-            query.trim().trim_end_matches(';')
-        ));
-    }
-    // posts first: post-api's writes wait from here to the commit (not in the middle of their
-    // own commit, which reads user_view), so the derived views are repaired against still posts.
-    let mut text =
-        format!("BEGIN; SET LOCAL lock_timeout = '10s'; LOCK TABLE {live}.posts IN SHARE MODE;");
-    if !drop_definitions.is_empty() {
-        text.push_str(&format!(" DROP VIEW {};", drop_definitions.join(", ")));
-    }
-    text.push_str(&format!(
-        " DROP SCHEMA IF EXISTS {RETIRED_SCHEMA}; CREATE SCHEMA {RETIRED_SCHEMA};{grants}"
-    ));
-    for t in VIEW_TABLES {
-        text.push_str(&format!(
-            " ALTER TABLE {live}.{t} SET SCHEMA {RETIRED_SCHEMA};"
-        ));
-    }
-    for t in VIEW_TABLES {
-        text.push_str(&format!(
-            " ALTER TABLE {REBUILD_SCHEMA}.{t} SET SCHEMA {live};"
-        ));
-    }
-    text.push_str(&triggers);
-    text.push_str(&definitions);
-    text.push_str(&format!(" {REPAIR_DERIVED};"));
-    // No CASCADE: a view or foreign key of someone else's on the old tables makes the swap fail
-    // with PostgreSQL's message, and the live tables stay as they are.
-    let retired: Vec<String> = VIEW_TABLES
-        .iter()
-        .map(|t| format!("{RETIRED_SCHEMA}.{t}"))
-        .collect();
-    text.push_str(&format!(
-        " DROP TABLE {}; DROP SCHEMA {RETIRED_SCHEMA}; DROP SCHEMA {REBUILD_SCHEMA}; COMMIT;",
-        retired.join(", ")
-    ));
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let Err(e) = db.batch_execute(&text).await else {
-            return Ok(());
-        };
-        if let Err(e) = db.batch_execute("ROLLBACK").await {
-            tracing::debug!(error = %e, "rolling back the swap failed");
-        }
-        // Readers hold the tables for a moment: a lock timeout or a deadlock passes.
-        let code = e.as_db_error().map(|d| d.code().code().to_owned());
-        if !matches!(code.as_deref(), Some("55P03" | "40P01")) || attempt >= 5 {
-            return Err(ReplayError::Sql {
-                what: "swapping in the rebuilt tables",
-                source: e,
-            });
-        }
-        tracing::warn!(error = %e, attempt, "swapping in the rebuilt tables waited too long; retrying");
-        tokio::time::sleep(Duration::from_millis(500) * attempt).await;
-    }
-}
-
-/// Takes the live projector's partition locks for the session: its next batch waits for them.
-async fn pause_live(
-    db: &Client,
-    config: &Config,
-    marks: &BTreeMap<i32, (i64, i64)>,
-) -> Result<(), ReplayError> {
-    let partitions: Vec<i32> = marks.keys().copied().collect();
-    db.query_one(
-        "SELECT count(pg_advisory_lock(hashtext($1), p)) \
-         FROM (SELECT DISTINCT unnest($2::int[]) AS p ORDER BY 1) AS ps",
-        &[&Target::lock_key(&config.group, &config.topic), &partitions],
-    )
-    .await
-    .map_err(sql("pausing the projector (taking its partition locks)"))?;
-    Ok(())
-}
-
-/// `department_stats` := the counts of `user_view` (in `schema`, else the default one).
-async fn recount_departments(db: &Client, schema: Option<&str>) -> Result<(), ReplayError> {
-    let q = |t: &str| schema.map_or(t.to_owned(), |s| format!("{}.{t}", quote(s)));
-    db.batch_execute(&format!(
-        "BEGIN; DELETE FROM {stats}; \
-         INSERT INTO {stats} (department, user_count, active_users, inactive_users, last_updated) \
-         SELECT department, count(*), count(*) FILTER (WHERE status = 'ACTIVE'), \
-                count(*) FILTER (WHERE status <> 'ACTIVE'), now() \
-         FROM {view} GROUP BY department; COMMIT",
-        stats = q("department_stats"),
-        view = q("user_view"),
-    ))
-    .await
-    .map_err(sql("recounting department_stats"))
-}
-
-/// Every derived view (`derived_views`, in order) := its definition, where they differ. post-api's
-/// writes wait meanwhile; the projector must be paused.
-async fn repair_derived(db: &Client) -> Result<(), ReplayError> {
-    db.batch_execute("BEGIN; LOCK TABLE posts IN SHARE MODE")
-        .await
-        .map_err(sql("locking posts to repair the derived views"))?;
-    let repaired = match db.query(REPAIR_DERIVED, &[]).await {
-        Ok(rows) => rows,
-        Err(e) => {
-            if let Err(e) = db.batch_execute("ROLLBACK").await {
-                tracing::debug!(error = %e, "rolling back the repair failed");
-            }
-            return Err(ReplayError::Sql {
-                what: "repairing the derived views",
-                source: e,
-            });
-        }
-    };
-    db.batch_execute("COMMIT")
-        .await
-        .map_err(sql("committing the repair of the derived views"))?;
-    for row in repaired {
-        let (view, rows): (String, i64) = (row.get(0), row.get(1));
-        tracing::info!(view, rows, "derived view compared with its definition");
-    }
-    Ok(())
-}
-
 async fn connect(url: &str) -> Result<Client, ReplayError> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -737,10 +548,6 @@ async fn stored_offsets(db: &Client, config: &Config) -> Result<BTreeMap<i32, i6
         .await
         .map_err(sql("reading the projector's offsets"))?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-}
-
-fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 fn set_ranges(ranges: &Ranges, start: &BTreeMap<i32, i64>, stop: &BTreeMap<i32, i64>) {
@@ -769,182 +576,6 @@ fn spawn_progress(
             progress(Progress { done, total });
         }
     })
-}
-
-fn topic_partitions(
-    consumer: &StreamConsumer<Context>,
-    topic: &str,
-) -> Result<Vec<i32>, ReplayError> {
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(kafka("reading the topic's partitions"))?;
-    let mut partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    partitions.sort_unstable();
-    if partitions.is_empty() {
-        return Err(ReplayError::NoTopic(topic.to_owned()));
-    }
-    Ok(partitions)
-}
-
-fn high_watermarks<'a>(
-    consumer: &StreamConsumer<Context>,
-    topic: &str,
-    partitions: impl Iterator<Item = &'a i32>,
-) -> Result<BTreeMap<i32, i64>, ReplayError> {
-    partitions
-        .map(|p| {
-            consumer
-                .fetch_watermarks(topic, *p, Duration::from_secs(10))
-                .map(|(_, high)| (*p, high))
-                .map_err(kafka(format!("reading the offsets of partition {p}")))
-        })
-        .collect()
-}
-
-/// The offset each replayed partition starts from.
-async fn start_offsets(
-    config: &Config,
-    from: &From,
-    marks: &BTreeMap<i32, (i64, i64)>,
-) -> Result<BTreeMap<i32, i64>, ReplayError> {
-    match from {
-        From::Earliest => Ok(marks.iter().map(|(p, (low, _))| (*p, *low)).collect()),
-        // Each partition from there, or from as near as it holds.
-        From::Offset(o) => Ok(marks
-            .iter()
-            .map(|(p, (low, high))| (*p, (*o).clamp(*low, *high)))
-            .collect()),
-        From::Offsets(list) => checked_offsets(list, marks),
-        From::Timestamp(t) => {
-            let ms = t.timestamp_millis();
-            scan(config, marks, |record_ms, _| {
-                record_ms.is_some_and(|r| r >= ms)
-            })
-            .await
-        }
-        From::Lsn(lsn) => {
-            let at = Position {
-                commit_lsn: *lsn,
-                event_index: 0,
-            };
-            scan(config, marks, |_, position| {
-                position.is_some_and(|p| p >= at)
-            })
-            .await
-        }
-    }
-}
-
-/// `list`, when every partition exists and every offset is one the topic holds.
-fn checked_offsets(
-    list: &[(i32, i64)],
-    marks: &BTreeMap<i32, (i64, i64)>,
-) -> Result<BTreeMap<i32, i64>, ReplayError> {
-    list.iter()
-        .map(|(p, o)| {
-            let (low, high) = *marks
-                .get(p)
-                .ok_or(ReplayError::NoPartition(*p, marks.len()))?;
-            if *o < low || *o > high {
-                return Err(ReplayError::OffsetOutOfRange {
-                    partition: *p,
-                    offset: *o,
-                    low,
-                    high,
-                });
-            }
-            Ok((*p, *o))
-        })
-        .collect()
-}
-
-/// Reads every partition from its start to the first record `found(timestamp_ms, position)`
-/// accepts (records without a position, the tombstones, are passed over): its offset, else the
-/// partition's end. Linear, so it costs one read of the topic up to there.
-async fn scan(
-    config: &Config,
-    marks: &BTreeMap<i32, (i64, i64)>,
-    found: impl Fn(Option<i64>, Option<Position>) -> bool,
-) -> Result<BTreeMap<i32, i64>, ReplayError> {
-    let table = config.source_table()?;
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka_brokers)
-        .set("group.id", format!("{}.replay-scan", config.group))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .create()
-        .map_err(kafka("creating a consumer"))?;
-    let mut tpl = TopicPartitionList::new();
-    let mut result = BTreeMap::new();
-    let mut todo = BTreeMap::new();
-    for (p, (low, high)) in marks {
-        if low >= high {
-            result.insert(*p, *high);
-        } else {
-            tpl.add_partition_offset(&config.topic, *p, Offset::Offset(*low))
-                .map_err(kafka("building the partition list"))?;
-            todo.insert(*p, (*low, *high));
-        }
-    }
-    if todo.is_empty() {
-        return Ok(result);
-    }
-    consumer
-        .assign(&tpl)
-        .map_err(kafka("assigning partitions"))?;
-    while !todo.is_empty() {
-        let message = match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await {
-            Ok(Ok(m)) => m,
-            // Read to its end without finding one (the last offsets may hold no record: a
-            // transaction marker, compaction).
-            Ok(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                if let Some((_, high)) = todo.remove(&p) {
-                    result.insert(p, high);
-                }
-                continue;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "reading the topic failed; retrying");
-                continue;
-            }
-            Err(_) => {
-                let (p, (next, high)) = todo
-                    .iter()
-                    .next()
-                    .map(|(p, r)| (*p, *r))
-                    .unwrap_or_default();
-                return Err(ReplayError::Stalled {
-                    partition: p,
-                    offset: next,
-                    high,
-                });
-            }
-        };
-        let p = message.partition();
-        let Some((_, high)) = todo.get(&p).copied() else {
-            continue;
-        };
-        let position = events::decode(message.key(), message.payload(), (&table.0, &table.1))
-            .ok()
-            .and_then(|c| c.position());
-        let offset = message.offset();
-        if found(message.timestamp().to_millis(), position) {
-            result.insert(p, offset);
-            todo.remove(&p);
-        } else if offset + 1 >= high {
-            result.insert(p, high);
-            todo.remove(&p);
-        } else {
-            todo.insert(p, (offset + 1, high));
-        }
-    }
-    Ok(result)
 }
 
 #[cfg(test)]
