@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::decode::Lsn;
 use crate::setup::{pg, SetupError};
 use crate::telemetry::Metrics;
-use crate::{replay, resnapshot, Config};
+use crate::{envelope, replay, resnapshot, Config};
 
 /// What the session is asked to do.
 #[derive(Debug)]
@@ -90,8 +90,18 @@ impl Progress {
 #[derive(Debug)]
 pub struct Control {
     pub requests: mpsc::Receiver<Request>,
-    pub reports: mpsc::UnboundedSender<Report>,
+    reports: mpsc::UnboundedSender<Report>,
     pub progress: Arc<Progress>,
+}
+
+impl Control {
+    /// A session's on-demand snapshot slot, which reports to this task.
+    pub fn on_demand(&self) -> OnDemand {
+        OnDemand {
+            running: None,
+            reports: self.reports.clone(),
+        }
+    }
 }
 
 /// Starts the control task; it ends on `shutdown`.
@@ -252,6 +262,80 @@ impl Task {
     async fn send(&self, request: Request) {
         if self.requests.send(request).await.is_err() {
             tracing::debug!("the reader stopped; a control request was not handed over");
+        }
+    }
+}
+
+/// The on-demand snapshot the session runs, if any. Dropped with the session, it tells the control
+/// task, which hands the request over again.
+#[derive(Debug)]
+pub struct OnDemand {
+    pub running: Option<resnapshot::Running>,
+    reports: mpsc::UnboundedSender<Report>,
+}
+
+impl OnDemand {
+    pub fn start(
+        &mut self,
+        request: resnapshot::Request,
+        config: &Config,
+        settings: &envelope::Settings,
+    ) {
+        if let Some(running) = &self.running {
+            // (The control task hands out one at a time.)
+            tracing::warn!(
+                running = running.request,
+                request = request.id,
+                "an on-demand snapshot request while one runs; it waits"
+            );
+            self.report(Report::SnapshotAbandoned {
+                request: request.id,
+            });
+            return;
+        }
+        self.running = Some(resnapshot::Running::start(
+            request,
+            &config.slot,
+            &config.publication,
+            &config.database_url,
+            settings,
+        ));
+    }
+
+    /// Reports the running snapshot's end once its worker ended and Kafka has every row it
+    /// published (nothing in flight, or a source transaction end after its last chunk
+    /// acknowledged).
+    pub fn check(&mut self, acknowledged: Lsn, idle: bool) {
+        let Some(running) = &mut self.running else {
+            return;
+        };
+        let (request, rows, last_high) = (running.request, running.rows, running.last_high);
+        let outcome = match running.finished() {
+            None => return,
+            Some(Ok(())) if !(idle || acknowledged > last_high) => return,
+            Some(outcome) => outcome.clone(),
+        };
+        self.running = None;
+        self.report(Report::SnapshotEnded {
+            request,
+            outcome,
+            rows,
+        });
+    }
+
+    fn report(&self, report: Report) {
+        if self.reports.send(report).is_err() {
+            tracing::debug!("the control task stopped; a snapshot report was dropped");
+        }
+    }
+}
+
+impl Drop for OnDemand {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            self.report(Report::SnapshotAbandoned {
+                request: running.request,
+            });
         }
     }
 }

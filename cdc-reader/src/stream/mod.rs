@@ -18,17 +18,23 @@
 //! Any failure ends the session (its open Kafka transaction aborted); [`run`](crate::run) starts
 //! a new one after a backoff, from the position committed in Kafka. Nothing is confirmed that
 //! Kafka does not have, so nothing is lost; nothing committed is sent again, so nothing is doubled.
+//! A replay request ([`crate::control`]) ends the session normally ([`End::Rewind`]), after
+//! committing what is open; the next one streams from the replay's start.
+//!
+//! Here: the session and its loop; [`batch`]: what the open Kafka transaction holds and when it
+//! commits.
+
+mod batch;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pgwire_replication::{Lsn as PgLsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::control::{Control, Progress, Report, Request};
+use crate::control::{Control, Progress, Request};
 use crate::decode::{self, Lsn, Message};
 use crate::envelope::{self, Builder, EnvelopeError, Step};
 use crate::publish::{self, PublishError, Publisher};
@@ -37,6 +43,7 @@ use crate::setup::{self, SetupError};
 use crate::snapshot;
 use crate::telemetry::{Metrics, State};
 use crate::values::SESSION_OPTIONS;
+use batch::{Batch, Limits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -332,10 +339,7 @@ async fn stream_with(
 
     let snapshot_settings = settings.clone();
     resume.progress.set_skipped(0);
-    let mut on_demand = OnDemand {
-        running: None,
-        reports: control.reports.clone(),
-    };
+    let mut on_demand = control.on_demand();
     let mut builder = Builder::new(settings);
     // The slot is told a position `window` bytes behind what Kafka has (never backwards: the
     // server ignores that), so a replay can start that far back.
@@ -539,213 +543,6 @@ const WATERMARK_SPACING: Duration = Duration::from_millis(100);
 
 /// How long a shutdown waits for the last commit.
 const SHUTDOWN_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A source transaction larger than a Kafka transaction may hold is split once it has been open
-/// this long, well within the `transaction.timeout.ms` (60 s) after which the broker aborts it.
-const SPLIT_AFTER: Duration = Duration::from_secs(10);
-
-/// When the open Kafka transaction is committed.
-#[derive(Debug, Clone, Copy)]
-struct Limits {
-    /// Longest a transaction stays open collecting whole source transactions.
-    interval: Duration,
-    /// Most records in one; a source transaction is split at this count.
-    max_records: usize,
-}
-
-impl Limits {
-    fn due(&self, publisher: &Publisher, in_source_tx: bool) -> bool {
-        if !publisher.is_open() {
-            return false;
-        }
-        let open_for = publisher.open_for();
-        publisher.open_records() >= self.max_records
-            || if in_source_tx {
-                open_for >= SPLIT_AFTER
-            } else {
-                open_for >= self.interval
-            }
-    }
-}
-
-/// What the open Kafka transaction holds, for the position committed with it, and what the one
-/// being committed held.
-#[derive(Debug, Default)]
-struct Batch {
-    /// End LSN of the last source transaction wholly in the open transaction.
-    source_end: Option<Lsn>,
-    /// Source transactions wholly in it.
-    source_transactions: u64,
-    /// The last record handed to the publisher.
-    last: Option<crate::envelope::RecordPosition>,
-    /// The commit under way: its last source transaction end, source transactions, start.
-    committing: Option<(Option<Lsn>, u64, std::time::Instant)>,
-}
-
-impl Batch {
-    fn sending(&mut self, record: &crate::envelope::Record) {
-        self.last = Some(record.position);
-    }
-
-    fn source_end(&mut self, end_lsn: Lsn) {
-        self.source_end = Some(end_lsn);
-        self.source_transactions += 1;
-    }
-
-    /// Begins committing the open Kafka transaction with the position the stream resumes from;
-    /// `split` when a source transaction is open (its records so far go in, the rest follows in
-    /// the next).
-    async fn begin(
-        &mut self,
-        publisher: &mut Publisher,
-        split: bool,
-        resume: &Resume,
-    ) -> Result<(), PublishError> {
-        if !publisher.is_open() || publisher.is_committing() {
-            return Ok(());
-        }
-        let position = publish::Committed {
-            end_lsn: self.source_end.unwrap_or(resume.acknowledged),
-            position: if split { self.last } else { None },
-        };
-        publisher.begin_commit(Some(position)).await?;
-        if split {
-            tracing::info!(records = publisher.open_records(), position = ?self.last.map(|p| p.header_value()),
-                "a large source transaction split across Kafka transactions");
-        }
-        self.committing = Some((
-            self.source_end.take(),
-            std::mem::take(&mut self.source_transactions),
-            std::time::Instant::now(),
-        ));
-        Ok(())
-    }
-
-    /// The commit under way is done (`records` in it): the source transaction end that may now
-    /// be confirmed to PostgreSQL.
-    fn done(&mut self, records: usize, metrics: &Metrics) -> Option<Lsn> {
-        let (end, transactions, began) = self.committing.take()?;
-        metrics.kafka_commits.fetch_add(1, Ordering::Relaxed);
-        metrics.kafka_commit_micros.fetch_add(
-            u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-        metrics
-            .events_published
-            .fetch_add(records as u64, Ordering::Relaxed);
-        metrics
-            .transactions
-            .fetch_add(transactions, Ordering::Relaxed);
-        end
-    }
-
-    /// With nothing open, committing or waiting: source transactions that ended meanwhile
-    /// without records to send are confirmed as they are.
-    fn nothing_open(&mut self, metrics: &Metrics) -> Option<Lsn> {
-        metrics.transactions.fetch_add(
-            std::mem::take(&mut self.source_transactions),
-            Ordering::Relaxed,
-        );
-        self.source_end.take()
-    }
-
-    /// Commits everything (the commit under way, what waited for it, what is open): for a
-    /// shutdown or a replay. Returns the last source transaction end it covers.
-    async fn finish(
-        &mut self,
-        publisher: &mut Publisher,
-        split: bool,
-        resume: &Resume,
-        metrics: &Metrics,
-    ) -> Result<Option<Lsn>, PublishError> {
-        let mut end = None;
-        if publisher.is_committing() {
-            end = self.done(publisher.commit_done().await?, metrics).or(end);
-            publisher.send_waiting().await?;
-        }
-        if publisher.is_open() {
-            self.begin(publisher, split, resume).await?;
-            end = self.done(publisher.commit_done().await?, metrics).or(end);
-        }
-        if publisher.is_idle() {
-            end = self.nothing_open(metrics).or(end);
-        }
-        Ok(end)
-    }
-}
-
-/// The on-demand snapshot the session runs, if any. Dropped with the session, it tells the control
-/// task, which hands the request over again.
-struct OnDemand {
-    running: Option<resnapshot::Running>,
-    reports: mpsc::UnboundedSender<Report>,
-}
-
-impl OnDemand {
-    fn start(
-        &mut self,
-        request: resnapshot::Request,
-        config: &Config,
-        settings: &envelope::Settings,
-    ) {
-        if let Some(running) = &self.running {
-            // (The control task hands out one at a time.)
-            tracing::warn!(
-                running = running.request,
-                request = request.id,
-                "an on-demand snapshot request while one runs; it waits"
-            );
-            self.report(Report::SnapshotAbandoned {
-                request: request.id,
-            });
-            return;
-        }
-        self.running = Some(resnapshot::Running::start(
-            request,
-            &config.slot,
-            &config.publication,
-            &config.database_url,
-            settings,
-        ));
-    }
-
-    /// Reports the running snapshot's end once its worker ended and Kafka has every row it
-    /// published (nothing in flight, or a source transaction end after its last chunk
-    /// acknowledged).
-    fn check(&mut self, acknowledged: Lsn, idle: bool) {
-        let Some(running) = &mut self.running else {
-            return;
-        };
-        let (request, rows, last_high) = (running.request, running.rows, running.last_high);
-        let outcome = match running.finished() {
-            None => return,
-            Some(Ok(())) if !(idle || acknowledged > last_high) => return,
-            Some(outcome) => outcome.clone(),
-        };
-        self.running = None;
-        self.report(Report::SnapshotEnded {
-            request,
-            outcome,
-            rows,
-        });
-    }
-
-    fn report(&self, report: Report) {
-        if self.reports.send(report).is_err() {
-            tracing::debug!("the control task stopped; a snapshot report was dropped");
-        }
-    }
-}
-
-impl Drop for OnDemand {
-    fn drop(&mut self) {
-        if let Some(running) = self.running.take() {
-            self.report(Report::SnapshotAbandoned {
-                request: running.request,
-            });
-        }
-    }
-}
 
 fn replication_config(
     config: &Config,
