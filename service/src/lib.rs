@@ -119,6 +119,19 @@ where
     })
 }
 
+/// Runs `call`, which blocks (a Kafka client's metadata, watermark or seek call: up to its
+/// timeout), on the blocking pool, off the async runtime's worker threads. A panic in it goes on
+/// in the caller.
+pub async fn blocking<T: Send + 'static>(call: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(call).await {
+        Ok(t) => t,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => panic!("a blocking call did not finish: {e}"),
+        },
+    }
+}
+
 /// Locks `mutex`, also after a thread panicked while holding it. The state behind the services'
 /// mutexes is simple (a first error, counters, an assignment): a panic elsewhere (which is logged)
 /// must not turn it into "nothing" — an empty assignment, a delivery failure not reported.

@@ -442,13 +442,7 @@ impl Projector<'_> {
         call: impl FnOnce(&StreamConsumer<Context>) -> T + Send + 'static,
     ) -> T {
         let consumer = Arc::clone(&self.consumer);
-        match tokio::task::spawn_blocking(move || call(&consumer)).await {
-            Ok(t) => t,
-            Err(e) => match e.try_into_panic() {
-                Ok(panic) => std::panic::resume_unwind(panic),
-                Err(e) => panic!("a blocking Kafka call did not finish: {e}"),
-            },
-        }
+        service::blocking(move || call(&consumer)).await
     }
 
     /// Pauses (or resumes) fetching every partition this member holds.

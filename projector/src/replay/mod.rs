@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use change_event::format_lsn;
 use chrono::{DateTime, Utc};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::KafkaError;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::apply::Target;
 use crate::project::{assign, consumer_config, Bounds, Context, Mode, Projector};
 use crate::{Config, Metrics};
-use offsets::{high_watermarks, start_offsets, topic_partitions};
+use offsets::{high_watermarks, partition_marks, start_offsets};
 use swap::{pause_live, quote, recount_departments, repair_derived, swap, VIEW_TABLES};
 
 /// Where a replay starts.
@@ -267,14 +267,13 @@ pub async fn replay(
             .set("enable.partition.eof", "true")
             .create_with_context(Context::new(metrics.clone(), &config.topic))
             .map_err(kafka("creating a consumer"))?;
-    let partitions = topic_partitions(&consumer, &config.topic)?;
-    let mut marks = BTreeMap::new();
-    for p in &partitions {
-        let w = consumer
-            .fetch_watermarks(&config.topic, *p, Duration::from_secs(10))
-            .map_err(kafka(format!("reading the offsets of partition {p}")))?;
-        marks.insert(*p, w);
-    }
+    // (Blocking calls, on the blocking pool.)
+    let topic = config.topic.clone();
+    let (consumer, marks) = service::blocking(move || {
+        let marks = partition_marks(&consumer, &topic)?;
+        Ok::<_, ReplayError>((consumer, marks))
+    })
+    .await?;
     let db = connect(&config.database_url).await?;
     let live_offsets = stored_offsets(&db, config).await?;
     let start = start_offsets(config, &from, &marks).await?;

@@ -13,7 +13,7 @@ use super::{kafka, From, ReplayError};
 use crate::project::Context;
 use crate::{events, Config};
 
-pub(super) fn topic_partitions(
+fn topic_partitions(
     consumer: &StreamConsumer<Context>,
     topic: &str,
 ) -> Result<Vec<i32>, ReplayError> {
@@ -33,6 +33,23 @@ pub(super) fn topic_partitions(
     Ok(partitions)
 }
 
+/// The first and next offsets of every partition of `topic`. Blocking.
+pub(super) fn partition_marks(
+    consumer: &StreamConsumer<Context>,
+    topic: &str,
+) -> Result<BTreeMap<i32, (i64, i64)>, ReplayError> {
+    topic_partitions(consumer, topic)?
+        .into_iter()
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .map(|w| (p, w))
+                .map_err(kafka(format!("reading the offsets of partition {p}")))
+        })
+        .collect()
+}
+
+/// The next offset of each of `partitions`. Blocking.
 pub(super) fn high_watermarks<'a>(
     consumer: &StreamConsumer<Context>,
     topic: &str,
