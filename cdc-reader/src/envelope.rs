@@ -15,6 +15,14 @@ use crate::connect::TableSchemas;
 use crate::decode::{self, Lsn, Message, OldTuple, Relation, Tuple};
 use crate::values;
 
+/// Milliseconds since the Unix epoch now (an event's `ts_ms`).
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// Microseconds from the Unix epoch to PostgreSQL's epoch (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 

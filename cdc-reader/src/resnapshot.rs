@@ -327,7 +327,7 @@ impl Running {
                     let index = records.len() as u64;
                     let source = Source {
                         lsn: Some(lsn),
-                        ts_ms: crate::stream::now_ms(),
+                        ts_ms: envelope::now_ms(),
                         snapshot: "incremental".to_owned(),
                         commit_lsn: lsn,
                         event_index: index,
@@ -338,7 +338,7 @@ impl Running {
                         after: Some(row.after),
                         source,
                         op: Op::Read,
-                        ts_ms: crate::stream::now_ms(),
+                        ts_ms: envelope::now_ms(),
                         unchanged_toast: Vec::new(),
                     };
                     records.extend(envelope::records(

@@ -185,7 +185,7 @@ pub async fn take(
         next_index: 0,
     };
     let source = |schema: &str, table: &str, index: u64| {
-        let now = crate::stream::now_ms();
+        let now = envelope::now_ms();
         Source {
             lsn: Some(consistent_point),
             ts_ms: now,
@@ -276,7 +276,7 @@ pub async fn take(
                     out.unchanged += 1;
                     continue;
                 }
-                let now = crate::stream::now_ms();
+                let now = envelope::now_ms();
                 let envelope = Envelope {
                     before: None,
                     after: Some(after),
@@ -305,7 +305,7 @@ pub async fn take(
                 after: None,
                 source: source(schema, name, out.next_index),
                 op: Op::Delete,
-                ts_ms: crate::stream::now_ms(),
+                ts_ms: envelope::now_ms(),
                 unchanged_toast: Vec::new(),
             };
             out.push(topic.clone(), key, envelope, schemas.clone())

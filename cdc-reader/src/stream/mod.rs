@@ -28,7 +28,7 @@ mod batch;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use pgwire_replication::{Lsn as PgLsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio_util::sync::CancellationToken;
@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::control::{Control, Progress, Request};
 use crate::decode::{self, Lsn, Message};
-use crate::envelope::{self, Builder, EnvelopeError, Step};
+use crate::envelope::{self, now_ms, Builder, EnvelopeError, Step};
 use crate::publish::{self, PublishError, Publisher};
 use crate::resnapshot;
 use crate::setup::{self, SetupError};
@@ -140,13 +140,6 @@ impl Resume {
         self.rewind = Some(from);
         self.progress.replay_started(published);
     }
-}
-
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// One replication session, until shutdown or a replay request (Ok) or a failure (Err).
