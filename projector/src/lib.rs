@@ -60,6 +60,12 @@ pub enum Error {
     Migrate(#[from] schema::WaitError),
     #[error("creating a Kafka client failed")]
     Kafka(#[source] KafkaError),
+    #[error("the Kafka client kept failing {what}; a fresh one takes over")]
+    KafkaStuck {
+        what: &'static str,
+        #[source]
+        source: KafkaError,
+    },
     #[error("the projector stopped on an error it cannot retry")]
     Halted(#[source] ApplyError),
     #[error(
@@ -129,7 +135,14 @@ async fn consume(
         let stop = term
             .as_ref()
             .map_or_else(|| shutdown.clone(), |t| t.lost.clone());
-        join_and_apply(config, metrics, &stop).await?;
+        match join_and_apply(config, metrics, &stop).await {
+            Err(e @ Error::KafkaStuck { .. }) => {
+                let error = service::error_chain(&e);
+                tracing::warn!(%error, "leaving the group and joining again with a new consumer");
+                metrics.record_error(error);
+            }
+            other => other?,
+        }
         if shutdown.is_cancelled() {
             return Ok(());
         }
@@ -166,5 +179,12 @@ async fn join_and_apply(
     let mut p = Projector::new(config, metrics, shutdown, consumer, target, mode)?;
     tracing::info!(topic = %config.topic, group = %config.group,
         dead_letter_topic = %config.dead_letter_topic(), "projector consuming");
-    p.run().await.map(|_| ())
+    let result = p.run().await.map(|_| ());
+    if matches!(result, Err(Error::KafkaStuck { .. })) {
+        // A stuck client may hang in its close (leaving the group through a coordinator that
+        // does not answer): it closes on a thread of its own, and a fresh one takes over at once.
+        let consumer = p.into_consumer();
+        std::thread::spawn(move || drop(consumer));
+    }
+    result
 }

@@ -176,18 +176,19 @@ impl Projector<'_> {
 
     /// In a replay, before reading on to a further stop: re-reads every partition from where it
     /// stands (records past the last stop were fetched and dropped).
-    pub(crate) async fn resume(&mut self, stop: BTreeMap<i32, i64>) {
+    pub(crate) async fn resume(&mut self, stop: BTreeMap<i32, i64>) -> Result<(), Error> {
         if let Some(b) = self.mode.bounds_mut() {
             b.stop = stop;
             b.ended.clear();
         }
         let cursors: Vec<(i32, Cursor)> = self.positions.iter().map(|(p, c)| (*p, *c)).collect();
         for (partition, cursor) in cursors {
-            let Some((low, _)) = self.watermarks(partition).await else {
-                return;
+            let Some((low, _)) = self.watermarks(partition).await? else {
+                return Ok(());
             };
             self.seek(partition, cursor, low).await;
         }
+        Ok(())
     }
 
     /// After a rebalance: applies what is complete in hand (it belongs to the old assignment),
@@ -229,7 +230,7 @@ impl Projector<'_> {
                     None => return Ok(false),
                 },
             };
-            let Some((low, high)) = self.watermarks(partition).await else {
+            let Some((low, high)) = self.watermarks(partition).await? else {
                 return Ok(false);
             };
             // (A replay's start was checked against the partition when it was planned.)
@@ -260,7 +261,7 @@ impl Projector<'_> {
         }
         self.positioned_generation = generation;
         if self.mode.is_live() {
-            let Some(partitions) = self.partition_count().await else {
+            let Some(partitions) = self.partition_count().await? else {
                 return Ok(false);
             };
             let mine = self.positions.len();
@@ -471,43 +472,58 @@ impl Projector<'_> {
     }
 
     /// The topic's partition count, retrying while the broker does not say; `None` on shutdown.
-    async fn partition_count(&self) -> Option<usize> {
-        let mut backoff = service::Backoff::default();
-        loop {
-            let topic = self.config.topic.clone();
-            let count = move |c: &StreamConsumer<Context>| {
-                let m = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-                let t = m.topics().iter().find(|t| t.name() == topic);
-                Ok::<_, KafkaError>(t.map(|t| t.partitions().len()))
-            };
-            match self.kafka(count).await {
-                Ok(Some(n)) => return Some(n),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e,
-                    "reading the topic's partition count failed; retrying"),
-            }
-            if !backoff.wait(self.shutdown).await {
-                return None;
-            }
-        }
+    async fn partition_count(&self) -> Result<Option<usize>, Error> {
+        let topic = self.config.topic.clone();
+        let count = move |c: &StreamConsumer<Context>| {
+            let m = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            let t = m.topics().iter().find(|t| t.name() == topic);
+            Ok(t.map(|t| t.partitions().len()))
+        };
+        self.retrying("reading the topic's partition count", count)
+            .await
+            .map(Option::flatten)
     }
 
     /// The first offset the topic still holds in `partition` and the one after its last record,
     /// retrying while the broker does not say; `None` on shutdown.
-    async fn watermarks(&self, partition: i32) -> Option<(i64, i64)> {
+    async fn watermarks(&self, partition: i32) -> Result<Option<(i64, i64)>, Error> {
+        let topic = self.config.topic.clone();
+        let marks = move |c: &StreamConsumer<Context>| {
+            c.fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                .map(Some)
+        };
+        self.retrying("reading a partition's watermarks", marks)
+            .await
+            .map(Option::flatten)
+    }
+
+    /// Runs `call` until it answers `Some` (`Ok(None)` when shutdown comes first), retrying after
+    /// errors and `None`s. A client that has failed it for [`STUCK_AFTER`] in a row is taken as
+    /// stuck: [`Error::KafkaStuck`] asks for a fresh one.
+    async fn retrying<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        call: impl Fn(&StreamConsumer<Context>) -> Result<Option<T>, KafkaError>
+            + Clone
+            + Send
+            + 'static,
+    ) -> Result<Option<Option<T>>, Error> {
         let mut backoff = service::Backoff::default();
+        let mut failing_since: Option<Instant> = None;
         loop {
-            let topic = self.config.topic.clone();
-            let marks = move |c: &StreamConsumer<Context>| {
-                c.fetch_watermarks(&topic, partition, Duration::from_secs(10))
-            };
-            match self.kafka(marks).await {
-                Ok(w) => return Some(w),
-                Err(e) => tracing::warn!(partition, error = %e,
-                    "reading the partition's watermarks failed; retrying"),
+            match self.kafka(call.clone()).await {
+                Ok(Some(t)) => return Ok(Some(Some(t))),
+                Ok(None) => failing_since = None,
+                Err(e) => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= STUCK_AFTER {
+                        return Err(Error::KafkaStuck { what, source: e });
+                    }
+                    tracing::warn!(error = %e, "{what} failed; retrying");
+                }
             }
             if !backoff.wait(self.shutdown).await {
-                return None;
+                return Ok(None);
             }
         }
     }
@@ -579,6 +595,11 @@ impl Projector<'_> {
         }
     }
 }
+
+/// How long the Kafka client may fail a metadata or watermark read in a row before it is replaced
+/// by a fresh one. After a broker paused past every timeout, a client was seen failing every
+/// watermark read with "Unknown partition" for minutes while its fetches worked again.
+const STUCK_AFTER: Duration = Duration::from_secs(30);
 
 /// Least time between two offset commits to Kafka (see [`Projector::commit_to_kafka`]).
 const KAFKA_COMMIT_EVERY: Duration = Duration::from_secs(1);

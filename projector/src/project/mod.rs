@@ -326,6 +326,11 @@ impl Projector<'_> {
         Ok(false)
     }
 
+    /// The consumer, the rest dropped.
+    pub(crate) fn into_consumer(self) -> Arc<StreamConsumer<Context>> {
+        self.consumer.clone()
+    }
+
     /// Per partition positioned, the offset of the next record to apply.
     pub(crate) fn next_offsets(&self) -> impl Iterator<Item = (i32, i64)> + '_ {
         self.positions.iter().map(|(p, c)| (*p, c.next))

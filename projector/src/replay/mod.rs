@@ -505,7 +505,9 @@ impl<'a> Run<'a> {
                         .map(|(part, next)| (part, ends.get(&part).copied().unwrap_or(0).max(next)))
                         .collect();
                     set_ranges(ranges, start, &stop);
-                    p.resume(stop).await;
+                    p.resume(stop)
+                        .await
+                        .map_err(|e| ReplayError::Projector(Box::new(e)))?;
                 }
                 match p.run().await {
                     Ok(true) => {}
