@@ -7,7 +7,7 @@
 //! here delays requests only.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,19 +46,25 @@ pub enum Report {
 /// Where the stream stands, as the session counts it: what closing a replay goes by.
 #[derive(Debug)]
 pub struct Progress {
+    /// A session of this process holds the slot and streams: requests are taken only then (a
+    /// second reader waiting for the slot must not take what it cannot run).
+    streaming: AtomicBool,
     /// Everything before this LSN is in Kafka (the position confirmed, before the replay window).
     acknowledged: AtomicU64,
     /// Records the current session did not send again (Kafka had them).
     skipped: AtomicU64,
-    /// While a replay runs: `events_published` when it started; [`NO_REPLAY`] otherwise.
+    /// While a replay runs: `events_published` when it started; [`REPLAY_PENDING`] from its
+    /// hand-over to its start; [`NO_REPLAY`] otherwise.
     replay_base: AtomicU64,
 }
 
 const NO_REPLAY: u64 = u64::MAX;
+const REPLAY_PENDING: u64 = u64::MAX - 1;
 
 impl Default for Progress {
     fn default() -> Self {
         Progress {
+            streaming: AtomicBool::new(false),
             acknowledged: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             replay_base: AtomicU64::new(NO_REPLAY),
@@ -67,22 +73,39 @@ impl Default for Progress {
 }
 
 impl Progress {
+    /// The session streams until the guard is dropped.
+    pub fn streaming(self: &Arc<Self>) -> Streaming {
+        self.streaming.store(true, Ordering::SeqCst);
+        Streaming(self.clone())
+    }
+
     pub fn set_acknowledged(&self, lsn: Lsn) {
-        self.acknowledged.store(lsn, Ordering::Relaxed);
+        self.acknowledged.store(lsn, Ordering::SeqCst);
     }
 
     pub fn set_skipped(&self, skipped: u64) {
-        self.skipped.store(skipped, Ordering::Relaxed);
+        self.skipped.store(skipped, Ordering::SeqCst);
     }
 
-    /// A replay starts streaming; `published` is `events_published` now.
+    /// A replay starts streaming (after [`Progress::set_acknowledged`] of its start);
+    /// `published` is `events_published` now.
     pub fn replay_started(&self, published: u64) {
-        self.replay_base.store(published, Ordering::Relaxed);
+        self.replay_base.store(published, Ordering::SeqCst);
     }
 
     /// The replay asked for will not run (refused when its session began).
     pub fn replay_refused(&self) {
-        self.replay_base.store(NO_REPLAY, Ordering::Relaxed);
+        self.replay_base.store(NO_REPLAY, Ordering::SeqCst);
+    }
+}
+
+/// While it lives, a session of this process streams (see [`Progress::streaming`]).
+#[derive(Debug)]
+pub struct Streaming(Arc<Progress>);
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.0.streaming.store(false, Ordering::SeqCst);
     }
 }
 
@@ -165,7 +188,12 @@ impl Task {
                 },
                 _ = tick.tick() => {}
             }
-            match self.round().await {
+            // (A round may wait: for the database, or for the session to take a request.)
+            let round = tokio::select! {
+                () = shutdown.cancelled() => return,
+                round = self.round() => round,
+            };
+            match round {
                 Ok(()) => self.failing = false,
                 Err(e) => {
                     if !self.failing {
@@ -226,27 +254,35 @@ impl Task {
                 self.snapshot = None;
             }
         }
-        let acknowledged = self.progress.acknowledged.load(Ordering::Relaxed);
-        let base = self.progress.replay_base.load(Ordering::Relaxed);
-        if base != NO_REPLAY {
+        if !self.progress.streaming.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // (The base first: a replay's start stores its acknowledged position before its base.)
+        let base = self.progress.replay_base.load(Ordering::SeqCst);
+        let acknowledged = self.progress.acknowledged.load(Ordering::SeqCst);
+        if base < REPLAY_PENDING {
             let sent = self
                 .metrics
                 .events_published
                 .load(Ordering::Relaxed)
                 .saturating_sub(base);
-            let skipped = self.progress.skipped.load(Ordering::Relaxed);
+            let skipped = self.progress.skipped.load(Ordering::SeqCst);
             if replay::finish(db, slot, acknowledged, skipped, sent).await? {
                 // (Unless another replay started meanwhile.)
                 let _ = self.progress.replay_base.compare_exchange(
                     base,
                     NO_REPLAY,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
                 );
             }
         }
         let reported = acknowledged.saturating_sub(self.config.wal_replay_window_bytes);
         if let Some(from) = replay::take(db, slot, reported).await? {
+            // Nothing closes it before the session starts it.
+            self.progress
+                .replay_base
+                .store(REPLAY_PENDING, Ordering::SeqCst);
             self.send(Request::Replay(from)).await;
             return Ok(());
         }

@@ -105,6 +105,7 @@ pub async fn run(
         }
     };
     shutdown.cancel();
+    drop(control);
     for (name, task) in [
         ("telemetry", http),
         ("slot lag", lag),

@@ -39,6 +39,7 @@ pub mod source_position;
 pub mod telemetry;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -60,7 +61,7 @@ pub enum Error {
     Migrate(#[from] schema::WaitError),
     #[error("creating a Kafka client failed")]
     Kafka(#[source] KafkaError),
-    #[error("the Kafka client kept failing {what}; a fresh one takes over")]
+    #[error("the Kafka client kept failing {what} for 30 s")]
     KafkaStuck {
         what: &'static str,
         #[source]
@@ -119,6 +120,7 @@ async fn consume(
             Err(e) => return Err(e.into()),
         }
     }
+    let mut replacements = service::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         // In whole-transaction mode one member applies, the others stand by (see [`leader`]).
         let term = match config.transactions {
@@ -135,11 +137,20 @@ async fn consume(
         let stop = term
             .as_ref()
             .map_or_else(|| shutdown.clone(), |t| t.lost.clone());
+        let began = Instant::now();
         match join_and_apply(config, metrics, &stop).await {
             Err(e @ Error::KafkaStuck { .. }) => {
                 let error = service::error_chain(&e);
                 tracing::warn!(%error, "leaving the group and joining again with a new consumer");
                 metrics.record_error(error);
+                // A client that stays stuck (a partition offline, the topic deleted) is not
+                // replaced in a tight loop: each replacement rebalances the group.
+                if began.elapsed() >= Duration::from_secs(300) {
+                    replacements.reset();
+                }
+                if !replacements.wait(shutdown).await {
+                    return Ok(());
+                }
             }
             other => other?,
         }

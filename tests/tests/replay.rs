@@ -745,6 +745,45 @@ async fn the_reader_replays_inside_its_window_publishing_those_changes_again() {
     reader.stop().await.unwrap();
 }
 
+/// A second reader waiting for the slot (a rolling deploy) must leave requests to the one that
+/// streams: one it took could not run until it held the slot. Three replays in a row, each run
+/// by the streaming reader.
+#[tokio::test]
+async fn a_reader_waiting_for_the_slot_leaves_replays_to_the_one_streaming() {
+    let stack = Stack::from_env();
+    let user_db = TestDb::create(&stack, "replay_standby", Some(schema::Database::UserDb))
+        .await
+        .unwrap();
+    let topic = format!("t-users-{}", e2e::unique_suffix());
+    let mut config = Reader::config(
+        &stack,
+        &user_db,
+        &["public.users"],
+        &[format!("public.users={topic}")],
+    );
+    config.wal_replay_window_bytes = 64 << 20;
+    let reader = Reader::start(config.clone()).await.unwrap();
+    reader.wait_streaming().await.unwrap();
+    let standby = Reader::start(config.clone()).await.unwrap();
+    let users = user_db.client().await.unwrap();
+    let before = current_lsn(&users).await;
+    insert_bench_users(&users, 100, 10).await.unwrap();
+    read_exactly(&stack, &topic, 100, WAIT).await.unwrap();
+    for round in 1..=3 {
+        let (ok, _, stderr) = reader_command(&config, &["replay", "--from-lsn", &before]).await;
+        assert!(ok, "replay {round}: {stderr}");
+        assert!(
+            stderr.contains("100 records sent again"),
+            "replay {round}: {stderr}"
+        );
+        read_exactly(&stack, &topic, 100 * (round + 1), WAIT)
+            .await
+            .unwrap();
+    }
+    standby.stop().await.unwrap();
+    reader.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn an_on_demand_snapshot_while_streaming_gives_every_row_and_keeps_the_views_exact() {
     e2e::init_logs();

@@ -329,6 +329,8 @@ async fn stream_with(
         }
     };
     metrics.set_state(State::Streaming);
+    // From here this session holds the slot and streams: the control task may hand it requests.
+    let _streaming = resume.progress.streaming();
 
     let snapshot_settings = settings.clone();
     resume.progress.set_skipped(0);
@@ -362,6 +364,7 @@ async fn stream_with(
             (publisher.open_records() + publisher.waiting_records()) as u64,
             Ordering::Relaxed,
         );
+        resume.progress.set_skipped(publisher.skipped);
         if !publisher.is_committing() && limits.due(publisher, builder.in_transaction()) {
             batch
                 .begin(publisher, builder.in_transaction(), resume)
@@ -435,7 +438,6 @@ async fn stream_with(
                 if let Some(lsn) = batch.done(done?, metrics) {
                     acknowledge(lsn, &repl, resume);
                 }
-                resume.progress.set_skipped(publisher.skipped);
                 publisher.send_waiting().await?;
                 if publisher.is_idle() {
                     // Source transactions that ended while the commit ran, with nothing to send.

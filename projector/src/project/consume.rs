@@ -498,8 +498,8 @@ impl Projector<'_> {
     }
 
     /// Runs `call` until it answers `Some` (`Ok(None)` when shutdown comes first), retrying after
-    /// errors and `None`s. A client that has failed it for [`STUCK_AFTER`] in a row is taken as
-    /// stuck: [`Error::KafkaStuck`] asks for a fresh one.
+    /// errors and `None`s. A client that has answered it with nothing but errors and `None`s for
+    /// [`STUCK_AFTER`] is taken as stuck: [`Error::KafkaStuck`] asks for a fresh one.
     async fn retrying<T: Send + 'static>(
         &self,
         what: &'static str,
@@ -513,7 +513,9 @@ impl Projector<'_> {
         loop {
             match self.kafka(call.clone()).await {
                 Ok(Some(t)) => return Ok(Some(Some(t))),
-                Ok(None) => failing_since = None,
+                Ok(None) => {
+                    failing_since.get_or_insert_with(Instant::now);
+                }
                 Err(e) => {
                     let since = *failing_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= STUCK_AFTER {
