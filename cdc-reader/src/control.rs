@@ -268,13 +268,15 @@ impl Task {
                 .saturating_sub(base);
             let skipped = self.progress.skipped.load(Ordering::SeqCst);
             if replay::finish(db, slot, acknowledged, skipped, sent).await? {
-                // (Unless another replay started meanwhile.)
-                let _ = self.progress.replay_base.compare_exchange(
+                let closed = self.progress.replay_base.compare_exchange(
                     base,
                     NO_REPLAY,
                     Ordering::SeqCst,
                     Ordering::SeqCst,
                 );
+                if closed.is_err() {
+                    tracing::debug!("another replay started meanwhile; its base stays");
+                }
             }
         }
         let reported = acknowledged.saturating_sub(self.config.wal_replay_window_bytes);

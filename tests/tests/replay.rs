@@ -692,10 +692,12 @@ async fn the_reader_refuses_to_replay_wal_its_slot_no_longer_has() {
     p.reader.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn the_reader_replays_inside_its_window_publishing_those_changes_again() {
+/// A reader of `users` into a fresh topic, streaming, with a 64 MiB WAL replay window.
+async fn streaming_with_a_window(
+    name: &str,
+) -> (Stack, TestDb, String, cdc_reader::Config, Reader) {
     let stack = Stack::from_env();
-    let user_db = TestDb::create(&stack, "replay_window", Some(schema::Database::UserDb))
+    let user_db = TestDb::create(&stack, name, Some(schema::Database::UserDb))
         .await
         .unwrap();
     let topic = format!("t-users-{}", e2e::unique_suffix());
@@ -708,6 +710,12 @@ async fn the_reader_replays_inside_its_window_publishing_those_changes_again() {
     config.wal_replay_window_bytes = 64 << 20;
     let reader = Reader::start(config.clone()).await.unwrap();
     reader.wait_streaming().await.unwrap();
+    (stack, user_db, topic, config, reader)
+}
+
+#[tokio::test]
+async fn the_reader_replays_inside_its_window_publishing_those_changes_again() {
+    let (stack, user_db, topic, config, reader) = streaming_with_a_window("replay_window").await;
     let users = user_db.client().await.unwrap();
     let before = current_lsn(&users).await;
     insert_bench_users(&users, 100, 10).await.unwrap();
@@ -750,20 +758,7 @@ async fn the_reader_replays_inside_its_window_publishing_those_changes_again() {
 /// by the streaming reader.
 #[tokio::test]
 async fn a_reader_waiting_for_the_slot_leaves_replays_to_the_one_streaming() {
-    let stack = Stack::from_env();
-    let user_db = TestDb::create(&stack, "replay_standby", Some(schema::Database::UserDb))
-        .await
-        .unwrap();
-    let topic = format!("t-users-{}", e2e::unique_suffix());
-    let mut config = Reader::config(
-        &stack,
-        &user_db,
-        &["public.users"],
-        &[format!("public.users={topic}")],
-    );
-    config.wal_replay_window_bytes = 64 << 20;
-    let reader = Reader::start(config.clone()).await.unwrap();
-    reader.wait_streaming().await.unwrap();
+    let (stack, user_db, topic, config, reader) = streaming_with_a_window("replay_standby").await;
     let standby = Reader::start(config.clone()).await.unwrap();
     let users = user_db.client().await.unwrap();
     let before = current_lsn(&users).await;

@@ -498,8 +498,12 @@ impl Publisher {
     pub async fn abort(&mut self) {
         let committing = self.committing.take();
         if let Some(c) = committing {
-            // Its outcome no longer matters: what it held is aborted or sent again.
-            let _ = c.done.await;
+            // Its outcome no longer decides anything: what it held is aborted or sent again.
+            match c.done.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "the commit under way failed; aborting"),
+                Err(e) => tracing::debug!(error = %e, "the commit under way did not finish"),
+            }
             self.failed = true;
         }
         self.waiting.clear();
