@@ -8,12 +8,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use change_event::{Envelope, Op, Row, Source};
+use change_event::{Envelope, Op, Source};
 use serde_json::Value;
 
 use crate::connect::TableSchemas;
-use crate::decode::{self, Lsn, Message, OldTuple, Relation, Tuple};
+use crate::decode::{Lsn, Message, OldTuple, Relation, Tuple};
 use crate::values;
+use write::{cells, key_cell, At, Cell, Layout};
 
 /// Milliseconds since the Unix epoch now (an event's `ts_ms`).
 pub(crate) fn now_ms() -> i64 {
@@ -22,6 +23,10 @@ pub(crate) fn now_ms() -> i64 {
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
+
+/// `source.version` and `source.connector` of every event.
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+const CONNECTOR: &str = "postgresql";
 
 /// Microseconds from the Unix epoch to PostgreSQL's epoch (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -78,8 +83,8 @@ impl Settings {
     /// sets where it stands (LSNs, transaction, index, time, snapshot marker).
     pub fn source(&self, schema: &str, table: &str) -> Source {
         Source {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            connector: "postgresql".to_owned(),
+            version: VERSION.to_owned(),
+            connector: CONNECTOR.to_owned(),
             name: self.server_name.clone(),
             db: self.database.clone(),
             schema: schema.to_owned(),
@@ -133,17 +138,34 @@ pub fn records(
     envelope: &Envelope,
     schemas: Option<&TableSchemas>,
 ) -> impl Iterator<Item = Record> {
-    let position = RecordPosition::of(&envelope.source, 0);
+    event_records(
+        topic,
+        key,
+        to_json_bytes(envelope),
+        envelope.op,
+        RecordPosition::of(&envelope.source, 0),
+        schemas,
+    )
+}
+
+/// [`records`] of an event already written as plain JSON (`value`).
+fn event_records(
+    topic: String,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+    op: Op,
+    position: RecordPosition,
+    schemas: Option<&TableSchemas>,
+) -> impl Iterator<Item = Record> {
     let key = key.map(|plain| match schemas {
         Some(s) => s.key(&plain),
         None => plain,
     });
-    let plain = to_json_bytes(envelope);
     let value = match schemas {
-        Some(s) => s.value(&plain),
-        None => plain,
+        Some(s) => s.value(&value),
+        None => value,
     };
-    let tombstone = (envelope.op == Op::Delete).then(|| Record {
+    let tombstone = (op == Op::Delete).then(|| Record {
         topic: topic.clone(),
         key: key.clone(),
         value: None,
@@ -154,7 +176,7 @@ pub fn records(
         topic,
         key,
         value: Some(value),
-        all_partitions: envelope.op == Op::Truncate,
+        all_partitions: op == Op::Truncate,
         position,
     };
     std::iter::once(event).chain(tombstone)
@@ -167,6 +189,7 @@ struct Table {
     /// Indexes of the key columns (see [`event_key`]).
     key: Vec<usize>,
     schemas: Option<Arc<TableSchemas>>,
+    layout: Layout,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -217,6 +240,8 @@ pub struct Builder {
     last_commit: Lsn,
     /// LSN of the WAL record the message being applied came from (0: not known).
     message_lsn: Lsn,
+    /// Length of the last event written, to size the next one's buffer.
+    last_len: usize,
 }
 
 /// What a message means for the caller.
@@ -238,6 +263,7 @@ impl Builder {
             tx: None,
             last_commit: 0,
             message_lsn: 0,
+            last_len: 0,
         }
     }
 
@@ -300,6 +326,7 @@ impl Builder {
                         .map(|&i| relation.columns[i].name.clone())
                         .collect::<Vec<_>>(),
                 );
+                let layout = Layout::new(&self.settings, &relation, &key);
                 self.tables.insert(
                     relation.id,
                     Table {
@@ -307,6 +334,7 @@ impl Builder {
                         topic,
                         key,
                         schemas,
+                        layout,
                     },
                 );
                 Ok(Step::Nothing)
@@ -335,34 +363,39 @@ impl Builder {
         }
     }
 
-    /// Source block of the next event of relation `id` in the current transaction.
-    fn source(&mut self, id: u32) -> Result<(Source, String), EnvelopeError> {
-        let last_commit = self.last_commit;
+    /// Where the next event of relation `id` in the current transaction stands.
+    fn next_event(&mut self, id: u32) -> Result<At, EnvelopeError> {
         let tx = self.tx.as_mut().ok_or(EnvelopeError::NoTransaction)?;
-        let table = self
-            .tables
-            .get(&id)
-            .ok_or(EnvelopeError::UnknownRelation(id))?;
+        if !self.tables.contains_key(&id) {
+            return Err(EnvelopeError::UnknownRelation(id));
+        }
         let index = tx.next_index;
         tx.next_index += 1;
-        // Debezium: the change's own WAL position, and `[last commit, it]` with null before the
-        // session's first commit.
-        let lsn = match self.message_lsn {
-            0 => tx.commit_lsn,
-            lsn => lsn,
-        };
-        let last_commit = match last_commit {
-            0 => "null".to_owned(),
-            lsn => format!("\"{lsn}\""),
-        };
-        let source = Source {
-            tx_id: Some(i64::from(tx.xid)),
-            lsn: Some(lsn),
-            // Debezium writes LSNs here as decimal strings.
-            sequence: Some(format!("[{last_commit},\"{lsn}\"]")),
-            ts_ms: tx.commit_time_ms,
+        Ok(At {
+            xid: tx.xid,
+            // Debezium: the change's own WAL position.
+            lsn: match self.message_lsn {
+                0 => tx.commit_lsn,
+                lsn => lsn,
+            },
+            last_commit: self.last_commit,
+            commit_time_ms: tx.commit_time_ms,
             commit_lsn: tx.commit_lsn,
-            event_index: index,
+            index,
+        })
+    }
+
+    /// Source block of the next event of relation `id` in the current transaction.
+    fn source(&mut self, id: u32) -> Result<(Source, String), EnvelopeError> {
+        let at = self.next_event(id)?;
+        let table = &self.tables[&id];
+        let source = Source {
+            tx_id: Some(i64::from(at.xid)),
+            lsn: Some(at.lsn),
+            sequence: Some(at.sequence()),
+            ts_ms: at.commit_time_ms,
+            commit_lsn: at.commit_lsn,
+            event_index: at.index,
             ..self
                 .settings
                 .source(&table.relation.namespace, &table.relation.name)
@@ -387,132 +420,75 @@ impl Builder {
             .ok_or(EnvelopeError::UnknownRelation(id))?;
         let old_full = matches!(old, Some(OldTuple::Full(_)));
         let before = match &old {
-            Some(OldTuple::Full(t)) => Some(row(&self.settings, table, t, None)?.0),
+            Some(OldTuple::Full(t)) => Some(cells(table, t, None)?.0),
             // Only the key columns of a key image carry values.
-            Some(OldTuple::Key(t)) => Some(row(&self.settings, table, t, Some(&table.key))?.0),
+            Some(OldTuple::Key(t)) => Some(cells(table, t, Some(&table.key))?.0),
             None => None,
         };
         let (after, unchanged_toast) = match &new {
             Some(t) => {
-                let (mut after, missing) = row(&self.settings, table, t, None)?;
+                let (mut after, missing) = cells(table, t, None)?;
                 let mut unchanged = Vec::new();
-                for name in missing {
+                for i in missing {
                     // A full old image has the value; otherwise the consumer keeps what it has.
-                    match before.as_ref().and_then(|b| b.get(&name)) {
-                        Some(v) if old_full => {
-                            after.insert(name, v.clone());
-                        }
-                        _ => unchanged.push(name),
+                    match before.as_ref().map(|b| b[i]) {
+                        Some(c) if old_full && c != Cell::Absent => after[i] = c,
+                        _ => unchanged.push(i),
                     }
                 }
                 (Some(after), unchanged)
             }
             None => (None, Vec::new()),
         };
-        let key_of = |r: &Row| {
-            let mut key = Row::new();
-            for &i in &table.key {
-                let name = &table.relation.columns[i].name;
-                key.insert(name.clone(), r.get(name).cloned().unwrap_or(Value::Null));
-            }
-            key
+        let key_changed = match (&before, &after) {
+            (Some(b), Some(a)) => table.key.iter().any(|&i| key_cell(b[i]) != key_cell(a[i])),
+            _ => false,
         };
-        let old_key = before.as_ref().map(key_of);
-        let new_key = after.as_ref().map(key_of);
 
         let mut records = Vec::with_capacity(3);
-        let mut emit = |this: &mut Self,
-                        op: Op,
-                        key: &Row,
-                        before: Option<Row>,
-                        after: Option<Row>,
-                        unchanged_toast: Vec<String>|
-         -> Result<(), EnvelopeError> {
-            let (source, topic) = this.source(id)?;
-            let schemas = this.tables.get(&id).and_then(|t| t.schemas.clone());
-            let envelope = Envelope {
+        if op == Op::Update && key_changed {
+            // A key change is, as Debezium has it, the old key deleted (with its tombstone) and
+            // the new key created: consumers keyed by the primary key then forget the old key.
+            self.event(
+                id,
+                Op::Delete,
+                before.as_deref(),
+                None,
+                &[],
+                now_ms,
+                &mut records,
+            )?;
+            let after = after.as_deref();
+            self.event(
+                id,
+                Op::Create,
+                None,
+                after,
+                &unchanged_toast,
+                now_ms,
+                &mut records,
+            )?;
+        } else {
+            let (before, after) = (before.as_deref(), after.as_deref());
+            self.event(
+                id,
+                op,
                 before,
                 after,
-                source,
-                op,
-                ts_ms: now_ms,
-                unchanged_toast,
-            };
-            records.extend(self::records(
-                topic,
-                Some(to_json_bytes(key)),
-                &envelope,
-                schemas.as_deref(),
-            ));
-            Ok(())
-        };
-        match (op, old_key, new_key) {
-            // A key change is, as Debezium has it, the old key deleted (with its tombstone) and the
-            // new key created: consumers keyed by the primary key then forget the old key.
-            (Op::Update, Some(old_key), Some(new_key)) if old_key != new_key => {
-                emit(self, Op::Delete, &old_key, before, None, Vec::new())?;
-                emit(self, Op::Create, &new_key, None, after, unchanged_toast)?;
-            }
-            (_, old_key, new_key) => {
-                let key = new_key.or(old_key).unwrap_or_default();
-                emit(self, op, &key, before, after, unchanged_toast)?;
-            }
+                &unchanged_toast,
+                now_ms,
+                &mut records,
+            )?;
         }
         Ok(Step::Records(records))
     }
 }
-
-/// The JSON row of `tuple`, restricted to `only` columns when given, and the names of columns whose
-/// value was an unchanged TOAST marker (left out of the row).
-fn row(
-    settings: &Settings,
-    table: &Table,
-    tuple: &Tuple,
-    only: Option<&[usize]>,
-) -> Result<(Row, Vec<String>), EnvelopeError> {
-    let columns = &table.relation.columns;
-    let relation = || format!("{}.{}", table.relation.namespace, table.relation.name);
-    if tuple.0.len() != columns.len() {
-        return Err(EnvelopeError::ColumnCount {
-            relation: relation(),
-            got: tuple.0.len(),
-            want: columns.len(),
-        });
-    }
-    let mut out = Row::new();
-    let mut unchanged = Vec::new();
-    for (i, (column, value)) in columns.iter().zip(&tuple.0).enumerate() {
-        if only.is_some_and(|keep| !keep.contains(&i)) {
-            continue;
-        }
-        let json = match value {
-            decode::Value::Null => Value::Null,
-            decode::Value::UnchangedToast => {
-                unchanged.push(column.name.clone());
-                continue;
-            }
-            decode::Value::Text(bytes) => {
-                let text = std::str::from_utf8(bytes).map_err(|_| EnvelopeError::NotUtf8 {
-                    relation: relation(),
-                    column: column.name.clone(),
-                })?;
-                settings.value(column.type_oid, text)
-            }
-            decode::Value::Binary(_) => {
-                return Err(EnvelopeError::Binary {
-                    relation: relation(),
-                })
-            }
-        };
-        out.insert(column.name.clone(), json);
-    }
-    Ok((out, unchanged))
-}
-
 pub(crate) fn to_json_bytes<T: serde::Serialize>(value: &T) -> Vec<u8> {
     // Only string-keyed maps of JSON values get here, and those always serialize.
     serde_json::to_vec(value).expect("an envelope always serializes")
 }
+
+mod write;
 
 #[cfg(test)]
 mod tests;

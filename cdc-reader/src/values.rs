@@ -67,42 +67,95 @@ pub(crate) fn array_element(type_oid: u32) -> Option<u32> {
 
 /// Converts the text form `text` of a value of type `type_oid`.
 pub fn to_json(type_oid: u32, text: &str) -> Value {
-    if let Some(element) = array_element(type_oid) {
-        return parse_array(text, element).unwrap_or_else(|| Value::String(text.to_owned()));
-    }
-    scalar(type_oid, text).unwrap_or_else(|| Value::String(text.to_owned()))
+    convert(type_oid, text, false).into_value()
 }
 
 /// [`to_json`] for records with Connect schemas (see [`crate::connect`]): json and jsonb values
 /// (and arrays of them) stay text, since Connect has no type for an embedded document.
 pub fn to_connect_json(type_oid: u32, text: &str) -> Value {
-    match type_oid {
-        oid::JSON | oid::JSONB => Value::String(text.to_owned()),
-        // json[] and jsonb[]: arrays of text.
-        199 | 3807 => to_json(1009, text),
-        _ => to_json(type_oid, text),
+    convert(type_oid, text, true).into_value()
+}
+
+/// Appends the JSON of [`to_json`] (`connect`: of [`to_connect_json`]) to `out`, without making a
+/// [`Value`] of the common types: the streamed rows' hot path.
+pub fn write_json(out: &mut Vec<u8>, type_oid: u32, text: &str, connect: bool) {
+    match convert(type_oid, text, connect) {
+        Json::Text(s) => write_str(out, s),
+        Json::String(s) => write_str(out, &s),
+        Json::Int(n) => write(out, &n),
+        Json::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
+        Json::Value(v) => write(out, &v),
     }
 }
 
-fn scalar(type_oid: u32, text: &str) -> Option<Value> {
+/// Appends `s` as a JSON string.
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    write(out, s);
+}
+
+/// Appends the JSON of `value`.
+pub(crate) fn write<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    // Strings, integers and `Value`s always serialize, and a `Vec` never fails a write.
+    serde_json::to_writer(out, value).expect("a JSON value always serializes");
+}
+
+/// A converted value, before it becomes a [`Value`] or bytes.
+enum Json<'a> {
+    /// The text form itself, as a string.
+    Text(&'a str),
+    /// A rewritten form, as a string.
+    String(String),
+    Int(i64),
+    Bool(bool),
+    Value(Value),
+}
+
+impl Json<'_> {
+    fn into_value(self) -> Value {
+        match self {
+            Json::Text(s) => Value::String(s.to_owned()),
+            Json::String(s) => Value::String(s),
+            Json::Int(n) => Value::from(n),
+            Json::Bool(b) => Value::Bool(b),
+            Json::Value(v) => v,
+        }
+    }
+}
+
+fn convert(type_oid: u32, text: &str, connect: bool) -> Json<'_> {
+    if connect {
+        match type_oid {
+            oid::JSON | oid::JSONB => return Json::Text(text),
+            // json[] and jsonb[]: arrays of text.
+            199 | 3807 => return convert(1009, text, false),
+            _ => {}
+        }
+    }
+    if let Some(element) = array_element(type_oid) {
+        return parse_array(text, element).map_or(Json::Text(text), Json::Value);
+    }
+    scalar(type_oid, text).unwrap_or(Json::Text(text))
+}
+
+fn scalar(type_oid: u32, text: &str) -> Option<Json<'_>> {
     match type_oid {
-        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => text.parse::<i64>().ok().map(Value::from),
+        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => text.parse::<i64>().ok().map(Json::Int),
         oid::FLOAT4 | oid::FLOAT8 => text
             .parse::<f64>()
             .ok()
             .and_then(Number::from_f64)
-            .map(Value::Number),
+            .map(|n| Json::Value(Value::Number(n))),
         // `t`/`f` from the output function (streamed rows), `true`/`false` from a `::text` cast
         // (the snapshot's query).
         oid::BOOL => match text {
-            "t" | "true" => Some(Value::Bool(true)),
-            "f" | "false" => Some(Value::Bool(false)),
+            "t" | "true" => Some(Json::Bool(true)),
+            "f" | "false" => Some(Json::Bool(false)),
             _ => None,
         },
-        oid::TIMESTAMPTZ => timestamptz(text).map(Value::String),
-        oid::TIMESTAMP => timestamp(text).map(Value::String),
-        oid::JSON | oid::JSONB => serde_json::from_str(text).ok(),
-        oid::BYTEA => bytea(text).map(Value::String),
+        oid::TIMESTAMPTZ => timestamptz(text).map(Json::String),
+        oid::TIMESTAMP => timestamp(text).map(Json::String),
+        oid::JSON | oid::JSONB => serde_json::from_str(text).ok().map(Json::Value),
+        oid::BYTEA => bytea(text).map(Json::String),
         _ => None,
     }
 }
@@ -111,20 +164,20 @@ fn scalar(type_oid: u32, text: &str) -> Option<Value> {
 fn timestamptz(text: &str) -> Option<String> {
     let split = text.rfind(['+', '-']).filter(|&i| i > 10)?;
     let (local, offset) = text.split_at(split);
-    let local = timestamp(local)?;
-    let sign = &offset[..1];
-    let parts: Vec<&str> = offset[1..].split(':').collect();
+    let (sign, offset) = offset.split_at(1);
+    // `HH` or `HH:MM`; offsets with seconds (historic zones) have no RFC 3339 form.
+    let (h, m) = offset.split_once(':').unwrap_or((offset, "00"));
     let digits2 = |s: &str| s.len() == 2 && s.bytes().all(|b| b.is_ascii_digit());
-    if !parts.iter().all(|p| digits2(p)) {
+    if !digits2(h) || !digits2(m) {
         return None;
     }
-    Some(match parts.as_slice() {
-        ["00"] | ["00", "00"] => format!("{local}Z"),
-        [h] => format!("{local}{sign}{h}:00"),
-        [h, m] => format!("{local}{sign}{h}:{m}"),
-        // Offsets with seconds (historic zones) have no RFC 3339 form.
-        _ => return None,
-    })
+    let mut out = timestamp(local)?;
+    if (h, m) == ("00", "00") {
+        out.push('Z');
+    } else {
+        out.extend([sign, h, ":", m]);
+    }
+    Some(out)
 }
 
 /// `2026-01-02 03:04:05.123456` → `2026-01-02T03:04:05.123456`.
@@ -142,7 +195,13 @@ fn timestamp(text: &str) -> Option<String> {
         && time
             .bytes()
             .all(|b| b.is_ascii_digit() || b == b':' || b == b'.');
-    (ok_date && ok_time).then(|| format!("{date}T{time}"))
+    if !(ok_date && ok_time) {
+        return None;
+    }
+    // Room for a zone after it.
+    let mut out = String::with_capacity(text.len() + 7);
+    out.extend([date, "T", time]);
+    Some(out)
 }
 
 /// `\x0102ff` → base64 of the bytes.
@@ -274,6 +333,49 @@ mod tests {
     }
 
     #[test]
+    fn written_json_is_the_values_json() {
+        let cases = [
+            (20, "9007199254740993"),
+            (21, "-5"),
+            (23, "x"),
+            (701, "1.5"),
+            (701, "NaN"),
+            (700, "-Infinity"),
+            (1700, "12.50"),
+            (16, "t"),
+            (16, "false"),
+            (16, "maybe"),
+            (1184, "2026-01-02 03:04:05.123456+00"),
+            (1184, "2026-01-02 03:04:05-08"),
+            (1184, "infinity"),
+            (1114, "2026-01-02 03:04:05"),
+            (3802, "{\"k\": [1, 2]}"),
+            (114, "not json"),
+            (17, "\\x0102ff"),
+            (25, "tab\there \"q\" \\ é\u{1}"),
+            (1009, "{a,\"b c\",NULL}"),
+            (1007, "{1,2"),
+            (3807, r#"{"{\"a\": 1}",null}"#),
+        ];
+        for connect in [false, true] {
+            for (oid, text) in cases {
+                let mut out = Vec::new();
+                write_json(&mut out, oid, text, connect);
+                let value = if connect {
+                    to_connect_json(oid, text)
+                } else {
+                    to_json(oid, text)
+                };
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    value.to_string(),
+                    "{oid} {text:?} connect={connect}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn numbers_and_bools() {
         assert_eq!(
             to_json(20, "9007199254740993"),
@@ -310,6 +412,11 @@ mod tests {
             json!("2026-01-02T03:04:05-08:00")
         );
         assert_eq!(to_json(1184, "infinity"), json!("infinity"));
+        assert_eq!(
+            to_json(1184, "1890-01-01 00:00:00+00:53:28"),
+            json!("1890-01-01 00:00:00+00:53:28"),
+            "an offset with seconds has no RFC 3339 form"
+        );
         assert_eq!(
             to_json(1114, "2026-01-02 03:04:05"),
             json!("2026-01-02T03:04:05")

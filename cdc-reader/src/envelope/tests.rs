@@ -1,7 +1,9 @@
 //! Unit tests of `envelope`.
 
 use super::*;
+use crate::decode;
 use crate::testdata;
+use change_event::Row;
 use serde_json::json;
 
 fn settings() -> Settings {
@@ -86,6 +88,40 @@ fn inserts_updates_deletes_and_tombstones() {
     assert_eq!(v["after"], Value::Null);
     let (_, tkey, tomb, _) = &rs[7];
     assert_eq!((tkey, tomb), (&json!({"id": 3}), &Value::Null));
+}
+
+/// Streamed events are written straight from the pgoutput text: byte for byte what `serde_json`
+/// writes for the same envelope and key (the form snapshot events take).
+#[test]
+fn streamed_events_are_written_as_serde_writes_them() {
+    let mut b = Builder::new(settings());
+    let mut seen = 0;
+    for (n, (_, bytes)) in testdata::captured().into_iter().enumerate() {
+        let msg = decode::decode(&bytes).unwrap();
+        // Non-zero WAL positions, so that the sequences carry both LSNs.
+        let wal_lsn = 40 * (n as u64 + 1);
+        let step = b.apply(msg, wal_lsn, 1, |r| {
+            (r.name == "f").then(|| vec!["id".to_owned()])
+        });
+        let Ok(Step::Records(rs)) = step else {
+            continue;
+        };
+        for r in rs {
+            if let Some(key) = r.key.as_deref() {
+                let parsed: Row = serde_json::from_slice(key).unwrap();
+                assert_eq!(to_json_bytes(&parsed), key);
+            }
+            if let Some(value) = r.value.as_deref() {
+                let parsed: Envelope = serde_json::from_slice(value).unwrap();
+                assert_eq!(
+                    String::from_utf8(to_json_bytes(&parsed)).unwrap(),
+                    String::from_utf8(value.to_vec()).unwrap()
+                );
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen >= 10, "{seen} events");
 }
 
 #[test]
