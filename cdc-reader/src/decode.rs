@@ -22,24 +22,22 @@
 //!                                                             't' text, 'b' binary
 //! ```
 
-use bytes::Bytes;
-
 /// A WAL position.
 pub type Lsn = u64;
 
 /// One decoded pgoutput message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Message {
+pub enum Message<'a> {
     Begin(Begin),
     Commit(Commit),
     Origin(Origin),
     Relation(Relation),
     Type(Type),
-    Insert(Insert),
-    Update(Update),
-    Delete(Delete),
+    Insert(Insert<'a>),
+    Update(Update<'a>),
+    Delete(Delete<'a>),
     Truncate(Truncate),
-    Message(LogicalMessage),
+    Message(LogicalMessage<'a>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,35 +104,35 @@ pub struct Type {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Insert {
+pub struct Insert<'a> {
     pub relation_id: u32,
-    pub new: Tuple,
+    pub new: Tuple<'a>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Update {
+pub struct Update<'a> {
     pub relation_id: u32,
     /// Present when the key changed (`Key`) or the table has replica identity full (`Full`).
-    pub old: Option<OldTuple>,
-    pub new: Tuple,
+    pub old: Option<OldTuple<'a>>,
+    pub new: Tuple<'a>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delete {
+pub struct Delete<'a> {
     pub relation_id: u32,
-    pub old: OldTuple,
+    pub old: OldTuple<'a>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OldTuple {
+pub enum OldTuple<'a> {
     /// Only the replica identity columns are meaningful; the others are null.
-    Key(Tuple),
+    Key(Tuple<'a>),
     /// The whole old row (replica identity full).
-    Full(Tuple),
+    Full(Tuple<'a>),
 }
 
-impl OldTuple {
-    pub fn tuple(&self) -> &Tuple {
+impl<'a> OldTuple<'a> {
+    pub fn tuple(&self) -> &Tuple<'a> {
         match self {
             OldTuple::Key(t) | OldTuple::Full(t) => t,
         }
@@ -150,26 +148,26 @@ pub struct Truncate {
 
 /// `pg_logical_emit_message` output.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogicalMessage {
+pub struct LogicalMessage<'a> {
     pub transactional: bool,
     pub lsn: Lsn,
     pub prefix: String,
-    pub content: Bytes,
+    pub content: &'a [u8],
 }
 
 /// Column values of one row, in the relation's column order.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tuple(pub Vec<Value>);
+pub struct Tuple<'a>(pub Vec<Value<'a>>);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Value {
+pub enum Value<'a> {
     Null,
     /// A TOASTed value that did not change; its bytes are not in the WAL record.
     UnchangedToast,
     /// Text output form of the type.
-    Text(Bytes),
+    Text(&'a [u8]),
     /// Binary send form of the type.
-    Binary(Bytes),
+    Binary(&'a [u8]),
 }
 
 /// Why a message could not be decoded. Offsets count from the start of the message (its tag).
@@ -219,7 +217,7 @@ pub enum DecodeError {
 
 /// Decodes one pgoutput message. `data` is the payload of one XLogData (or one row of
 /// `pg_logical_slot_get_binary_changes`).
-pub fn decode(data: &Bytes) -> Result<Message, DecodeError> {
+pub fn decode(data: &[u8]) -> Result<Message<'_>, DecodeError> {
     let Some(&tag) = data.first() else {
         return Err(DecodeError::Empty);
     };
@@ -389,7 +387,7 @@ fn relation(r: &mut Reader<'_>) -> Result<Relation, DecodeError> {
     })
 }
 
-fn tuple(r: &mut Reader<'_>) -> Result<Tuple, DecodeError> {
+fn tuple<'a>(r: &mut Reader<'a>) -> Result<Tuple<'a>, DecodeError> {
     let n = r.count_i16("tuple column count")?;
     let mut values = Vec::with_capacity(n.min(r.remaining()));
     for _ in 0..n {
@@ -421,12 +419,12 @@ fn tuple(r: &mut Reader<'_>) -> Result<Tuple, DecodeError> {
 
 /// A bounds-checked cursor over one message.
 struct Reader<'a> {
-    data: &'a Bytes,
+    data: &'a [u8],
     pos: usize,
     message: &'static str,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn remaining(&self) -> usize {
         self.data.len() - self.pos
     }
@@ -488,7 +486,7 @@ impl Reader<'_> {
         }
     }
 
-    fn bytes(&mut self, len: usize, field: &'static str) -> Result<Bytes, DecodeError> {
+    fn bytes(&mut self, len: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
         if len > self.remaining() {
             return Err(DecodeError::Truncated {
                 message: self.message,
@@ -498,7 +496,7 @@ impl Reader<'_> {
                 have: self.remaining(),
             });
         }
-        let out = self.data.slice(self.pos..self.pos + len);
+        let out = &self.data[self.pos..self.pos + len];
         self.pos += len;
         Ok(out)
     }

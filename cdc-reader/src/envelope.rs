@@ -284,7 +284,7 @@ impl Builder {
     /// table has none.
     pub fn apply(
         &mut self,
-        message: Message,
+        message: Message<'_>,
         wal_lsn: Lsn,
         now_ms: i64,
         primary_key: impl FnOnce(&Relation) -> Option<Vec<String>>,
@@ -407,8 +407,8 @@ impl Builder {
         &mut self,
         id: u32,
         op: Op,
-        old: Option<OldTuple>,
-        new: Option<Tuple>,
+        old: Option<OldTuple<'_>>,
+        new: Option<Tuple<'_>>,
         now_ms: i64,
     ) -> Result<Step, EnvelopeError> {
         if self.tx.is_none() {

@@ -161,23 +161,26 @@ async fn watch_slot_lag(config: Config, metrics: Arc<Metrics>, shutdown: Cancell
 /// Messages captured from a real PostgreSQL, shared by the unit tests.
 #[cfg(test)]
 mod testdata {
-    use bytes::Bytes;
+    use std::sync::OnceLock;
 
     /// `(lsn, message bytes)` of `testdata/pgoutput-v1.txt`.
-    pub fn captured() -> Vec<(String, Bytes)> {
-        include_str!("../testdata/pgoutput-v1.txt")
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .map(|l| {
-                let mut parts = l.split('|');
-                let lsn = parts.next().unwrap().to_owned();
-                let hex = parts.nth(1).unwrap();
-                let bytes = (0..hex.len())
-                    .step_by(2)
-                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-                    .collect::<Vec<u8>>();
-                (lsn, Bytes::from(bytes))
-            })
-            .collect()
+    pub fn captured() -> &'static [(String, Vec<u8>)] {
+        static CAPTURED: OnceLock<Vec<(String, Vec<u8>)>> = OnceLock::new();
+        CAPTURED.get_or_init(|| {
+            include_str!("../testdata/pgoutput-v1.txt")
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .map(|l| {
+                    let mut parts = l.split('|');
+                    let lsn = parts.next().unwrap().to_owned();
+                    let hex = parts.nth(1).unwrap();
+                    let bytes = (0..hex.len())
+                        .step_by(2)
+                        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                        .collect::<Vec<u8>>();
+                    (lsn, bytes)
+                })
+                .collect()
+        })
     }
 }

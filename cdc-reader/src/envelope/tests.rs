@@ -20,7 +20,7 @@ fn records() -> Vec<(String, Value, Value, bool)> {
     let mut b = Builder::new(settings());
     let mut out = Vec::new();
     for (lsn, bytes) in testdata::captured() {
-        let msg = decode::decode(&bytes).unwrap();
+        let msg = decode::decode(bytes).unwrap();
         let step = b
             .apply(msg, 0, 1, |r| {
                 (r.name == "f").then(|| vec!["id".to_owned()])
@@ -96,8 +96,8 @@ fn inserts_updates_deletes_and_tombstones() {
 fn streamed_events_are_written_as_serde_writes_them() {
     let mut b = Builder::new(settings());
     let mut seen = 0;
-    for (n, (_, bytes)) in testdata::captured().into_iter().enumerate() {
-        let msg = decode::decode(&bytes).unwrap();
+    for (n, (_, bytes)) in testdata::captured().iter().enumerate() {
+        let msg = decode::decode(bytes).unwrap();
         // Non-zero WAL positions, so that the sequences carry both LSNs.
         let wal_lsn = 40 * (n as u64 + 1);
         let step = b.apply(msg, wal_lsn, 1, |r| {

@@ -266,7 +266,7 @@ fn write_row(
 /// and the indexes of columns whose value was an unchanged TOAST marker.
 pub(super) fn cells<'t>(
     table: &Table,
-    tuple: &'t Tuple,
+    tuple: &'t Tuple<'t>,
     only: Option<&[usize]>,
 ) -> Result<(Vec<Cell<'t>>, Vec<usize>), EnvelopeError> {
     let columns = &table.relation.columns;
