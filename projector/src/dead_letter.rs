@@ -10,6 +10,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use service::kafka::TracingContext;
+use tokio::task::JoinHandle;
 
 /// Header names of a dead-lettered record.
 pub mod header {
@@ -72,23 +73,14 @@ impl DeadLetters {
     /// Creates the dead-letter topic when it does not exist yet (one partition: it is an audit
     /// trail, read in order by people; kept forever, at the broker's default replication factor).
     pub async fn ensure_topic(&self, brokers: &str) -> Result<(), KafkaError> {
-        let admin: AdminClient<TracingContext> =
-            producer_config(brokers).create_with_context(TracingContext)?;
-        let results = admin
-            .create_topics(
-                &[NewTopic::new(&self.topic, 1, TopicReplication::Fixed(-1))
-                    .set("retention.ms", "-1")],
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-            )
-            .await?;
-        for result in results {
-            match result {
-                Ok(topic) => tracing::info!(topic, "created the dead-letter topic"),
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((_, code)) => return Err(KafkaError::AdminOp(code)),
-            }
-        }
-        Ok(())
+        create_topic(brokers.to_owned(), self.topic.clone()).await
+    }
+
+    /// [`DeadLetters::ensure_topic`] on a task of its own, started when the projector starts:
+    /// creating a topic takes the broker up to a second, which would otherwise come before the
+    /// first view transaction.
+    pub fn ensure_topic_early(&self, brokers: &str) -> JoinHandle<Result<(), KafkaError>> {
+        tokio::spawn(create_topic(brokers.to_owned(), self.topic.clone()))
     }
 
     /// Sends every letter and waits until Kafka acknowledged all of them.
@@ -142,4 +134,23 @@ impl DeadLetters {
         }
         Ok(())
     }
+}
+
+async fn create_topic(brokers: String, topic: String) -> Result<(), KafkaError> {
+    let admin: AdminClient<TracingContext> =
+        producer_config(&brokers).create_with_context(TracingContext)?;
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(-1)).set("retention.ms", "-1")],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await?;
+    for result in results {
+        match result {
+            Ok(topic) => tracing::info!(topic, "created the dead-letter topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+        }
+    }
+    Ok(())
 }

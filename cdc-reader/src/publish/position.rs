@@ -177,7 +177,10 @@ impl Publisher {
 }
 
 /// A consumer that reads assigned partitions and commits nothing; it reports where each partition
-/// ends (`enable.partition.eof`), so a read knows it is done without counting offsets.
+/// ends (`enable.partition.eof`), so a read knows it is done without counting offsets. A fetch at
+/// a partition's end is answered at once: the broker otherwise holds it `fetch.wait.max.ms`
+/// (500 ms by default) waiting for new records, which every read to the end would wait out once
+/// (a session's start reads two: about a second).
 pub(super) fn reading_consumer(
     brokers: &str,
 ) -> Result<BaseConsumer<TracingContext>, PublishError> {
@@ -186,6 +189,7 @@ pub(super) fn reading_consumer(
         .set("group.id", "cdc-reader-read-back")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
         .set("isolation.level", "read_committed")
         .create_with_context(TracingContext)
         .map_err(PublishError::Client)

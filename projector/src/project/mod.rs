@@ -175,7 +175,7 @@ pub(crate) struct Projector<'a> {
     /// The rebalance generation the partitions were last positioned for.
     positioned_generation: u64,
     backoff: service::Backoff,
-    dead_letter_topic_ready: bool,
+    dead_letter_topic: DeadLetterTopic,
     /// Offsets applied and not yet mirrored to Kafka, and when the last mirror was sent.
     kafka_offsets: BTreeMap<i32, i64>,
     last_kafka_commit: Instant,
@@ -200,6 +200,17 @@ pub(crate) struct Projector<'a> {
     ahead: BTreeSet<i32>,
 }
 
+/// Whether the dead-letter topic is known to exist: it must before a view transaction is
+/// written, which may dead-letter events.
+#[derive(Debug)]
+enum DeadLetterTopic {
+    /// Being created on a task started with the projector.
+    Creating(tokio::task::JoinHandle<Result<(), rdkafka::error::KafkaError>>),
+    /// Not known (that attempt failed): ensured before the next write.
+    Unknown,
+    Ready,
+}
+
 impl<'a> Projector<'a> {
     pub(crate) fn new(
         config: &'a Config,
@@ -210,6 +221,12 @@ impl<'a> Projector<'a> {
         mode: Mode,
     ) -> Result<Projector<'a>, Error> {
         let table = config.source_table()?;
+        let dead_letter_topic = match &mode {
+            Mode::Live { dead_letters, .. } => {
+                DeadLetterTopic::Creating(dead_letters.ensure_topic_early(&config.kafka_brokers))
+            }
+            Mode::Replay(_) => DeadLetterTopic::Unknown,
+        };
         Ok(Projector {
             config,
             metrics,
@@ -222,7 +239,7 @@ impl<'a> Projector<'a> {
             positions: HashMap::new(),
             positioned_generation: 0,
             backoff: service::Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
-            dead_letter_topic_ready: false,
+            dead_letter_topic,
             kafka_offsets: BTreeMap::new(),
             last_kafka_commit: Instant::now(),
             applied: HashMap::new(),

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use change_event::RecordPosition;
 
-use super::{connected, BatchError, Projector, Record, Remedy, ViewTx};
+use super::{connected, BatchError, DeadLetterTopic, Projector, Record, Remedy, ViewTx};
 use crate::apply::{ApplyError, Complete, Item, Store};
 use crate::dead_letter::Letter;
 use crate::{telemetry, Error};
@@ -194,14 +194,30 @@ impl Projector<'_> {
     }
 
     async fn ensure_dead_letter_topic(&mut self) -> Result<(), BatchError> {
-        if let Some(d) = self.mode.dead_letters() {
-            if !self.dead_letter_topic_ready {
-                d.ensure_topic(&self.config.kafka_brokers)
-                    .await
-                    .map_err(BatchError::DeadLetter)?;
-                self.dead_letter_topic_ready = true;
+        let Some(d) = self.mode.dead_letters() else {
+            return Ok(());
+        };
+        let exists = match std::mem::replace(&mut self.dead_letter_topic, DeadLetterTopic::Unknown)
+        {
+            DeadLetterTopic::Ready => true,
+            DeadLetterTopic::Creating(task) => {
+                let outcome = task.await.map_err(|e| e.to_string());
+                match outcome.and_then(|created| created.map_err(|e| e.to_string())) {
+                    Ok(()) => true,
+                    Err(error) => {
+                        tracing::warn!(%error, "creating the dead-letter topic failed; trying again");
+                        false
+                    }
+                }
             }
+            DeadLetterTopic::Unknown => false,
+        };
+        if !exists {
+            d.ensure_topic(&self.config.kafka_brokers)
+                .await
+                .map_err(BatchError::DeadLetter)?;
         }
+        self.dead_letter_topic = DeadLetterTopic::Ready;
         Ok(())
     }
 

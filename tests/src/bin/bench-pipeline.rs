@@ -64,7 +64,10 @@ impl Service {
         let mut command = tokio::process::Command::new(bin);
         command
             .env(listen_var, format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("CDC_BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .kill_on_drop(true);
         for (k, v) in env {
