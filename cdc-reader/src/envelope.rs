@@ -445,44 +445,20 @@ impl Builder {
             _ => false,
         };
 
+        let (before, after) = (before.as_deref(), after.as_deref());
         let mut records = Vec::with_capacity(3);
         if op == Op::Update && key_changed {
             // A key change is, as Debezium has it, the old key deleted (with its tombstone) and
             // the new key created: consumers keyed by the primary key then forget the old key.
-            self.event(
-                id,
-                Op::Delete,
-                before.as_deref(),
-                None,
-                &[],
-                now_ms,
-                &mut records,
-            )?;
-            let after = after.as_deref();
-            self.event(
-                id,
-                Op::Create,
-                None,
-                after,
-                &unchanged_toast,
-                now_ms,
-                &mut records,
-            )?;
+            records.extend(self.event(id, Op::Delete, before, None, &[], now_ms)?);
+            records.extend(self.event(id, Op::Create, None, after, &unchanged_toast, now_ms)?);
         } else {
-            let (before, after) = (before.as_deref(), after.as_deref());
-            self.event(
-                id,
-                op,
-                before,
-                after,
-                &unchanged_toast,
-                now_ms,
-                &mut records,
-            )?;
+            records.extend(self.event(id, op, before, after, &unchanged_toast, now_ms)?);
         }
         Ok(Step::Records(records))
     }
 }
+
 pub(crate) fn to_json_bytes<T: serde::Serialize>(value: &T) -> Vec<u8> {
     // Only string-keyed maps of JSON values get here, and those always serialize.
     serde_json::to_vec(value).expect("an envelope always serializes")

@@ -89,8 +89,7 @@ pub(super) struct At {
 
 impl Builder {
     /// Writes the event of a row change of relation `id` (keyed by `after`'s key, else
-    /// `before`'s) and adds its records. `unchanged_toast` holds column indexes.
-    #[allow(clippy::too_many_arguments)]
+    /// `before`'s): its records. `unchanged_toast` holds column indexes.
     pub(super) fn event(
         &mut self,
         id: u32,
@@ -99,8 +98,7 @@ impl Builder {
         after: Option<&[Cell]>,
         unchanged_toast: &[usize],
         now_ms: i64,
-        records: &mut Vec<Record>,
-    ) -> Result<(), EnvelopeError> {
+    ) -> Result<impl Iterator<Item = Record>, EnvelopeError> {
         let at = self.next_event(id)?;
         let table = &self.tables[&id];
         let connect = self.settings.schemas;
@@ -113,29 +111,21 @@ impl Builder {
         }
 
         let mut value = Vec::with_capacity(self.last_len + 64);
-        value.extend_from_slice(b"{\"before\":");
-        match before {
-            Some(row) => write_row(
-                &mut value,
-                connect,
-                columns,
-                &table.layout.columns,
-                row,
-                false,
-            ),
-            None => value.extend_from_slice(b"null"),
-        }
-        value.extend_from_slice(b",\"after\":");
-        match after {
-            Some(row) => write_row(
-                &mut value,
-                connect,
-                columns,
-                &table.layout.columns,
-                row,
-                false,
-            ),
-            None => value.extend_from_slice(b"null"),
+        for (member, row) in [(&b"{\"before\":"[..], before), (b",\"after\":", after)] {
+            value.extend_from_slice(member);
+            match row {
+                Some(row) => {
+                    write_row(
+                        &mut value,
+                        connect,
+                        columns,
+                        &table.layout.columns,
+                        row,
+                        false,
+                    );
+                }
+                None => value.extend_from_slice(b"null"),
+            }
         }
         value.push(b',');
         value.extend_from_slice(&table.layout.source);
@@ -164,15 +154,14 @@ impl Builder {
         };
         let topic = table.topic.clone();
         let schemas = table.schemas.as_deref();
-        records.extend(event_records(
+        Ok(event_records(
             topic,
             Some(key),
             value,
             op,
             position,
             schemas,
-        ));
-        Ok(())
+        ))
     }
 }
 
