@@ -729,6 +729,21 @@ fn spawn_reader(stack: &Stack, db: &TestDb, topic: &str, delivery: &str) -> toki
 /// transaction at the committed position, and every change is in the topic once, in order.
 #[tokio::test]
 async fn a_reader_killed_between_the_parts_of_a_split_transaction_resumes_inside_it() {
+    split_transaction_killed(false).await;
+}
+
+/// The same while another producer (another reader sharing the position topic) holds a
+/// transaction open on the position topic from before the killed reader's last position until
+/// after the next one starts: that transaction holds the topic's last stable offset below the
+/// position, and the next reader must not take the position before it for its last.
+#[tokio::test]
+async fn a_restarted_reader_finds_its_position_past_another_producers_open_transaction() {
+    split_transaction_killed(true).await;
+}
+
+async fn split_transaction_killed(position_topic_held: bool) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
     let stack = Stack::from_env();
     let db = TestDb::create(&stack, "split_kill", Some(schema::Database::UserDb))
         .await
@@ -738,6 +753,25 @@ async fn a_reader_killed_between_the_parts_of_a_split_transaction_resumes_inside
     let mut reader = e2e::reader_process(&stack.kafka_brokers, &db, &topic, &env);
     let client = db.client().await.unwrap();
     e2e::wait_snapshot_done(&client, &db.name).await.unwrap();
+    let holder = position_topic_held.then(|| {
+        let producer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &stack.kafka_brokers)
+            .set("transactional.id", format!("held-{}", unique_suffix()))
+            .create()
+            .unwrap();
+        producer.init_transactions(WAIT).unwrap();
+        producer.begin_transaction().unwrap();
+        producer
+            .send(
+                BaseRecord::to("cdc-reader-positions")
+                    .key("a-reader-elsewhere")
+                    .payload("{}"),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+        producer.flush(WAIT).unwrap();
+        producer
+    });
     e2e::insert_bench_users(&client, 20_000, 20_000)
         .await
         .unwrap();
@@ -748,6 +782,12 @@ async fn a_reader_killed_between_the_parts_of_a_split_transaction_resumes_inside
     reader.wait().await.unwrap();
     eprintln!("killed the reader with {committed} offsets committed");
     let mut reader = e2e::reader_process(&stack.kafka_brokers, &db, &topic, &env);
+    if let Some(producer) = holder {
+        // Longer than a fetch waits for records (500 ms): the next reader reads the position
+        // topic meanwhile.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        producer.abort_transaction(WAIT).unwrap();
+    }
     let records = read_exactly(&stack, &topic, 20_000, WAIT).await.unwrap();
     let ids: Vec<i64> = records
         .iter()

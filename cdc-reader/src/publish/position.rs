@@ -4,7 +4,7 @@
 //! name them, and what a snapshot published.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use change_event::{ReaderPosition, RecordPosition};
 use rdkafka::config::ClientConfig;
@@ -70,19 +70,20 @@ impl Publisher {
         let brokers = settings.brokers.clone();
         let partitions = self.partition_count(&topic).await?;
         let read = blocking(move || {
-            let consumer = reading_consumer(&brokers)?;
+            let reading = Reading::new(&brokers)?;
             let starts: Vec<(i32, i64)> = (0..partitions).map(|p| (p, 0)).collect();
             let mut last: Option<Option<Vec<u8>>> = None;
-            read_to_end(&consumer, &topic, &starts, |m| {
-                if m.key() == Some(key.as_bytes()) {
-                    last = Some(m.payload().map(<[u8]>::to_vec));
-                }
-            })
-            .map_err(|(partition, source)| PublishError::ReadBack {
-                topic: topic.clone(),
-                partition,
-                source,
-            })?;
+            reading
+                .read_to_end(&topic, &starts, |m| {
+                    if m.key() == Some(key.as_bytes()) {
+                        last = Some(m.payload().map(<[u8]>::to_vec));
+                    }
+                })
+                .map_err(|(partition, source)| PublishError::ReadBack {
+                    topic: topic.clone(),
+                    partition,
+                    source,
+                })?;
             match last {
                 None | Some(None) => Ok(None),
                 Some(Some(value)) => {
@@ -129,10 +130,10 @@ impl Publisher {
         }
         let brokers = settings.brokers.clone();
         let found = blocking(move || {
-            let consumer = reading_consumer(&brokers)?;
+            let reading = Reading::new(&brokers)?;
             let mut found = Lasts::new();
             for (topic, partition) in work {
-                if let Some(last) = last_record_position(&consumer, &topic, partition)? {
+                if let Some(last) = reading.last_record_position(&topic, partition)? {
                     found.insert((topic, partition), last);
                 }
             }
@@ -177,109 +178,169 @@ impl Publisher {
 }
 
 /// A consumer that reads assigned partitions and commits nothing; it reports where each partition
-/// ends (`enable.partition.eof`), so a read knows it is done without counting offsets.
-///
-/// Known weakness: reading `read_committed`, librdkafka reports the end at the partition's last
-/// stable offset, which another producer's open transaction on a shared topic (the position
-/// topic of other readers) holds back; the broker's fetch wait (`fetch.wait.max.ms`, 500 ms by
-/// default) usually outlasts such a transaction. Shortened to 10 ms, a restarted reader missed
-/// its own last position and published 3,000 records twice (a CI run, 2026-11-28), so it is left
-/// at the default until the read waits for the high watermark it saw when it began.
+/// ends (`enable.partition.eof`), so a read knows it is done without counting offsets. Reading
+/// `read_committed`, that end is the partition's last stable offset: see [`Reading::read_to_end`].
 pub(super) fn reading_consumer(
     brokers: &str,
 ) -> Result<BaseConsumer<TracingContext>, PublishError> {
+    consumer(brokers, "read_committed")
+}
+
+fn consumer(brokers: &str, isolation: &str) -> Result<BaseConsumer<TracingContext>, PublishError> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "cdc-reader-read-back")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
+        .set("isolation.level", isolation)
         .create_with_context(TracingContext)
         .map_err(PublishError::Client)
 }
 
-/// The `cdc.position` of the last record of `topic` [`partition`] (read committed), reading
-/// back from its end in growing windows (its last offsets may be transaction markers). Blocking.
-fn last_record_position(
-    consumer: &BaseConsumer<TracingContext>,
-    topic: &str,
-    partition: i32,
-) -> Result<Option<RecordPosition>, PublishError> {
-    let read_back = |source| PublishError::ReadBack {
-        topic: topic.to_owned(),
-        partition,
-        source,
-    };
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .map_err(read_back)?;
-    let mut window = 16;
-    loop {
-        let from = low.max(high - window);
-        let mut last = None;
-        read_to_end(consumer, topic, &[(partition, from)], |m| {
-            let position = m.headers().and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == RecordPosition::HEADER)
-                    .and_then(|h| RecordPosition::from_header(h.value?))
-            });
-            last = position.or(last);
-        })
-        .map_err(|(_, source)| read_back(source))?;
-        if last.is_some() || from <= low {
-            return Ok(last);
-        }
-        window *= 8;
-    }
+/// Reads partitions back to their end: what every transaction committed before the read began.
+pub(super) struct Reading {
+    /// Reads, `read_committed`, and reports ends ([`reading_consumer`]).
+    committed: BaseConsumer<TracingContext>,
+    /// Only asked for high watermarks: where partitions end, open transactions included.
+    uncommitted: BaseConsumer<TracingContext>,
 }
 
-/// Longest wait for the next record or end of partition while reading back.
+/// Longest wait for the next record or end of partition while reading back, and for another
+/// producer's open transaction to end before a read.
 const READ_STALL: Duration = Duration::from_secs(30);
 
-/// Reads each of `topic`'s partitions in `starts` from its offset to its end, as the broker reports
-/// it (offset gaps from compaction or transaction markers need no arithmetic), handing every record
-/// to `f` in offset order within its partition. Blocking.
-fn read_to_end(
-    consumer: &BaseConsumer<TracingContext>,
-    topic: &str,
-    starts: &[(i32, i64)],
-    mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
-) -> Result<(), (i32, KafkaError)> {
-    let Some(&(first, _)) = starts.first() else {
-        return Ok(());
-    };
-    let mut tpl = TopicPartitionList::new();
-    for (partition, from) in starts {
-        tpl.add_partition_offset(topic, *partition, Offset::Offset(*from))
-            .map_err(|e| (*partition, e))?;
+impl Reading {
+    pub(super) fn new(brokers: &str) -> Result<Self, PublishError> {
+        Ok(Reading {
+            committed: reading_consumer(brokers)?,
+            uncommitted: consumer(brokers, "read_uncommitted")?,
+        })
     }
-    consumer.assign(&tpl).map_err(|e| (first, e))?;
-    let mut open: std::collections::HashSet<i32> = starts.iter().map(|(p, _)| *p).collect();
-    let mut progress = std::time::Instant::now();
-    while !open.is_empty() {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) if open.contains(&m.partition()) => {
-                f(&m);
-                progress = std::time::Instant::now();
+
+    /// The `cdc.position` of the last record of `topic` [`partition`] (read committed), reading
+    /// back from its end in growing windows (its last offsets may be transaction markers).
+    /// Blocking.
+    fn last_record_position(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<RecordPosition>, PublishError> {
+        let read_back = |source| PublishError::ReadBack {
+            topic: topic.to_owned(),
+            partition,
+            source,
+        };
+        let (low, high) = self
+            .uncommitted
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .map_err(read_back)?;
+        let mut window = 16;
+        loop {
+            let from = low.max(high - window);
+            let mut last = None;
+            self.read_to_end(topic, &[(partition, from)], |m| {
+                let position = m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == RecordPosition::HEADER)
+                        .and_then(|h| RecordPosition::from_header(h.value?))
+                });
+                last = position.or(last);
+            })
+            .map_err(|(_, source)| read_back(source))?;
+            if last.is_some() || from <= low {
+                return Ok(last);
             }
-            // A partition already read to its end: neither handed on nor progress.
-            Some(Ok(_)) => {}
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                open.remove(&p);
-                progress = std::time::Instant::now();
-            }
-            Some(Err(e)) => return Err((first, e)),
-            None if progress.elapsed() > READ_STALL => {
-                let p = open.iter().next().copied().unwrap_or(first);
-                return Err((
-                    p,
-                    KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut),
-                ));
-            }
-            None => {}
+            window *= 8;
         }
     }
-    consumer.unassign().map_err(|e| (first, e))
+
+    /// Reads each of `topic`'s partitions in `starts` from its offset to its end, handing every
+    /// committed record to `f` in offset order within its partition (offset gaps from compaction
+    /// or transaction markers need no arithmetic). The end is the broker's: the partition's last
+    /// stable offset, which an open transaction holds back — another producer's on a shared topic
+    /// such as the position topic, whose records after it would go unread. So the read first
+    /// waits, per partition, until the last stable offset reaches the high watermark the
+    /// partition had then: everything committed before the read began is read. Blocking.
+    fn read_to_end(
+        &self,
+        topic: &str,
+        starts: &[(i32, i64)],
+        mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+    ) -> Result<(), (i32, KafkaError)> {
+        let Some(&(first, _)) = starts.first() else {
+            return Ok(());
+        };
+        let mut tpl = TopicPartitionList::new();
+        for (partition, from) in starts {
+            self.wait_stable(topic, *partition)
+                .map_err(|e| (*partition, e))?;
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*from))
+                .map_err(|e| (*partition, e))?;
+        }
+        let consumer = &self.committed;
+        consumer.assign(&tpl).map_err(|e| (first, e))?;
+        let mut open: std::collections::HashSet<i32> = starts.iter().map(|(p, _)| *p).collect();
+        let mut progress = Instant::now();
+        while !open.is_empty() {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) if open.contains(&m.partition()) => {
+                    f(&m);
+                    progress = Instant::now();
+                }
+                // A partition already read to its end: neither handed on nor progress.
+                Some(Ok(_)) => {}
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    open.remove(&p);
+                    progress = Instant::now();
+                }
+                Some(Err(e)) => return Err((first, e)),
+                None if progress.elapsed() > READ_STALL => {
+                    let p = open.iter().next().copied().unwrap_or(first);
+                    return Err((
+                        p,
+                        KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut),
+                    ));
+                }
+                None => {}
+            }
+        }
+        consumer.unassign().map_err(|e| (first, e))
+    }
+
+    /// Waits until `topic` [`partition`]'s last stable offset reaches its high watermark as of
+    /// now: no transaction open then is open any more. The last stable offset only moves on, so
+    /// every later read ends at or past it.
+    fn wait_stable(&self, topic: &str, partition: i32) -> Result<(), KafkaError> {
+        let timeout = Duration::from_secs(10);
+        let (_, high) = self
+            .uncommitted
+            .fetch_watermarks(topic, partition, timeout)?;
+        let started = Instant::now();
+        let mut told = false;
+        loop {
+            let (_, stable) = self.committed.fetch_watermarks(topic, partition, timeout)?;
+            if stable >= high {
+                return Ok(());
+            }
+            if started.elapsed() > READ_STALL {
+                return Err(KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::OperationTimedOut,
+                ));
+            }
+            if !told && started.elapsed() > Duration::from_secs(1) {
+                told = true;
+                tracing::info!(
+                    topic,
+                    partition,
+                    stable,
+                    high,
+                    "waiting for an open transaction to end before reading the partition \
+                     back (another producer's, or a killed one's until transaction.timeout.ms)"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 /// Reads every record of each `(topic, partition)` from its offset to its end and folds it into
@@ -296,20 +357,21 @@ where
 {
     let brokers = settings.brokers.clone();
     tokio::task::spawn_blocking(move || {
-        let consumer = reading_consumer(&brokers)?;
+        let reading = Reading::new(&brokers)?;
         let mut by_topic: HashMap<String, Vec<(i32, i64)>> = HashMap::new();
         for (topic, partition, from) in starts {
             by_topic.entry(topic).or_default().push((partition, from));
         }
         for (topic, starts) in &by_topic {
-            read_to_end(&consumer, topic, starts, |m| {
-                f(&mut state, topic, m.key(), m.payload(), record_position(m));
-            })
-            .map_err(|(partition, source)| PublishError::ReadBack {
-                topic: topic.clone(),
-                partition,
-                source,
-            })?;
+            reading
+                .read_to_end(topic, starts, |m| {
+                    f(&mut state, topic, m.key(), m.payload(), record_position(m));
+                })
+                .map_err(|(partition, source)| PublishError::ReadBack {
+                    topic: topic.clone(),
+                    partition,
+                    source,
+                })?;
         }
         Ok(state)
     })

@@ -59,8 +59,9 @@ impl Publisher {
         Ok(n)
     }
 
-    /// Where every partition of `topics` ends now (its high watermark), as (topic, partition,
-    /// offset).
+    /// Where every partition of `topics` ends now for a `read_committed` reader (its last stable
+    /// offset, at or before its high watermark: a read from there misses nothing committed
+    /// later), as (topic, partition, offset).
     pub async fn end_offsets(
         &mut self,
         settings: &KafkaSettings,
