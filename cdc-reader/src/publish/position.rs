@@ -180,6 +180,9 @@ impl Publisher {
 /// A consumer that reads assigned partitions and commits nothing; it reports where each partition
 /// ends (`enable.partition.eof`), so a read knows it is done without counting offsets. Reading
 /// `read_committed`, that end is the partition's last stable offset: see [`Reading::read_to_end`].
+/// A fetch at a partition's end is answered at once: the broker otherwise holds it
+/// `fetch.wait.max.ms` (500 ms by default) waiting for new records, which every read to the end
+/// would wait out once (a session's start reads two: about a second).
 pub(super) fn reading_consumer(
     brokers: &str,
 ) -> Result<BaseConsumer<TracingContext>, PublishError> {
@@ -192,6 +195,7 @@ fn consumer(brokers: &str, isolation: &str) -> Result<BaseConsumer<TracingContex
         .set("group.id", "cdc-reader-read-back")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
         .set("isolation.level", isolation)
         .create_with_context(TracingContext)
         .map_err(PublishError::Client)
