@@ -162,6 +162,12 @@ static VIEW_DB: &[Migration] = &[
         "0009_source_position.sql",
         "source_position"
     ),
+    migration!(
+        "materialized_view_db",
+        10,
+        "0010_derived_views_cost.sql",
+        "derived_views_cost"
+    ),
 ];
 
 /// Why migrating failed.
