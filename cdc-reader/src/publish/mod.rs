@@ -208,13 +208,20 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
 /// How long a commit (or, at least once, the wait for a batch's deliveries) may take.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The producer's `transaction.timeout.ms`: a transaction open longer (its producer killed, say)
+/// is aborted by the broker.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Publisher {
     pub async fn new(settings: &KafkaSettings) -> Result<Self, PublishError> {
         let mut config = client_config(settings);
         if settings.delivery == Delivery::ExactlyOnce {
             config
                 .set("transactional.id", &settings.transactional_id)
-                .set("transaction.timeout.ms", "60000");
+                .set(
+                    "transaction.timeout.ms",
+                    TRANSACTION_TIMEOUT.as_millis().to_string(),
+                );
         }
         let producer: Client = config
             .create_with_context(DeliveryContext::default())

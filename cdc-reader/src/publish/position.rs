@@ -14,7 +14,7 @@ use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use service::kafka::TracingContext;
 
-use super::{blocking, Delivery, KafkaSettings, PublishError, Publisher};
+use super::{blocking, Delivery, KafkaSettings, PublishError, Publisher, TRANSACTION_TIMEOUT};
 use crate::decode::Lsn;
 
 /// The last record sent to each (topic, partition).
@@ -209,9 +209,14 @@ pub(super) struct Reading {
     uncommitted: BaseConsumer<TracingContext>,
 }
 
-/// Longest wait for the next record or end of partition while reading back, and for another
-/// producer's open transaction to end before a read.
+/// Longest wait for the next record or end of partition while reading back.
 const READ_STALL: Duration = Duration::from_secs(30);
+
+/// Longest wait for transactions open on a partition to end before it is read back: another
+/// reader killed while committing holds the position topic's only partition until the broker
+/// aborts its transaction, after `transaction.timeout.ms` and at its next check for those (every
+/// 10 s by default).
+const STABLE_WAIT: Duration = TRANSACTION_TIMEOUT.saturating_add(Duration::from_secs(15));
 
 impl Reading {
     pub(super) fn new(brokers: &str) -> Result<Self, PublishError> {
@@ -326,7 +331,7 @@ impl Reading {
             if stable >= high {
                 return Ok(());
             }
-            if started.elapsed() > READ_STALL {
+            if started.elapsed() > STABLE_WAIT {
                 return Err(KafkaError::MessageConsumption(
                     RDKafkaErrorCode::OperationTimedOut,
                 ));
@@ -339,7 +344,7 @@ impl Reading {
                     stable,
                     high,
                     "waiting for an open transaction to end before reading the partition \
-                     back (another producer's, or a killed one's until transaction.timeout.ms)"
+                     back (another producer's; a killed one's until the broker aborts it)"
                 );
             }
             std::thread::sleep(Duration::from_millis(10));
