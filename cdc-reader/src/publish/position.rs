@@ -347,6 +347,7 @@ impl Reading {
                      back (another producer's; a killed one's until the broker aborts it)"
                 );
             }
+            // (Polled: Kafka tells no client when a partition's last stable offset moves.)
             std::thread::sleep(Duration::from_millis(10));
         }
     }
