@@ -47,11 +47,15 @@ pub fn murmur2(data: &[u8]) -> i32 {
 /// places it; a record without a key (a table without a primary key or replica identity index)
 /// goes by its position, which spreads such records over the partitions.
 pub fn of(key: Option<&[u8]>, position: RecordPosition, partitions: i32) -> i32 {
-    let n = partitions.max(1);
     match key {
-        Some(k) => (murmur2(k) & 0x7fff_ffff) % n,
-        None => i32::try_from(position.event_index % n as u64).unwrap_or(0),
+        Some(k) => of_key(k, partitions),
+        None => i32::try_from(position.event_index % partitions.max(1) as u64).unwrap_or(0),
     }
+}
+
+/// The partition of `key` among `partitions` (at least 1), as a Java producer places it.
+pub fn of_key(key: &[u8], partitions: i32) -> i32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions.max(1)
 }
 
 #[cfg(test)]

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use change_event::{ReaderPosition, RecordPosition};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use service::kafka::TracingContext;
 
@@ -142,8 +143,8 @@ impl Follower {
             std::thread::Builder::new()
                 .name("source-position".to_owned())
                 .spawn(move || {
-                    if assign_tail(&consumer, &position_topic, &shared) {
-                        follow(&consumer, &topic, &shared);
+                    if let Some(assigned) = assign_tail(&consumer, &position_topic, &shared) {
+                        follow(&consumer, &topic, assigned, &shared);
                     }
                 })
                 .map_err(|_| KafkaError::Canceled)?;
@@ -212,27 +213,31 @@ const METADATA_EVERY: Duration = Duration::from_secs(30);
 /// Records of the position topic read when the projector starts.
 const TAIL: i64 = 1000;
 
-/// Assigns the position topic's partition from its last [`TAIL`] records, retrying while it cannot
-/// be read (broker away); false when asked to stop first. A position topic that does not exist
-/// counts as read (no positions) meanwhile.
+/// Assigns every partition of the position topic (each reader writes its key's) from its last
+/// [`TAIL`] records, retrying while it cannot be read (broker away); the number of partitions
+/// assigned, or `None` when asked to stop first. A position topic that does not exist counts as
+/// read (no positions) meanwhile.
 fn assign_tail(
     consumer: &BaseConsumer<TracingContext>,
     position_topic: &str,
     shared: &Shared,
-) -> bool {
+) -> Option<usize> {
     let mut failing = false;
     while !shared.stop.load(Ordering::SeqCst) {
-        let assigned = consumer
-            .fetch_watermarks(position_topic, 0, Duration::from_secs(5))
-            .and_then(|(low, high)| {
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(position_topic, 0, Offset::Offset(low.max(high - TAIL)))?;
-                consumer.assign(&tpl)
-            });
+        let assigned = partition_count(consumer, position_topic).and_then(|n| {
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..n {
+                let (low, high) =
+                    consumer.fetch_watermarks(position_topic, p, Duration::from_secs(5))?;
+                tpl.add_partition_offset(position_topic, p, Offset::Offset(low.max(high - TAIL)))?;
+            }
+            consumer.assign(&tpl)?;
+            Ok(tpl.count())
+        });
         match assigned {
-            Ok(()) => return true,
+            Ok(n) => return Some(n),
             Err(e) => {
-                use rdkafka::types::RDKafkaErrorCode as Code;
+                use RDKafkaErrorCode as Code;
                 if matches!(
                     e.rdkafka_error_code(),
                     Some(
@@ -250,10 +255,28 @@ fn assign_tail(
             }
         }
     }
-    false
+    None
 }
 
-fn follow(consumer: &BaseConsumer<TracingContext>, topic: &str, shared: &Shared) {
+/// `topic`'s partition count (an error when it does not exist).
+fn partition_count(consumer: &BaseConsumer<TracingContext>, topic: &str) -> KafkaResult<i32> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+    let n = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(0, |t| t.partitions().len());
+    match i32::try_from(n) {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        )),
+    }
+}
+
+/// Follows the assigned partitions of the position topic (`assigned` of them) and, every
+/// [`METADATA_EVERY`], `topic`'s partition count.
+fn follow(consumer: &BaseConsumer<TracingContext>, topic: &str, assigned: usize, shared: &Shared) {
     let Shared {
         targets,
         changed,
@@ -264,17 +287,16 @@ fn follow(consumer: &BaseConsumer<TracingContext>, topic: &str, shared: &Shared)
     let mut failing = false;
     let mut warned = false;
     let mut metadata_read: Option<std::time::Instant> = None;
+    // Partitions read to the end they had when assigned: the tail is read once all are.
+    let mut at_end = std::collections::HashSet::new();
     while !stop.load(Ordering::SeqCst) {
         if metadata_read.is_none_or(|at| at.elapsed() >= METADATA_EVERY) {
             metadata_read = Some(std::time::Instant::now());
-            match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
-                Ok(m) => {
-                    let n = m
-                        .topics()
-                        .iter()
-                        .find(|t| t.name() == topic)
-                        .map_or(0, |t| t.partitions().len());
-                    partitions.store(i32::try_from(n).unwrap_or(0), Ordering::SeqCst);
+            match partition_count(consumer, topic) {
+                Ok(n) => partitions.store(n, Ordering::SeqCst),
+                // (As before it exists, or once deleted.)
+                Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition)) => {
+                    partitions.store(0, Ordering::SeqCst);
                 }
                 Err(e) => tracing::debug!(error = %e, "reading the topic's partition count failed"),
             }
@@ -318,8 +340,13 @@ fn follow(consumer: &BaseConsumer<TracingContext>, topic: &str, shared: &Shared)
                 });
                 changed.notify_one();
             }
-            // The end of the topic as it was: the tail is read.
-            Some(Err(KafkaError::PartitionEOF(_))) => shared.set_loaded(),
+            // The end of a partition as it was: the tail is read once every one got there.
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+                if at_end.len() >= assigned {
+                    shared.set_loaded();
+                }
+            }
             Some(Err(e)) => {
                 if !failing {
                     tracing::warn!(error = %e, "reading the reader's position topic failed; retrying");

@@ -126,6 +126,11 @@ fn partition_states(brokers: &str, topic: &str) -> anyhow::Result<Vec<(i32, i32,
         .collect())
 }
 
+/// How many partitions `topic` has (0 when it does not exist).
+pub fn partition_count(brokers: &str, topic: &str) -> anyhow::Result<i32> {
+    Ok(i32::try_from(partition_states(brokers, topic)?.len())?)
+}
+
 /// The node id of the leader of `topic`'s `partition`, as the cluster's metadata says.
 pub fn partition_leader(brokers: &str, topic: &str, partition: i32) -> anyhow::Result<i32> {
     partition_states(brokers, topic)?
@@ -1161,8 +1166,12 @@ pub async fn committed_position(
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
         .create()?;
+    let partition = cdc_reader::publish::position_partition(
+        transactional_id,
+        partition_count(brokers, position_topic)?,
+    );
     let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(position_topic, 0, rdkafka::Offset::Beginning)?;
+    tpl.add_partition_offset(position_topic, partition, rdkafka::Offset::Beginning)?;
     consumer.assign(&tpl)?;
     let mut last = None;
     loop {

@@ -733,12 +733,75 @@ async fn a_reader_killed_between_the_parts_of_a_split_transaction_resumes_inside
 }
 
 /// The same while another producer (another reader sharing the position topic) holds a
-/// transaction open on the position topic from before the killed reader's last position until
+/// transaction open on the position topic (on every partition) from before the killed reader's last position until
 /// after the next one starts: that transaction holds the topic's last stable offset below the
 /// position, and the next reader must not take the position before it for its last.
 #[tokio::test]
 async fn a_restarted_reader_finds_its_position_past_another_producers_open_transaction() {
     split_transaction_killed(true).await;
+}
+
+/// Readers share the position topic, each committing its positions to its key's partition; one
+/// killed while committing leaves a transaction open there until the broker aborts it, a minute
+/// later. A reader starting meanwhile reads only its own partition, so it streams at once (before
+/// the position topic had one partition, and every reader started then waited for that minute).
+#[tokio::test]
+async fn another_readers_open_transaction_on_the_position_topic_does_not_hold_a_starting_reader() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    let stack = Stack::from_env();
+    let db = TestDb::create(&stack, "reader_shared", Some(schema::Database::UserDb))
+        .await
+        .unwrap();
+    let (mut config, topic) = three_partition_reader(&stack, &db);
+    config.position_topic = format!("t-positions-{}", unique_suffix());
+    let kafka = config.kafka().unwrap();
+    let reader = Reader::start(config.clone()).await.unwrap();
+    reader.wait_streaming().await.unwrap();
+    reader.stop().await.unwrap();
+    let partitions = e2e::partition_count(&stack.kafka_brokers, &config.position_topic).unwrap();
+    assert_eq!(
+        partitions,
+        cdc_reader::publish::POSITION_TOPIC_PARTITIONS,
+        "the reader creates the position topic with several partitions"
+    );
+    let own = cdc_reader::publish::position_partition(&kafka.transactional_id, partitions);
+
+    // Another reader's transaction, open on every partition but this reader's.
+    let holder: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka_brokers)
+        .set("transactional.id", format!("held-{}", unique_suffix()))
+        .create()
+        .unwrap();
+    holder.init_transactions(WAIT).unwrap();
+    holder.begin_transaction().unwrap();
+    for partition in (0..partitions).filter(|p| *p != own) {
+        holder
+            .send(
+                BaseRecord::to(&config.position_topic)
+                    .partition(partition)
+                    .key("a-reader-elsewhere")
+                    .payload("{}"),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    holder.flush(WAIT).unwrap();
+
+    let reader = Reader::start(config).await.unwrap();
+    let client = db.client().await.unwrap();
+    client
+        .execute(
+            "INSERT INTO users (name, email, department) VALUES ('A', 'a@example.org', 'D')",
+            &[],
+        )
+        .await
+        .unwrap();
+    // Well within the holder's transaction timeout (librdkafka's default, 60 s).
+    let published = read_exactly(&stack, &topic, 1, Duration::from_secs(20)).await;
+    holder.abort_transaction(WAIT).unwrap();
+    published.unwrap();
+    reader.stop().await.unwrap();
 }
 
 async fn split_transaction_killed(position_topic_held: bool) {
@@ -761,14 +824,21 @@ async fn split_transaction_killed(position_topic_held: bool) {
             .unwrap();
         producer.init_transactions(WAIT).unwrap();
         producer.begin_transaction().unwrap();
-        producer
-            .send(
-                BaseRecord::to("cdc-reader-positions")
-                    .key("a-reader-elsewhere")
-                    .payload("{}"),
-            )
-            .map_err(|(e, _)| e)
-            .unwrap();
+        // On every partition, so on the one the reader's positions go to.
+        let partitions =
+            e2e::partition_count(&stack.kafka_brokers, "cdc-reader-positions").unwrap();
+        assert!(partitions > 0);
+        for partition in 0..partitions {
+            producer
+                .send(
+                    BaseRecord::to("cdc-reader-positions")
+                        .partition(partition)
+                        .key("a-reader-elsewhere")
+                        .payload("{}"),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
         producer.flush(WAIT).unwrap();
         producer
     });

@@ -35,7 +35,7 @@ mod topics;
 
 pub use error::{is_transient, PublishError};
 pub use position::{read_back, Committed, Lasts};
-pub use topics::ensure_topics;
+pub use topics::{ensure_topics, position_partition, POSITION_TOPIC_PARTITIONS};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -413,8 +413,10 @@ impl Publisher {
         let lasts = self.sent_lasts.clone();
         if self.delivery == Delivery::ExactlyOnce {
             let value = position.to_json(&self.transactional_id, &lasts);
+            let partition = self.position_partition().await?;
             let key = self.transactional_id.as_bytes();
             let r = BaseRecord::to(&self.position_topic)
+                .partition(partition)
                 .key(key)
                 .payload(&value[..]);
             if let Err(e) = self.produce(r).await {

@@ -68,13 +68,12 @@ impl Publisher {
         let key = self.transactional_id.clone();
         let topic = self.position_topic.clone();
         let brokers = settings.brokers.clone();
-        let partitions = self.partition_count(&topic).await?;
+        let partition = self.position_partition().await?;
         let read = blocking(move || {
             let reading = Reading::new(&brokers)?;
-            let starts: Vec<(i32, i64)> = (0..partitions).map(|p| (p, 0)).collect();
             let mut last: Option<Option<Vec<u8>>> = None;
             reading
-                .read_to_end(&topic, &starts, |m| {
+                .read_to_end(&topic, &[(partition, 0)], |m| {
                     if m.key() == Some(key.as_bytes()) {
                         last = Some(m.payload().map(<[u8]>::to_vec));
                     }
@@ -213,7 +212,7 @@ pub(super) struct Reading {
 const READ_STALL: Duration = Duration::from_secs(30);
 
 /// Longest wait for transactions open on a partition to end before it is read back: another
-/// reader killed while committing holds the position topic's only partition until the broker
+/// reader killed while committing holds its partition of the position topic until the broker
 /// aborts its transaction, after `transaction.timeout.ms` and at its next check for those (every
 /// 10 s by default).
 const STABLE_WAIT: Duration = TRANSACTION_TIMEOUT.saturating_add(Duration::from_secs(15));

@@ -59,6 +59,13 @@ impl Publisher {
         Ok(n)
     }
 
+    /// The partition of the position topic this publisher's positions go to: its key's.
+    pub(super) async fn position_partition(&mut self) -> Result<i32, PublishError> {
+        let topic = self.position_topic.clone();
+        let n = self.partition_count(&topic).await?;
+        Ok(position_partition(&self.transactional_id, n))
+    }
+
     /// Where every partition of `topics` ends now for a `read_committed` reader (its last stable
     /// offset, at or before its high watermark: a read from there misses nothing committed
     /// later), as (topic, partition, offset).
@@ -92,6 +99,19 @@ impl Publisher {
     }
 }
 
+/// The partition of a position topic of `partitions` that holds the positions of the reader
+/// with `transactional_id` (their key), as a Java producer would place them.
+pub fn position_partition(transactional_id: &str, partitions: i32) -> i32 {
+    crate::partition::of_key(transactional_id.as_bytes(), partitions)
+}
+
+/// Partitions of the position topic when the reader creates it (as Kafka Connect's offsets topic,
+/// `offset.storage.partitions`). Each reader's positions go to its key's partition and a session
+/// start reads only that one, so an open transaction of another reader (one killed while
+/// committing is open until the broker aborts it, a minute later) holds back only the readers
+/// whose keys share its partition. An existing topic keeps its count; changing it moves keys.
+pub const POSITION_TOPIC_PARTITIONS: i32 = 25;
+
 /// Settings of the position topic: only the latest position per key matters, and the topic is
 /// read from its start whenever a session begins, so it is compacted and kept in small segments.
 const POSITION_TOPIC_CONFIG: [(&str, &str); 3] = [
@@ -121,7 +141,11 @@ pub async fn ensure_topics(
     let mut topics = topics.to_vec();
     if settings.delivery == Delivery::ExactlyOnce {
         new.push(POSITION_TOPIC_CONFIG.iter().fold(
-            NewTopic::new(&settings.position_topic, 1, replication()),
+            NewTopic::new(
+                &settings.position_topic,
+                POSITION_TOPIC_PARTITIONS,
+                replication(),
+            ),
             |topic, (k, v)| topic.set(k, v),
         ));
         topics.push(settings.position_topic.clone());
