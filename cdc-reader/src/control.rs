@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -56,6 +56,8 @@ pub struct Progress {
     /// While a replay runs: `events_published` when it started; [`REPLAY_PENDING`] from its
     /// hand-over to its start; [`NO_REPLAY`] otherwise.
     replay_base: AtomicU64,
+    /// The request this process runs (its `requested_at`), until it is done or the slot is lost.
+    replay_request: Mutex<Option<String>>,
 }
 
 const NO_REPLAY: u64 = u64::MAX;
@@ -68,6 +70,7 @@ impl Default for Progress {
             acknowledged: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             replay_base: AtomicU64::new(NO_REPLAY),
+            replay_request: Mutex::new(None),
         }
     }
 }
@@ -93,9 +96,21 @@ impl Progress {
         self.replay_base.store(published, Ordering::SeqCst);
     }
 
+    /// A replay was handed to the session and is not done.
+    pub fn replay_running(&self) -> bool {
+        self.replay_base.load(Ordering::SeqCst) != NO_REPLAY
+    }
+
     /// The replay asked for will not run (refused when its session began).
     pub fn replay_refused(&self) {
         self.replay_base.store(NO_REPLAY, Ordering::SeqCst);
+    }
+
+    /// Another reader holds the slot: the replay this process was running or about to run is
+    /// theirs to take again, and this process's to take again only once it streams.
+    pub fn replay_handed_over(&self) {
+        self.replay_base.store(NO_REPLAY, Ordering::SeqCst);
+        *service::lock(&self.replay_request) = None;
     }
 }
 
@@ -280,11 +295,13 @@ impl Task {
             }
         }
         let reported = acknowledged.saturating_sub(self.config.wal_replay_window_bytes);
-        if let Some(from) = replay::take(db, slot, reported).await? {
+        let running = service::lock(&self.progress.replay_request).clone();
+        if let Some((from, request)) = replay::take(db, slot, reported, running.as_deref()).await? {
             // Nothing closes it before the session starts it.
             self.progress
                 .replay_base
                 .store(REPLAY_PENDING, Ordering::SeqCst);
+            *service::lock(&self.progress.replay_request) = Some(request);
             self.send(Request::Replay(from)).await;
             return Ok(());
         }

@@ -83,6 +83,9 @@ pub async fn run(
                 resume.rewind(from, metrics.events_published.load(Ordering::Relaxed));
             }
             Err(e) if e.is_transient() => {
+                if e.is_slot_taken() {
+                    resume.slot_lost();
+                }
                 let error = service::error_chain(&e);
                 tracing::warn!(%error, acknowledged = %setup::lsn_text(resume.acknowledged()),
                     "replication session ended; resuming from the last acknowledged position");

@@ -6,7 +6,8 @@
 //! within a second, commits what it has open, and starts the next session from the requested LSN:
 //! every change from there is published again (consumers see those changes twice; the projector
 //! skips what its views already reflect). The request is done once Kafka has everything up to the
-//! WAL's end at the time it was made.
+//! WAL's end at the time it was made. One taken and not done (its reader stopped, or lost the slot
+//! to another) is run again from its start by the reader streaming the slot next.
 
 use change_event::{format_lsn, parse_lsn};
 use tokio_postgres::Client;
@@ -131,15 +132,24 @@ pub async fn status(db: &Client, slot: &str) -> Result<Option<Status>, SetupErro
     }))
 }
 
-/// Takes the slot's pending request, if any: `Some(from)` to stream again from there. A request
-/// the slot can no longer serve (its position moved past `from` since, or will: `reported` is
-/// the position this reader is about to report) is closed as refused.
-pub async fn take(db: &Client, slot: &str, reported: Lsn) -> Result<Option<Lsn>, SetupError> {
+/// Takes the slot's pending request, if any: `Some((from, request))` to stream again from there;
+/// `request` names it (its `requested_at`), and `running` is the one this process runs, if any. A
+/// request started but not finished by another reader (it lost the slot, or was killed) or an
+/// earlier run of this one is taken again: its replay starts over. A request the slot can no
+/// longer serve (its position moved past `from` since, or will: `reported` is the position this
+/// reader is about to report) is closed as refused.
+pub async fn take(
+    db: &Client,
+    slot: &str,
+    reported: Lsn,
+    running: Option<&str>,
+) -> Result<Option<(Lsn, String)>, SetupError> {
     let Some(row) = db
         .query_opt(
-            "SELECT from_lsn::text FROM cdc_reader_replays \
-             WHERE slot = $1 AND started_at IS NULL",
-            &[&slot],
+            "SELECT from_lsn::text, requested_at::text, started_at IS NOT NULL \
+             FROM cdc_reader_replays \
+             WHERE slot = $1 AND done_at IS NULL AND requested_at::text IS DISTINCT FROM $2",
+            &[&slot, &running],
         )
         .await
         .map_err(pg("looking for a replay request"))?
@@ -147,6 +157,8 @@ pub async fn take(db: &Client, slot: &str, reported: Lsn) -> Result<Option<Lsn>,
         return Ok(None);
     };
     let from = parse_lsn(row.get(0)).unwrap_or(0);
+    let request: String = row.get(1);
+    let started: bool = row.get(2);
     let window = window(db, slot).await?.map(|w| Window {
         oldest: w.oldest.max(reported),
         ..w
@@ -159,8 +171,14 @@ pub async fn take(db: &Client, slot: &str, reported: Lsn) -> Result<Option<Lsn>,
             )
             .await
             .map_err(pg("starting the replay"))?;
-            tracing::info!(slot, from = %format_lsn(from), "replay requested: streaming again from there");
-            Ok(Some(from))
+            if started {
+                tracing::info!(slot, from = %format_lsn(from),
+                    "a replay started before (by a reader that lost the slot or was stopped) is not \
+                     done: streaming again from its start");
+            } else {
+                tracing::info!(slot, from = %format_lsn(from), "replay requested: streaming again from there");
+            }
+            Ok(Some((from, request)))
         }
         Err(refusal) => {
             refuse(db, slot, &refusal).await?;

@@ -779,6 +779,51 @@ async fn a_reader_waiting_for_the_slot_leaves_replays_to_the_one_streaming() {
     reader.stop().await.unwrap();
 }
 
+/// A reader stopped after it took a replay request, before it finished it: the next reader of the
+/// slot (here a new process; also one that won the slot meanwhile) runs the replay again and closes
+/// the request (which stayed started and never done before).
+#[tokio::test]
+async fn a_replay_the_reader_did_not_finish_is_run_by_the_next_reader() {
+    let (stack, user_db, topic, config, reader) =
+        streaming_with_a_window("replay_unfinished").await;
+    let users = user_db.client().await.unwrap();
+    let before = current_lsn(&users).await;
+    insert_bench_users(&users, 2_000, 100).await.unwrap();
+    read_exactly(&stack, &topic, 2_000, WAIT).await.unwrap();
+    let command = tokio::spawn({
+        let config = config.clone();
+        async move { reader_command(&config, &["replay", "--from-lsn", &before]).await }
+    });
+    e2e::wait_for("the reader to take the replay request", WAIT, || async {
+        let started: Option<bool> = users
+            .query_opt(
+                "SELECT started_at IS NOT NULL FROM cdc_reader_replays WHERE slot = $1",
+                &[&config.slot],
+            )
+            .await?
+            .map(|r| r.get(0));
+        Ok(started.filter(|s| *s))
+    })
+    .await
+    .unwrap();
+    reader.stop().await.unwrap();
+    let reader = Reader::start(config.clone()).await.unwrap();
+    let (ok, _, stderr) = command.await.unwrap();
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("2000 records sent again"), "{stderr}");
+    // Every row at least twice (the stopped reader may have sent part of it already).
+    let records = e2e::read_topic(&stack, &topic, 1, WAIT).await.unwrap();
+    let mut seen: BTreeMap<i64, usize> = BTreeMap::new();
+    for r in &records {
+        *seen
+            .entry(r.value.as_ref().unwrap()["after"]["id"].as_i64().unwrap())
+            .or_default() += 1;
+    }
+    assert_eq!(seen.len(), 2_000);
+    assert!(seen.values().all(|n| *n >= 2), "a row not sent again");
+    reader.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn an_on_demand_snapshot_while_streaming_gives_every_row_and_keeps_the_views_exact() {
     e2e::init_logs();

@@ -79,6 +79,16 @@ pub enum End {
 }
 
 impl SessionError {
+    /// Another reader holds the slot.
+    pub fn is_slot_taken(&self) -> bool {
+        matches!(
+            self,
+            SessionError::Setup(
+                setup::SetupError::SlotLocked { .. } | setup::SetupError::SlotActive { .. }
+            )
+        )
+    }
+
     /// Worth a new session after a backoff. Decoding and envelope errors are not: the same bytes
     /// would come again, so the reader halts with the message instead of looping.
     pub fn is_transient(&self) -> bool {
@@ -139,6 +149,14 @@ impl Resume {
         self.set_acknowledged(from);
         self.rewind = Some(from);
         self.progress.replay_started(published);
+    }
+
+    /// Another reader holds the slot: a replay not yet begun is not this process's to run (the
+    /// one streaming takes the request again).
+    pub fn slot_lost(&mut self) {
+        if self.rewind.take().is_some() || self.progress.replay_running() {
+            self.progress.replay_handed_over();
+        }
     }
 }
 
@@ -271,7 +289,8 @@ async fn stream_with(
     }
     let mut repl = match slot {
         Some(confirmed) => {
-            let mut rewind = resume.rewind.take();
+            // (Kept until the stream starts: a session that fails before runs it next time.)
+            let mut rewind = resume.rewind;
             if let Some(from) = rewind {
                 if confirmed > from {
                     // The slot moved on before this session began: it cannot start there.
@@ -282,6 +301,7 @@ async fn stream_with(
                     };
                     crate::replay::refuse(db, &config.slot, &refusal).await?;
                     resume.progress.replay_refused();
+                    resume.rewind = None;
                     rewind = None;
                 }
             }
@@ -293,6 +313,7 @@ async fn stream_with(
             let repl = ReplicationClient::connect(replication_config(config, pg_config, start))
                 .await
                 .map_err(SessionError::Replication)?;
+            resume.rewind = None;
             tracing::info!(slot = %config.slot, start = %setup::lsn_text(start), "streaming");
             repl
         }
