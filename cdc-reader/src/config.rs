@@ -95,7 +95,9 @@ pub struct Config {
     #[arg(long, env = "CDC_READER_TRANSACTIONAL_ID")]
     pub transactional_id: Option<String>,
 
-    /// Compacted topic holding every reader's committed position (created with one partition).
+    /// Compacted topic holding every reader's committed position (created with 25 partitions; a
+    /// reader writes and reads back only its key's, so another reader's open transaction seldom
+    /// delays it; the count must not change, which the reader checks).
     #[arg(
         long,
         env = "CDC_READER_POSITION_TOPIC",

@@ -23,11 +23,19 @@ use crate::{envelope, replay, resnapshot, Config};
 /// What the session is asked to do.
 #[derive(Debug)]
 pub enum Request {
-    /// Stream again from this LSN (the slot still has it): the session ends, and the next one
+    /// Stream again from an LSN (the slot still has it): the session ends, and the next one
     /// starts there.
-    Replay(Lsn),
+    Replay(Replay),
     /// Publish the current rows of these tables while streaming.
     Snapshot(resnapshot::Request),
+}
+
+/// A replay request taken: where it streams from, and which request it is (its `requested_at`;
+/// the table's row of the slot may be replaced by a newer request meanwhile).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    pub from: Lsn,
+    pub request: String,
 }
 
 /// What the session tells the control task about a snapshot it was handed.
@@ -99,6 +107,16 @@ impl Progress {
     /// A replay was handed to the session and is not done.
     pub fn replay_running(&self) -> bool {
         self.replay_base.load(Ordering::SeqCst) != NO_REPLAY
+    }
+
+    /// A replay began streaming in this process and is not done.
+    pub fn replay_streaming(&self) -> bool {
+        self.replay_base.load(Ordering::SeqCst) < REPLAY_PENDING
+    }
+
+    /// Whether `replay` is the request this process runs (not one handed over since).
+    pub fn runs(&self, replay: &Replay) -> bool {
+        service::lock(&self.replay_request).as_deref() == Some(replay.request.as_str())
     }
 
     /// The replay asked for will not run (refused when its session began).
@@ -275,14 +293,15 @@ impl Task {
         // (The base first: a replay's start stores its acknowledged position before its base.)
         let base = self.progress.replay_base.load(Ordering::SeqCst);
         let acknowledged = self.progress.acknowledged.load(Ordering::SeqCst);
-        if base < REPLAY_PENDING {
+        let running = service::lock(&self.progress.replay_request).clone();
+        if let (true, Some(request)) = (base < REPLAY_PENDING, &running) {
             let sent = self
                 .metrics
                 .events_published
                 .load(Ordering::Relaxed)
                 .saturating_sub(base);
             let skipped = self.progress.skipped.load(Ordering::SeqCst);
-            if replay::finish(db, slot, acknowledged, skipped, sent).await? {
+            if replay::finish(db, slot, request, acknowledged, skipped, sent).await? {
                 let closed = self.progress.replay_base.compare_exchange(
                     base,
                     NO_REPLAY,
@@ -295,14 +314,13 @@ impl Task {
             }
         }
         let reported = acknowledged.saturating_sub(self.config.wal_replay_window_bytes);
-        let running = service::lock(&self.progress.replay_request).clone();
-        if let Some((from, request)) = replay::take(db, slot, reported, running.as_deref()).await? {
+        if let Some(replay) = replay::take(db, slot, reported, running.as_deref()).await? {
             // Nothing closes it before the session starts it.
             self.progress
                 .replay_base
                 .store(REPLAY_PENDING, Ordering::SeqCst);
-            *service::lock(&self.progress.replay_request) = Some(request);
-            self.send(Request::Replay(from)).await;
+            *service::lock(&self.progress.replay_request) = Some(replay.request.clone());
+            self.send(Request::Replay(replay)).await;
             return Ok(());
         }
         if self.snapshot.is_none() {

@@ -78,9 +78,9 @@ pub async fn run(
         let before = resume.acknowledged();
         match stream::session(&config, &metrics, &mut resume, &mut control, &shutdown).await {
             Ok(stream::End::Shutdown) => break Ok(()),
-            Ok(stream::End::Rewind(from)) => {
+            Ok(stream::End::Rewind(replay)) => {
                 // A replay: the next session streams from there (the slot still has it).
-                resume.rewind(from, metrics.events_published.load(Ordering::Relaxed));
+                resume.rewind(replay, metrics.events_published.load(Ordering::Relaxed));
             }
             Err(e) if e.is_transient() => {
                 if e.is_slot_taken() {

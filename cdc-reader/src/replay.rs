@@ -12,6 +12,7 @@
 use change_event::{format_lsn, parse_lsn};
 use tokio_postgres::Client;
 
+pub use crate::control::Replay;
 use crate::decode::Lsn;
 use crate::setup::{pg, SetupError};
 
@@ -132,8 +133,8 @@ pub async fn status(db: &Client, slot: &str) -> Result<Option<Status>, SetupErro
     }))
 }
 
-/// Takes the slot's pending request, if any: `Some((from, request))` to stream again from there;
-/// `request` names it (its `requested_at`), and `running` is the one this process runs, if any. A
+/// Takes the slot's pending request, if any, to stream again from its `from`; `running` is the
+/// one this process runs, if any. A
 /// request started but not finished by another reader (it lost the slot, or was killed) or an
 /// earlier run of this one is taken again: its replay starts over. A request the slot can no
 /// longer serve (its position moved past `from` since, or will: `reported` is the position this
@@ -143,7 +144,7 @@ pub async fn take(
     slot: &str,
     reported: Lsn,
     running: Option<&str>,
-) -> Result<Option<(Lsn, String)>, SetupError> {
+) -> Result<Option<Replay>, SetupError> {
     let Some(row) = db
         .query_opt(
             "SELECT from_lsn::text, requested_at::text, started_at IS NOT NULL \
@@ -165,12 +166,18 @@ pub async fn take(
     });
     match check(slot, from, window) {
         Ok(_) => {
-            db.execute(
-                "UPDATE cdc_reader_replays SET started_at = now() WHERE slot = $1",
-                &[&slot],
-            )
-            .await
-            .map_err(pg("starting the replay"))?;
+            let n = db
+                .execute(
+                    "UPDATE cdc_reader_replays SET started_at = now() \
+                     WHERE slot = $1 AND requested_at::text = $2",
+                    &[&slot, &request],
+                )
+                .await
+                .map_err(pg("starting the replay"))?;
+            if n == 0 {
+                // Replaced by a newer request since: taken next round.
+                return Ok(None);
+            }
             if started {
                 tracing::info!(slot, from = %format_lsn(from),
                     "a replay started before (by a reader that lost the slot or was stopped) is not \
@@ -178,32 +185,40 @@ pub async fn take(
             } else {
                 tracing::info!(slot, from = %format_lsn(from), "replay requested: streaming again from there");
             }
-            Ok(Some((from, request)))
+            Ok(Some(Replay { from, request }))
         }
         Err(refusal) => {
-            refuse(db, slot, &refusal).await?;
+            refuse(db, slot, &request, &refusal).await?;
             Ok(None)
         }
     }
 }
 
-/// Closes the slot's request as refused.
-pub async fn refuse(db: &Client, slot: &str, refusal: &Refusal) -> Result<(), SetupError> {
+/// Closes the slot's request `request` (its `requested_at`) as refused.
+pub async fn refuse(
+    db: &Client,
+    slot: &str,
+    request: &str,
+    refusal: &Refusal,
+) -> Result<(), SetupError> {
     tracing::warn!(slot, error = %refusal, "replay request refused");
     db.execute(
         "UPDATE cdc_reader_replays SET started_at = coalesce(started_at, now()), \
-           done_at = now(), outcome = $2 WHERE slot = $1",
-        &[&slot, &format!("refused: {refusal}")],
+           done_at = now(), outcome = $2 \
+         WHERE slot = $1 AND requested_at::text = $3 AND done_at IS NULL",
+        &[&slot, &format!("refused: {refusal}"), &request],
     )
     .await
     .map_err(pg("refusing the replay"))?;
     Ok(())
 }
 
-/// Closes the slot's running request once Kafka has acknowledged everything up to its end.
+/// Closes the slot's running request `request` once Kafka has acknowledged everything up to its
+/// end.
 pub async fn finish(
     db: &Client,
     slot: &str,
+    request: &str,
     acknowledged: Lsn,
     skipped: u64,
     sent: u64,
@@ -215,8 +230,8 @@ pub async fn finish(
             "UPDATE cdc_reader_replays SET done_at = now(), outcome = 'done', \
                records_skipped = $3, records_sent = $4 \
              WHERE slot = $1 AND started_at IS NOT NULL AND done_at IS NULL \
-               AND until_lsn <= $2::text::pg_lsn",
-            &[&slot, &format_lsn(acknowledged), &skipped, &sent],
+               AND until_lsn <= $2::text::pg_lsn AND requested_at::text = $5",
+            &[&slot, &format_lsn(acknowledged), &skipped, &sent, &request],
         )
         .await
         .map_err(pg("finishing the replay"))?;

@@ -44,6 +44,20 @@ pub enum SetupError {
         then: i32,
         now: i32,
     },
+    #[error(
+        "position topic {topic} has {now} partitions, but slot {slot} has committed positions to \
+         it with {then}: a reader's positions go to its key's partition, so its last one would not \
+         be found. Give the topic its {then} partitions back, or point CDC_READER_POSITION_TOPIC \
+         and PROJECTOR_POSITION_TOPIC to a new topic (the reader then resumes from its slot's \
+         confirmed position, which Kafka has) and delete the row of cdc_reader_topics (slot \
+         {slot}, topic {topic})"
+    )]
+    PositionPartitionsChanged {
+        slot: String,
+        topic: String,
+        then: i32,
+        now: i32,
+    },
 }
 
 impl SetupError {
@@ -56,6 +70,7 @@ impl SetupError {
             | SetupError::WrongPlugin { .. }
             | SetupError::SlotLost { .. }
             | SetupError::PartitionsChanged { .. }
+            | SetupError::PositionPartitionsChanged { .. }
             | SetupError::Unsupported(_) => false,
         }
     }
@@ -66,11 +81,13 @@ pub(crate) fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Se
 }
 
 /// Records the partition count of each topic the first time `slot` publishes to it, and fails when a
-/// topic has another count now (see [`SetupError::PartitionsChanged`]).
+/// topic has another count now (see [`SetupError::PartitionsChanged`]; for the position topic, if
+/// among them, [`SetupError::PositionPartitionsChanged`]).
 pub async fn check_partition_counts(
     db: &tokio_postgres::Client,
     slot: &str,
     counts: &[(String, i32)],
+    position_topic: Option<&str>,
 ) -> Result<(), SetupError> {
     for (topic, now) in counts {
         let then: i32 = db
@@ -85,6 +102,14 @@ pub async fn check_partition_counts(
             .await
             .map_err(pg("recording the topics' partition counts"))?
             .get(0);
+        if then != *now && position_topic == Some(topic.as_str()) {
+            return Err(SetupError::PositionPartitionsChanged {
+                slot: slot.to_owned(),
+                topic: topic.clone(),
+                then,
+                now: *now,
+            });
+        }
         if then != *now {
             return Err(SetupError::PartitionsChanged {
                 slot: slot.to_owned(),

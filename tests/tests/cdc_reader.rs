@@ -1301,6 +1301,17 @@ async fn snapshot_and_stream_agree_on_columns_rows_and_keys() {
 /// their order: the reader stops with an error that says so instead of publishing on.
 #[tokio::test]
 async fn a_topic_whose_partition_count_changed_stops_the_reader() {
+    partition_count_changed(false).await;
+}
+
+/// Partitions added to the position topic would move the reader's positions to another partition,
+/// where its last one is not: the reader stops with an error that says so.
+#[tokio::test]
+async fn a_position_topic_whose_partition_count_changed_stops_the_reader() {
+    partition_count_changed(true).await;
+}
+
+async fn partition_count_changed(position_topic: bool) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
     use rdkafka::client::DefaultClientContext;
 
@@ -1309,12 +1320,13 @@ async fn a_topic_whose_partition_count_changed_stops_the_reader() {
         .await
         .unwrap();
     let topic = format!("t-parts-{}", unique_suffix());
-    let config = Reader::config(
+    let mut config = Reader::config(
         &stack,
         &db,
         &["public.users"],
         &[format!("public.users={topic}")],
     );
+    config.position_topic = format!("t-positions-{}", unique_suffix());
     let reader = Reader::start(config.clone()).await.unwrap();
     reader.wait_streaming().await.unwrap();
     let client = db.client().await.unwrap();
@@ -1332,8 +1344,20 @@ async fn a_topic_whose_partition_count_changed_stops_the_reader() {
         .set("bootstrap.servers", &stack.kafka_brokers)
         .create()
         .unwrap();
+    let (resized, then) = if position_topic {
+        (
+            config.position_topic.clone(),
+            cdc_reader::publish::POSITION_TOPIC_PARTITIONS,
+        )
+    } else {
+        (topic.clone(), 1)
+    };
+    let now = then + 2;
     for r in admin
-        .create_partitions(&[NewPartitions::new(&topic, 3)], &AdminOptions::new())
+        .create_partitions(
+            &[NewPartitions::new(&resized, usize::try_from(now).unwrap())],
+            &AdminOptions::new(),
+        )
         .await
         .unwrap()
     {
@@ -1355,9 +1379,11 @@ async fn a_topic_whose_partition_count_changed_stops_the_reader() {
         .expect_err("the reader published on after the partition count changed");
     let text = service::error_chain(&error);
     assert!(
-        text.contains("has 3 partitions") && text.contains("with 1"),
+        text.contains(&format!("{resized} has {now} partitions"))
+            && text.contains(&format!("with {then}")),
         "{text}"
     );
+    assert_eq!(text.contains("position topic"), position_topic, "{text}");
     // Nothing was published after the change.
     assert_eq!(read_topic(&stack, &topic, 1, WAIT).await.unwrap().len(), 1);
 }

@@ -779,13 +779,15 @@ async fn a_reader_waiting_for_the_slot_leaves_replays_to_the_one_streaming() {
     reader.stop().await.unwrap();
 }
 
-/// A reader stopped after it took a replay request, before it finished it: the next reader of the
-/// slot (here a new process; also one that won the slot meanwhile) runs the replay again and closes
-/// the request (which stayed started and never done before).
+/// A reader stopped after it took a replay request, before it finished it: the reader waiting for
+/// the slot takes over and runs the replay again, and the request is closed (it stayed started and
+/// never done before). The same holds for a new process, and for a standby that wins the slot while
+/// the streaming reader rewinds.
 #[tokio::test]
 async fn a_replay_the_reader_did_not_finish_is_run_by_the_next_reader() {
     let (stack, user_db, topic, config, reader) =
         streaming_with_a_window("replay_unfinished").await;
+    let standby = Reader::start(config.clone()).await.unwrap();
     let users = user_db.client().await.unwrap();
     let before = current_lsn(&users).await;
     insert_bench_users(&users, 2_000, 100).await.unwrap();
@@ -806,8 +808,15 @@ async fn a_replay_the_reader_did_not_finish_is_run_by_the_next_reader() {
     })
     .await
     .unwrap();
+    let requested_at: String = users
+        .query_one(
+            "SELECT requested_at::text FROM cdc_reader_replays WHERE slot = $1",
+            &[&config.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
     reader.stop().await.unwrap();
-    let reader = Reader::start(config.clone()).await.unwrap();
     let (ok, _, stderr) = command.await.unwrap();
     assert!(ok, "{stderr}");
     assert!(stderr.contains("2000 records sent again"), "{stderr}");
@@ -821,7 +830,17 @@ async fn a_replay_the_reader_did_not_finish_is_run_by_the_next_reader() {
     }
     assert_eq!(seen.len(), 2_000);
     assert!(seen.values().all(|n| *n >= 2), "a row not sent again");
-    reader.stop().await.unwrap();
+    // The same request, closed once.
+    let row = users
+        .query_one(
+            "SELECT requested_at::text, outcome FROM cdc_reader_replays WHERE slot = $1",
+            &[&config.slot],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), requested_at);
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("done"));
+    standby.stop().await.unwrap();
 }
 
 #[tokio::test]

@@ -59,6 +59,16 @@ impl Publisher {
         Ok(n)
     }
 
+    /// Exactly once, the position topic and its partition count.
+    pub async fn position_topic_count(&mut self) -> Result<Option<(String, i32)>, PublishError> {
+        if self.delivery != Delivery::ExactlyOnce {
+            return Ok(None);
+        }
+        let topic = self.position_topic.clone();
+        let n = self.partition_count(&topic).await?;
+        Ok(Some((topic, n)))
+    }
+
     /// The partition of the position topic this publisher's positions go to: its key's.
     pub(super) async fn position_partition(&mut self) -> Result<i32, PublishError> {
         let topic = self.position_topic.clone();

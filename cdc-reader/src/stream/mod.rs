@@ -34,7 +34,7 @@ use pgwire_replication::{Lsn as PgLsn, ReplicationClient, ReplicationConfig, Rep
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::control::{Control, Progress, Request};
+use crate::control::{Control, Progress, Replay, Request};
 use crate::decode::{self, Lsn, Message};
 use crate::envelope::{self, now_ms, Builder, EnvelopeError, Step};
 use crate::publish::{self, PublishError, Publisher};
@@ -70,12 +70,12 @@ pub enum SessionError {
 }
 
 /// How a session ended, when not by a failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {
     /// Shutdown was asked for.
     Shutdown,
-    /// A replay was asked for: the next session streams from this LSN.
-    Rewind(Lsn),
+    /// A replay was asked for: the next session streams from its LSN.
+    Rewind(Replay),
 }
 
 impl SessionError {
@@ -120,8 +120,8 @@ impl SessionError {
 #[derive(Debug)]
 pub struct Resume {
     acknowledged: Lsn,
-    /// A replay's start, until the session that streams from it has begun.
-    rewind: Option<Lsn>,
+    /// A replay, until the session that streams from its start has begun.
+    rewind: Option<Replay>,
     /// What the control task learns of it.
     progress: Arc<Progress>,
 }
@@ -144,10 +144,10 @@ impl Resume {
         self.progress.set_acknowledged(lsn);
     }
 
-    /// The next session streams again from `from`; `published` is `events_published` now.
-    pub fn rewind(&mut self, from: Lsn, published: u64) {
-        self.set_acknowledged(from);
-        self.rewind = Some(from);
+    /// The next session streams again from `replay.from`; `published` is `events_published` now.
+    pub fn rewind(&mut self, replay: Replay, published: u64) {
+        self.set_acknowledged(replay.from);
+        self.rewind = Some(replay);
         self.progress.replay_started(published);
     }
 
@@ -206,8 +206,13 @@ async fn stream(
     // ends what it left open, so the committed position read next is final.
     let mut publisher = Publisher::new(&kafka).await?;
     // Per-key order: the keys' partitions depend on the partition count, which must not change.
-    let counts = publisher.partition_counts(&topics).await?;
-    setup::check_partition_counts(db, &config.slot, &counts).await?;
+    let mut counts = publisher.partition_counts(&topics).await?;
+    // (Positions go to their key's partition of the position topic, whose count must not change
+    // either.)
+    let position_topic = publisher.position_topic_count().await?;
+    counts.extend(position_topic.clone());
+    let position_topic = position_topic.map(|(topic, _)| topic);
+    setup::check_partition_counts(db, &config.slot, &counts, position_topic.as_deref()).await?;
     let committed = publisher.committed(&kafka).await?;
     publisher.learn_lasts(&kafka, &topics).await?;
     let result = stream_with(
@@ -290,21 +295,28 @@ async fn stream_with(
     let mut repl = match slot {
         Some(confirmed) => {
             // (Kept until the stream starts: a session that fails before runs it next time.)
-            let mut rewind = resume.rewind;
-            if let Some(from) = rewind {
-                if confirmed > from {
+            let mut rewind = resume.rewind.as_ref().map(|r| r.from);
+            if let Some(replay) = &resume.rewind {
+                if confirmed > replay.from {
                     // The slot moved on before this session began: it cannot start there.
                     let refusal = crate::replay::Refusal::NotRetained {
                         slot: config.slot.clone(),
-                        requested: from,
+                        requested: replay.from,
                         oldest: confirmed,
                     };
-                    crate::replay::refuse(db, &config.slot, &refusal).await?;
+                    crate::replay::refuse(db, &config.slot, &replay.request, &refusal).await?;
                     resume.progress.replay_refused();
                     resume.rewind = None;
                     rewind = None;
                 }
             }
+            // A replay under way resumes where it got to, not from what Kafka committed before
+            // its first commit (later, the position it was asked in).
+            let committed = committed.filter(|c| {
+                rewind.is_some()
+                    || !resume.progress.replay_streaming()
+                    || c.end_lsn <= resume.acknowledged
+            });
             let wal_end = setup::current_wal_lsn(db).await?;
             let (start, skip) =
                 start_position(confirmed, resume.acknowledged, rewind, committed, wal_end);
@@ -438,12 +450,23 @@ async fn stream_with(
                 return Ok(End::Shutdown);
             }
             request = control.requests.recv(), if control_open => match request {
-                Some(Request::Replay(from)) => {
+                Some(Request::Replay(replay)) if !resume.progress.runs(&replay) => {
+                    tracing::debug!(?replay, "a replay handed over before this session took it; not run");
+                }
+                Some(Request::Replay(replay)) => {
+                    // Never past what Kafka has: a replay from further on skips nothing.
+                    let replay = Replay { from: replay.from.min(resume.acknowledged), ..replay };
                     // Whatever is open goes in first: the replay starts from a clean state.
-                    if let Some(lsn) = batch.finish(publisher, builder.in_transaction(), resume, metrics).await? {
-                        acknowledge(lsn, &repl, resume);
+                    match batch.finish(publisher, builder.in_transaction(), resume, metrics).await {
+                        Ok(Some(lsn)) => acknowledge(lsn, &repl, resume),
+                        Ok(None) => {}
+                        Err(e) => {
+                            // The next session runs it (what was open is aborted: sent again).
+                            resume.rewind(replay, metrics.events_published.load(Ordering::Relaxed));
+                            return Err(e.into());
+                        }
                     }
-                    return Ok(End::Rewind(from));
+                    return Ok(End::Rewind(replay));
                 }
                 Some(Request::Snapshot(request)) => on_demand.start(request, config, &snapshot_settings),
                 None => {
