@@ -168,6 +168,12 @@ static VIEW_DB: &[Migration] = &[
         "0010_derived_views_cost.sql",
         "derived_views_cost"
     ),
+    migration!(
+        "materialized_view_db",
+        11,
+        "0011_derived_views_new_rows.sql",
+        "derived_views_new_rows"
+    ),
 ];
 
 /// Why migrating failed.
