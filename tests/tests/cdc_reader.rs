@@ -747,7 +747,7 @@ async fn a_restarted_reader_finds_its_position_past_another_producers_open_trans
 /// the position topic had one partition, and every reader started then waited for that minute).
 #[tokio::test]
 async fn another_readers_open_transaction_on_the_position_topic_does_not_hold_a_starting_reader() {
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::producer::Producer;
 
     let stack = Stack::from_env();
     let db = TestDb::create(&stack, "reader_shared", Some(schema::Database::UserDb))
@@ -768,25 +768,11 @@ async fn another_readers_open_transaction_on_the_position_topic_does_not_hold_a_
     let own = cdc_reader::publish::position_partition(&kafka.transactional_id, partitions);
 
     // Another reader's transaction, open on every partition but this reader's.
-    let holder: BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &stack.kafka_brokers)
-        .set("transactional.id", format!("held-{}", unique_suffix()))
-        .create()
-        .unwrap();
-    holder.init_transactions(WAIT).unwrap();
-    holder.begin_transaction().unwrap();
-    for partition in (0..partitions).filter(|p| *p != own) {
-        holder
-            .send(
-                BaseRecord::to(&config.position_topic)
-                    .partition(partition)
-                    .key("a-reader-elsewhere")
-                    .payload("{}"),
-            )
-            .map_err(|(e, _)| e)
-            .unwrap();
-    }
-    holder.flush(WAIT).unwrap();
+    let holder = hold_transaction(
+        &stack,
+        &config.position_topic,
+        (0..partitions).filter(|p| *p != own),
+    );
 
     let reader = Reader::start(config).await.unwrap();
     let client = db.client().await.unwrap();
@@ -804,8 +790,39 @@ async fn another_readers_open_transaction_on_the_position_topic_does_not_hold_a_
     reader.stop().await.unwrap();
 }
 
-async fn split_transaction_killed(position_topic_held: bool) {
+/// Another producer's transaction, left open with one record on each of `partitions` of `topic`
+/// (as a reader killed while committing leaves one) until the caller aborts it.
+fn hold_transaction(
+    stack: &Stack,
+    topic: &str,
+    partitions: impl Iterator<Item = i32>,
+) -> rdkafka::producer::BaseProducer {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka_brokers)
+        .set("transactional.id", format!("held-{}", unique_suffix()))
+        .create()
+        .unwrap();
+    producer.init_transactions(WAIT).unwrap();
+    producer.begin_transaction().unwrap();
+    for partition in partitions {
+        producer
+            .send(
+                BaseRecord::to(topic)
+                    .partition(partition)
+                    .key("a-reader-elsewhere")
+                    .payload("{}"),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    producer.flush(WAIT).unwrap();
+    producer
+}
+
+async fn split_transaction_killed(position_topic_held: bool) {
+    use rdkafka::producer::Producer;
 
     let stack = Stack::from_env();
     let db = TestDb::create(&stack, "split_kill", Some(schema::Database::UserDb))
@@ -817,30 +834,11 @@ async fn split_transaction_killed(position_topic_held: bool) {
     let client = db.client().await.unwrap();
     e2e::wait_snapshot_done(&client, &db.name).await.unwrap();
     let holder = position_topic_held.then(|| {
-        let producer: BaseProducer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &stack.kafka_brokers)
-            .set("transactional.id", format!("held-{}", unique_suffix()))
-            .create()
-            .unwrap();
-        producer.init_transactions(WAIT).unwrap();
-        producer.begin_transaction().unwrap();
         // On every partition, so on the one the reader's positions go to.
         let partitions =
             e2e::partition_count(&stack.kafka_brokers, "cdc-reader-positions").unwrap();
         assert!(partitions > 0);
-        for partition in 0..partitions {
-            producer
-                .send(
-                    BaseRecord::to("cdc-reader-positions")
-                        .partition(partition)
-                        .key("a-reader-elsewhere")
-                        .payload("{}"),
-                )
-                .map_err(|(e, _)| e)
-                .unwrap();
-        }
-        producer.flush(WAIT).unwrap();
-        producer
+        hold_transaction(&stack, "cdc-reader-positions", 0..partitions)
     });
     e2e::insert_bench_users(&client, 20_000, 20_000)
         .await
