@@ -134,9 +134,8 @@ pub async fn status(db: &Client, slot: &str) -> Result<Option<Status>, SetupErro
 }
 
 /// Takes the slot's pending request, if any, to stream again from its `from`; `running` is the
-/// one this process runs, if any. A
-/// request started but not finished by another reader (it lost the slot, or was killed) or an
-/// earlier run of this one is taken again: its replay starts over. A request the slot can no
+/// one this process runs, if any. A request started but not finished by another reader (it lost
+/// the slot, or was killed) or an earlier run of this one is taken again: its replay starts over. A request the slot can no
 /// longer serve (its position moved past `from` since, or will: `reported` is the position this
 /// reader is about to report) is closed as refused.
 pub async fn take(

@@ -119,7 +119,8 @@ pub fn position_partition(transactional_id: &str, partitions: i32) -> i32 {
 /// `offset.storage.partitions`). Each reader's positions go to its key's partition and a session
 /// start reads only that one, so an open transaction of another reader (one killed while
 /// committing is open until the broker aborts it, a minute later) holds back only the readers
-/// whose keys share its partition. An existing topic keeps its count; changing it moves keys.
+/// whose keys share its partition. An existing topic keeps its count; a count changed later would
+/// move keys, so the reader records it per slot and refuses to run on another.
 pub const POSITION_TOPIC_PARTITIONS: i32 = 25;
 
 /// Settings of the position topic: only the latest position per key matters, and the topic is
