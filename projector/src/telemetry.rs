@@ -79,6 +79,8 @@ pub struct Metrics {
     /// Parts of view transactions written before they could commit (more than
     /// `--hold-max-kib` held: a large source transaction, or a partition behind the others).
     pub parts: AtomicU64,
+    /// View transactions written while the one before them committed (on another connection).
+    pub overlapped: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub errors: AtomicU64,
     pub last_applied_lsn: AtomicU64,
@@ -199,6 +201,13 @@ impl Metrics {
             "Parts of view transactions written before they could commit (more than \
              --hold-max-kib held: a large source transaction, or a partition behind the others).",
             g(&self.parts),
+        );
+        out.metric(
+            "projector_transactions_overlapped_total",
+            "counter",
+            "View transactions written while the one before them committed, on a second \
+             connection.",
+            g(&self.overlapped),
         );
         out.metric(
             "projector_dead_lettered_total",

@@ -607,6 +607,100 @@ async fn a_stored_offset_past_the_end_of_the_topic_stops_the_projector() {
     p.reader.stop().await.unwrap();
 }
 
+/// Another applier of the partition (a member that lost it in a rebalance and commits late, or an
+/// offset set by hand) stores an offset past the records of the view transaction the projector is
+/// committing: that transaction rolls back, and the partition is read again from the stored offset
+/// (the records below it are the other applier's), never committed over it.
+#[tokio::test]
+async fn an_offset_another_applier_stored_meanwhile_wins_over_the_view_transaction() {
+    let p = Pipeline::start("proj_moved").await.unwrap();
+    let db = p.user_db.client().await.unwrap();
+    e2e::insert_bench_users(&db, 5, 5).await.unwrap();
+    let config = p.projector_config();
+    let projector = Projector::start(config.clone()).await.unwrap();
+    p.converged(WAIT).await.unwrap();
+    // The other applier holds the stored offset of partition 0...
+    let mut other = p.view_db.client().await.unwrap();
+    let tx = other.transaction().await.unwrap();
+    let key = (&config.group, &config.topic);
+    tx.query_one(
+        "SELECT next_offset FROM projector_offsets \
+         WHERE consumer_group = $1 AND topic = $2 AND partition = 0 FOR UPDATE",
+        &[key.0, key.1],
+    )
+    .await
+    .unwrap();
+    // ...while three users are created in one source transaction, and the projector's view
+    // transaction of them waits for it at its commit.
+    db.execute(
+        "INSERT INTO users (name, email, department) \
+         SELECT 'late ' || i, 'late' || i || '@example.org', 'Late' FROM generate_series(1, 3) i",
+        &[],
+    )
+    .await
+    .unwrap();
+    let mut records = e2e::read_topic(&p.stack, &p.topic, 8, WAIT).await.unwrap();
+    records.sort_by_key(|r| r.offset);
+    let late: Vec<(i64, i64)> = records[5..]
+        .iter()
+        .map(|r| (r.offset, r.key.as_ref().unwrap()["id"].as_i64().unwrap()))
+        .collect();
+    let views = p.view_db.client().await.unwrap();
+    let database = p.view_db.name.clone();
+    e2e::wait_for("the projector to wait for the stored offset", WAIT, || {
+        let (views, database) = (&views, &database);
+        async move {
+            let waiting: i64 = views
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = $1 AND wait_event_type = 'Lock'",
+                    &[database],
+                )
+                .await?
+                .get(0);
+            Ok((waiting > 0).then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+    // The other applier applied the first two (as far as the offsets say) and commits.
+    tx.execute(
+        "UPDATE projector_offsets SET next_offset = $3 \
+         WHERE consumer_group = $1 AND topic = $2 AND partition = 0",
+        &[key.0, key.1, &late[2].0],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let in_view = |id: i64| {
+        let views = &views;
+        async move {
+            let n: i64 = views
+                .query_one("SELECT count(*) FROM user_view WHERE user_id = $1", &[&id])
+                .await
+                .unwrap()
+                .get(0);
+            n == 1
+        }
+    };
+    e2e::wait_for("the third user in user_view", WAIT, || async {
+        Ok(in_view(late[2].1).await.then_some(()))
+    })
+    .await
+    .unwrap();
+    assert!(
+        !in_view(late[0].1).await && !in_view(late[1].1).await,
+        "the projector committed records below the offset another applier stored"
+    );
+    let errors = projector.metric("projector_errors_total").await.unwrap();
+    assert!(
+        errors >= 1.0,
+        "the rolled-back view transaction was not counted"
+    );
+    projector.stop().await.unwrap();
+    p.reader.stop().await.unwrap();
+}
+
 /// Users of the two departments [`moves_between_two_departments`] moves between, each.
 const PAIR: i64 = 1000;
 

@@ -881,7 +881,11 @@ async fn an_on_demand_snapshot_while_streaming_gives_every_row_and_keeps_the_vie
     writer.await.unwrap();
     assert!(ok, "{stderr}");
     assert!(stderr.contains("rows published"), "{stderr}");
-    p.converged(WAIT).await.unwrap();
+    if let Err(e) = p.converged(WAIT).await {
+        // (Seen twice, not reproduced since: what the topic holds of the rows that differ.)
+        explain_differences(&p, &view).await;
+        panic!("{e}");
+    }
     assert_eq!(
         p.reader
             .metric("cdc_reader_reconnects_total")
@@ -990,6 +994,56 @@ fn assert_positions_in_order(records: &[e2e::Received]) {
                 before <= at,
                 "partition {} went from {before:?} to {at:?}",
                 r.partition
+            );
+        }
+    }
+}
+
+/// Prints the users whose row in user_view is not their row in users, with every record of them
+/// in the topic: whether the reader published a change or the projector did not apply it.
+async fn explain_differences(p: &Pipeline, view: &tokio_postgres::Client) {
+    let users = p.user_db.client().await.unwrap();
+    let mut differ = Vec::new();
+    for row in users
+        .query("SELECT id, name, department FROM users", &[])
+        .await
+        .unwrap()
+    {
+        let (id, name, department): (i64, String, String) = (row.get(0), row.get(1), row.get(2));
+        let in_view = view
+            .query_opt(
+                "SELECT name, department, source_lsn::text, source_seq FROM user_view \
+                 WHERE user_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .map(|v| {
+                let at = (v.get::<_, String>(2), v.get::<_, i64>(3));
+                (v.get::<_, String>(0), v.get::<_, String>(1), at)
+            });
+        if in_view
+            .as_ref()
+            .is_none_or(|(n, d, _)| (n, d) != (&name, &department))
+        {
+            eprintln!("user {id}: users ({name:?}, {department:?}), user_view {in_view:?}");
+            differ.push(id);
+        }
+    }
+    for r in e2e::read_topic(&p.stack, &p.topic, 1, WAIT).await.unwrap() {
+        let id = r.key.as_ref().and_then(|k| k["id"].as_i64());
+        if id.is_some_and(|id| differ.contains(&id)) {
+            let v = r.value.unwrap_or_default();
+            eprintln!(
+                "  user {id:?} at {}:{} op {} snapshot {} lsn {} index {} name {} department {}",
+                r.partition,
+                r.offset,
+                v["op"],
+                v["source"]["snapshot"],
+                v["source"]["commit_lsn"],
+                v["source"]["event_index"],
+                v["after"]["name"],
+                v["after"]["department"]
             );
         }
     }

@@ -6,6 +6,7 @@ use super::{sql, ApplyError};
 
 pub(super) struct Statements {
     pub(super) lock: Statement,
+    pub(super) lock_shared: Statement,
     pub(super) rows: Statement,
     pub(super) deletions: Statement,
     pub(super) floor: Statement,
@@ -18,6 +19,7 @@ pub(super) struct Statements {
     pub(super) stats_change: Statement,
     pub(super) drop_empty: Statement,
     pub(super) offsets: Statement,
+    pub(super) stored_offsets: Statement,
     pub(super) truncate_rows: Statement,
     pub(super) truncate_deletions: Statement,
     pub(super) truncate_floor: Statement,
@@ -42,6 +44,13 @@ impl Statements {
             // an old owner finishes a batch of a partition that moved in a rebalance.
             lock: p("SELECT count(pg_advisory_xact_lock(hashtext($1), p)) \
                  FROM (SELECT DISTINCT unnest($2::int[]) AS p ORDER BY 1) AS ps")
+            .await?,
+            // The live projector's: its own view transactions run side by side (two in flight,
+            // see `project`); a replay pausing it, or a swap, takes the lock exclusively.
+            lock_shared: p(
+                "SELECT count(pg_advisory_xact_lock_shared(hashtext($1), p)) \
+                 FROM (SELECT DISTINCT unnest($2::int[]) AS p ORDER BY 1) AS ps",
+            )
             .await?,
             rows: p(
                 "SELECT user_id, name, email, department, status, created_at, updated_at, \
@@ -147,6 +156,11 @@ impl Statements {
                                                          projector_offsets.last_position) \
                                            ELSE projector_offsets.last_position END",
             )
+            .await?,
+            // Locked first: another applier's commit of these partitions is waited for and seen.
+            stored_offsets: p("SELECT partition, next_offset FROM projector_offsets \
+                            WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3) \
+                            ORDER BY partition FOR UPDATE")
             .await?,
             truncate_rows: p("WITH gone AS (DELETE FROM user_view \
                                         WHERE (source_lsn, source_seq) <= ($1::pg_lsn, $2) \

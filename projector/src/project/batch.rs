@@ -132,7 +132,7 @@ impl Projector<'_> {
             Known::None => return None,
         }
         let mut last: HashMap<i32, RecordPosition> = HashMap::new();
-        let written = self.view_tx.iter().flat_map(|v| v.applied.iter());
+        let written = (self.view_tx.iter().chain(&self.committing)).flat_map(|v| v.applied.iter());
         for (&partition, &position) in self.applied.iter().chain(written) {
             let e = last.entry(partition).or_insert(position);
             *e = (*e).max(position);
@@ -264,10 +264,18 @@ impl Projector<'_> {
         // (After a view transaction with parts was lost, nothing more until the partitions are
         // read again: a later commit would store offsets past its records.)
         while !self.reread {
+            let fresh = self.view_tx.is_none();
             let Some(records) = self.take_ready(held) else {
                 break;
             };
-            if !self.apply(records, true).await? {
+            // (A view transaction with parts written before commits alone: its records are not
+            // all in hand.)
+            let done = if fresh && self.mode.is_live() {
+                self.apply_pipelined(records, held).await?
+            } else {
+                self.apply(records, true).await?
+            };
+            if !done {
                 return Ok(false);
             }
         }
@@ -279,7 +287,7 @@ impl Projector<'_> {
     /// transaction has more, and every ready record of the transactions the open view
     /// transaction (committed with them) has parts of. `None` when there is nothing to commit,
     /// or the open view transaction holds transactions not yet complete.
-    fn take_ready(&self, held: &mut Vec<Record>) -> Option<Vec<Record>> {
+    pub(super) fn take_ready(&self, held: &mut Vec<Record>) -> Option<Vec<Record>> {
         let frontier = self.frontier(held);
         let open = self.view_tx.as_ref().map(|v| v.through);
         take_view_tx(held, frontier, open, self.config.batch_max_events as usize)

@@ -293,6 +293,19 @@ impl Projector<'_> {
         Ok(true)
     }
 
+    /// Takes what the consumer has fetched already, without waiting, up to a view transaction's
+    /// worth of records.
+    pub(super) async fn take_fetched(&mut self, held: &mut Vec<Record>) -> Result<(), Error> {
+        use futures_util::FutureExt;
+        for _ in 0..self.config.batch_max_events {
+            let Some(message) = self.consumer.recv().now_or_never() else {
+                break;
+            };
+            self.take(message.map(|m| m.detach()), held).await?;
+        }
+        Ok(())
+    }
+
     /// Adds a consumed record to the batch when it is the next one to apply of its partition.
     pub(super) async fn take(
         &mut self,

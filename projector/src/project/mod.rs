@@ -98,6 +98,9 @@ enum Remedy {
     Isolate,
     /// The schema or the permissions are wrong: nothing will work until an operator acts.
     Halt,
+    /// Another applier committed some of the batch's records: read the partitions again from the
+    /// stored offsets.
+    Reread,
 }
 
 impl BatchError {
@@ -105,6 +108,7 @@ impl BatchError {
         match self {
             BatchError::DeadLetter(_) => Remedy::Retry,
             BatchError::Apply(e) if e.is_transient() => Remedy::Retry,
+            BatchError::Apply(ApplyError::OffsetsMoved { .. }) => Remedy::Reread,
             BatchError::Apply(ApplyError::Sql { source, .. }) => {
                 match source.as_db_error().map(|d| d.code().code()) {
                     // Transaction rollbacks (serialization, deadlock), lock timeouts, cancels.
@@ -166,7 +170,10 @@ pub(crate) struct Projector<'a> {
     shutdown: &'a CancellationToken,
     consumer: Arc<StreamConsumer<Context>>,
     mode: Mode,
+    /// The connection view transactions are written on, and a second one: while one commits,
+    /// the next view transaction is written on the other (see [`write`]).
     store: Option<Store>,
+    spare: Option<Store>,
     target: Target,
     /// Schema and table the events must come from.
     table: (String, String),
@@ -188,6 +195,8 @@ pub(crate) struct Projector<'a> {
     positioned_at: HashMap<i32, i64>,
     /// The view transaction being written, when one is open.
     view_tx: Option<ViewTx>,
+    /// The one committing on the other connection meanwhile, when there is one.
+    committing: Option<ViewTx>,
     /// A view transaction was lost with records no longer in hand: read every partition again
     /// from the stored offsets.
     reread: bool,
@@ -234,6 +243,7 @@ impl<'a> Projector<'a> {
             consumer: Arc::new(consumer),
             mode,
             store: None,
+            spare: None,
             target,
             table,
             positions: HashMap::new(),
@@ -247,6 +257,7 @@ impl<'a> Projector<'a> {
             topic_partitions_stored: None,
             positioned_at: HashMap::new(),
             view_tx: None,
+            committing: None,
             reread: false,
             waiting: false,
             ahead: BTreeSet::new(),
@@ -369,7 +380,11 @@ impl Projector<'_> {
                 BatchError::DeadLetter(e) => Err(Error::Kafka(e)),
             };
         }
-        tracing::warn!(error = %text, "applying failed; retrying without moving the offsets");
+        if error.remedy() == Remedy::Reread {
+            tracing::warn!(error = %text, "applying failed; reading the partitions again");
+        } else {
+            tracing::warn!(error = %text, "applying failed; retrying without moving the offsets");
+        }
         self.metrics.set_state(telemetry::State::Retrying);
         if self.store.as_ref().is_some_and(Store::is_closed) {
             self.store = None;

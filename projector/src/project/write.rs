@@ -2,14 +2,15 @@
 //! halved until the event is alone, and that one dead-lettered), the transaction committed with
 //! the offsets and `complete_lsn`, retried or read again when it fails.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
 use change_event::RecordPosition;
 
 use super::{connected, BatchError, DeadLetterTopic, Projector, Record, Remedy, ViewTx};
-use crate::apply::{ApplyError, Complete, Item, Store};
+use crate::apply::{ApplyError, Complete, Item, Outcome, Store};
 use crate::dead_letter::Letter;
+use crate::events::Change;
 use crate::{telemetry, Error};
 
 impl Projector<'_> {
@@ -37,11 +38,12 @@ impl Projector<'_> {
                 return Ok(true);
             };
             let released = self.view_tx.as_ref().is_some_and(|v| v.released) || !commit;
+            let reread = error.remedy() == Remedy::Reread;
             self.abandon().await;
             if !self.failed(error).await? {
                 return Ok(false);
             }
-            if released {
+            if released || reread {
                 // Read every partition again from the stored offsets (records held are read
                 // again too).
                 self.reread = true;
@@ -49,6 +51,100 @@ impl Projector<'_> {
                 return Ok(true);
             }
         }
+    }
+
+    /// Commits `records` as a view transaction, and the view transactions that follow it in
+    /// `held`, two in flight: while one commits on one connection, the next is written on the
+    /// other. The next one goes ahead only when it cannot depend on what the one committing
+    /// wrote (no user in both, no truncate in either: it reads nothing the other changed);
+    /// it commits after it, and not at all when that one fails. What PostgreSQL does at a view
+    /// transaction's commit (the derived views' refresh) then overlaps with the next one's
+    /// writes. Records of a view transaction that failed are put back in `held`, or read again.
+    /// Ok(false) on shutdown.
+    pub(super) async fn apply_pipelined(
+        &mut self,
+        records: Vec<Record>,
+        held: &mut Vec<Record>,
+    ) -> Result<bool, Error> {
+        if let Err(error) = self.write(&records).await {
+            return self.recover(error, vec![records], held).await;
+        }
+        let mut written = records;
+        loop {
+            // The next view transaction comes from what is in hand and what the consumer has
+            // fetched (not once shutdown was asked for: this one commits alone).
+            let stopping = self.shutdown.is_cancelled();
+            if !stopping && held.len() < self.config.batch_max_events as usize {
+                self.take_fetched(held).await?;
+            }
+            let (Some(v), Some(mut store)) = (self.view_tx.take(), self.store.take()) else {
+                return Ok(true);
+            };
+            let completes = self.completes(&v.applied);
+            self.committing = Some(v);
+            self.store = self.spare.take();
+            let next = match if stopping {
+                None
+            } else {
+                self.take_ready(held)
+            } {
+                Some(b) if independent(&written, &b) => Some(b),
+                Some(b) => {
+                    // After this one commits.
+                    held.splice(0..0, b);
+                    None
+                }
+                None => None,
+            };
+            let (committed, wrote) = match &next {
+                Some(b) => {
+                    self.metrics.overlapped.fetch_add(1, Ordering::Relaxed);
+                    let (c, w) = tokio::join!(store.commit(&completes), self.write(b));
+                    (c, Some(w))
+                }
+                None => (store.commit(&completes).await, None),
+            };
+            let v = self.committing.take().expect("set above");
+            self.spare = Some(store);
+            match committed {
+                Ok(outcome) => self.committed(v, outcome, &completes),
+                Err(error) => {
+                    // (The next one, written meanwhile, must not commit without it.)
+                    let again = std::iter::once(written).chain(next).collect();
+                    return self.recover(error.into(), again, held).await;
+                }
+            }
+            let Some(b) = next else {
+                return Ok(true);
+            };
+            if let Some(Err(error)) = wrote {
+                return self.recover(error, vec![b], held).await;
+            }
+            written = b;
+        }
+    }
+
+    /// After a view transaction of `batches` failed: it is abandoned, and its records are taken
+    /// again, in order, before what was held behind them, or read again from the stored offsets
+    /// when another applier moved them. Ok(false) on shutdown.
+    async fn recover(
+        &mut self,
+        error: BatchError,
+        batches: Vec<Vec<Record>>,
+        held: &mut Vec<Record>,
+    ) -> Result<bool, Error> {
+        let reread = error.remedy() == Remedy::Reread;
+        self.abandon().await;
+        if !self.failed(error).await? {
+            return Ok(false);
+        }
+        if reread {
+            self.reread = true;
+            self.positioned_generation = u64::MAX;
+        } else {
+            held.splice(0..0, batches.into_iter().flatten());
+        }
+        Ok(true)
     }
 
     /// Writes `records` into the view transaction, dead letters first. A range the database
@@ -163,6 +259,13 @@ impl Projector<'_> {
         let Some(v) = self.view_tx.take() else {
             return Ok(());
         };
+        self.committed(v, outcome, &completes);
+        Ok(())
+    }
+
+    /// After `v` committed with `completes`: the counts, `complete_lsn` and the offsets to
+    /// mirror to Kafka.
+    fn committed(&mut self, v: ViewTx, outcome: Outcome, completes: &[Complete]) {
         let m = self.metrics;
         m.events.fetch_add(v.events, Ordering::Relaxed);
         m.upserted
@@ -180,9 +283,8 @@ impl Projector<'_> {
         m.record_batch(v.started.elapsed());
         m.set_state(telemetry::State::Running);
         self.backoff.reset();
-        self.completed(v.applied, &completes);
+        self.completed(v.applied, completes);
         self.commit_to_kafka(&v.next);
-        Ok(())
     }
 
     /// Abandons the open view transaction, if any.
@@ -335,5 +437,99 @@ fn letter<'a>(r: &'a Record, kind: &'static str, error: String) -> Letter<'a> {
         value: r.value.as_deref(),
         kind,
         error,
+    }
+}
+
+/// Whether view transactions of `a` and then `b` can be written side by side: `b` reads no row
+/// `a` writes (no user in both), and neither truncates.
+fn independent(a: &[Record], b: &[Record]) -> bool {
+    fn users(records: &[Record]) -> Option<HashSet<i64>> {
+        let mut users = HashSet::with_capacity(records.len());
+        for r in records {
+            match &r.decoded {
+                Ok(Change::Upsert { row, .. }) => users.insert(row.id),
+                Ok(Change::Delete { id, .. }) => users.insert(*id),
+                Ok(Change::Truncate { .. }) => return None,
+                Ok(Change::Tombstone) | Err(_) => false,
+            };
+        }
+        Some(users)
+    }
+    match (users(a), users(b)) {
+        (Some(a), Some(b)) => a.is_disjoint(&b),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use change_event::Position;
+
+    use super::*;
+    use crate::events::PartialRow;
+
+    fn record(offset: i64, change: Change) -> Record {
+        Record {
+            partition: 0,
+            offset,
+            timestamp_ms: None,
+            position: None,
+            key: None,
+            value: None,
+            decoded: Ok(change),
+        }
+    }
+
+    fn upsert(offset: i64, id: i64) -> Record {
+        let row = PartialRow {
+            id,
+            name: None,
+            email: None,
+            department: None,
+            status: None,
+            created_at: None,
+            updated_at: None,
+        };
+        record(
+            offset,
+            Change::Upsert {
+                row,
+                position: at(offset),
+            },
+        )
+    }
+
+    fn at(offset: i64) -> Position {
+        Position {
+            commit_lsn: offset as u64,
+            event_index: 0,
+        }
+    }
+
+    #[test]
+    fn view_transactions_go_side_by_side_only_without_a_user_in_common_or_a_truncate() {
+        let a = [upsert(1, 10), upsert(2, 11)];
+        assert!(independent(
+            &a,
+            &[upsert(3, 12), record(4, Change::Tombstone)]
+        ));
+        // The same user, updated or deleted.
+        assert!(!independent(&a, &[upsert(3, 12), upsert(4, 11)]));
+        let delete = record(
+            3,
+            Change::Delete {
+                id: 10,
+                position: at(3),
+            },
+        );
+        assert!(!independent(&a, &[delete]));
+        // A truncate on either side.
+        let truncate = || record(5, Change::Truncate { position: at(5) });
+        assert!(!independent(&a, &[truncate()]));
+        assert!(!independent(&[truncate()], &[upsert(6, 13)]));
+        // A record that is not an event touches no user.
+        let mut bad = upsert(3, 10);
+        bad.decoded = Err(crate::events::BadEvent::Empty);
+        assert!(independent(&a, &[bad]));
     }
 }

@@ -277,6 +277,11 @@ async fn main() -> anyhow::Result<()> {
     let backlog_rate = changes as f64 / backlog_s;
     let (reader_cpu_backlog, _) = reader.usage();
     let (projector_cpu_backlog, _) = projector.usage();
+    // How many view transactions the backlog took, and how many were written while the one
+    // before them committed.
+    let view_txs = e2e::metric(&projector.http, "projector_batches_total").await?;
+    let overlapped =
+        e2e::metric(&projector.http, "projector_transactions_overlapped_total").await?;
     let first_row_s = first_row.unwrap_or(backlog_s);
 
     // 2. Steady load: `rate` single-row updates per second, in transactions of 10 every
@@ -462,6 +467,9 @@ async fn main() -> anyhow::Result<()> {
         backlog_s * 2.0
     );
     println!(
+        "    view transactions: {view_txs} ({overlapped} written while the one before committed)"
+    );
+    println!(
         "  steady load: {total} single-row updates at {rate}/s in {load_s:.2} s (transactions of {per_tx})"
     );
     println!(
@@ -544,6 +552,8 @@ async fn main() -> anyhow::Result<()> {
         "ryw_refused": ryw_refused,
         "reader_cpu_s": reader_cpu,
         "projector_cpu_s": projector_cpu,
+        "backlog_view_transactions": view_txs,
+        "backlog_view_transactions_overlapped": overlapped,
         "backlog_cpu_s": {
             "reader": reader_cpu_backlog, "projector": projector_cpu_backlog,
             "kafka": (kafka_cpu_backlog * 100.0).round() / 100.0,
