@@ -261,6 +261,39 @@ struct Counts {
     checks: AtomicUsize,
 }
 
+/// The checker: every derived table against its definition, one snapshot at a time, every `pause`
+/// until `stop`; what differed in each snapshot that saw a difference.
+async fn check_until(
+    p: &Pipeline,
+    stop: &Arc<AtomicBool>,
+    counts: &Arc<Counts>,
+    pause: Duration,
+) -> tokio::task::JoinHandle<Vec<Vec<(String, i64)>>> {
+    let (stop, counts) = (stop.clone(), counts.clone());
+    let view = p.view_db.client().await.unwrap();
+    tokio::spawn(async move {
+        let mut found = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let differences = derived_differences(&view).await.unwrap();
+            if !differences.is_empty() {
+                found.push(differences);
+            }
+            counts.checks.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(pause).await;
+        }
+        found
+    })
+}
+
+fn assert_no_differences(found: &[Vec<(String, i64)>], checks: usize) {
+    assert!(
+        found.is_empty(),
+        "{} of {checks} snapshots saw a derived view differ from its definition, first: {:?}",
+        found.len(),
+        found[0]
+    );
+}
+
 #[tokio::test]
 async fn concurrent_user_and_post_writers_keep_every_view_equal_to_its_definition() {
     e2e::init_logs();
@@ -406,23 +439,7 @@ async fn concurrent_user_and_post_writers_keep_every_view_equal_to_its_definitio
             }
         }));
     }
-    // The checker: every table against its definition, one snapshot at a time.
-    let checker = {
-        let (stop, counts) = (stop.clone(), counts.clone());
-        let view = p.view_db.client().await.unwrap();
-        tokio::spawn(async move {
-            let mut found = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let differences = derived_differences(&view).await.unwrap();
-                if !differences.is_empty() {
-                    found.push(differences);
-                }
-                counts.checks.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            found
-        })
-    };
+    let checker = check_until(&p, &stop, &counts, Duration::from_millis(20)).await;
     tokio::time::sleep(Duration::from_secs(20)).await;
     stop.store(true, Ordering::Relaxed);
     for w in writers {
@@ -435,12 +452,7 @@ async fn concurrent_user_and_post_writers_keep_every_view_equal_to_its_definitio
         counts.checks.load(Ordering::Relaxed),
     );
     eprintln!("{user_writes} user writes, {post_writes} post writes, {checks} snapshots checked");
-    assert!(
-        found.is_empty(),
-        "{} of {checks} snapshots saw a derived view differ from its definition, first: {:?}",
-        found.len(),
-        found[0]
-    );
+    assert_no_differences(&found, checks);
     assert!(
         user_writes > 100 && post_writes > 100 && checks > 50,
         "too little happened: {user_writes} user writes, {post_writes} post writes, {checks} checks"
@@ -792,22 +804,7 @@ async fn a_backlog_applied_two_view_transactions_at_a_time_keeps_every_view_exac
             }
         }));
     }
-    let checker = {
-        let (stop, counts) = (stop.clone(), counts.clone());
-        let view = p.view_db.client().await.unwrap();
-        tokio::spawn(async move {
-            let mut found = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let differences = derived_differences(&view).await.unwrap();
-                if !differences.is_empty() {
-                    found.push(differences);
-                }
-                counts.checks.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            found
-        })
-    };
+    let checker = check_until(&p, &stop, &counts, Duration::from_millis(5)).await;
     p.converged(WAIT).await.unwrap();
     stop.store(true, Ordering::Relaxed);
     for w in writers {
@@ -825,12 +822,7 @@ async fn a_backlog_applied_two_view_transactions_at_a_time_keeps_every_view_exac
          {} post writes, {checks} snapshots checked",
         counts.post_writes.load(Ordering::Relaxed)
     );
-    assert!(
-        found.is_empty(),
-        "{} of {checks} snapshots saw a derived view differ from its definition, first: {:?}",
-        found.len(),
-        found[0]
-    );
+    assert_no_differences(&found, checks);
     assert!(
         overlapped > 0.0,
         "no view transaction was written while another committed"

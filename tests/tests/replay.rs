@@ -883,7 +883,7 @@ async fn an_on_demand_snapshot_while_streaming_gives_every_row_and_keeps_the_vie
     assert!(stderr.contains("rows published"), "{stderr}");
     if let Err(e) = p.converged(WAIT).await {
         // (Seen twice, not reproduced since: what the topic holds of the rows that differ.)
-        explain_differences(&p, &view).await;
+        explain_differences(&p, &view, &projector).await;
         panic!("{e}");
     }
     assert_eq!(
@@ -999,9 +999,15 @@ fn assert_positions_in_order(records: &[e2e::Received]) {
     }
 }
 
-/// Prints the users whose row in user_view is not their row in users, with every record of them
-/// in the topic: whether the reader published a change or the projector did not apply it.
-async fn explain_differences(p: &Pipeline, view: &tokio_postgres::Client) {
+/// Prints the projector's health and the users whose row in user_view is not their row in users,
+/// with every record of them in the topic: whether the reader published a change, or the projector
+/// did not apply it (stuck, or ignored it).
+async fn explain_differences(p: &Pipeline, view: &tokio_postgres::Client, projector: &Projector) {
+    let health = reqwest::get(format!("{}/health", projector.http_url)).await;
+    match health {
+        Ok(r) => eprintln!("projector /health: {}", r.text().await.unwrap_or_default()),
+        Err(e) => eprintln!("projector /health: {e}"),
+    }
     let users = p.user_db.client().await.unwrap();
     let mut differ = Vec::new();
     for row in users
