@@ -17,15 +17,27 @@ use serde_json::{json, Value};
 
 /// POST /api/posts; (status, body).
 async fn post(f: &Full, title: &str, author: i64) -> (u16, Value) {
-    let r = f
-        .http
-        .post(f.posts.url("/api/posts"))
+    post_at(&f.http, &f.posts.url("/api/posts"), title, author).await
+}
+
+/// POST a post to `url` (post-api's /api/posts); (status, body).
+async fn post_at(http: &reqwest::Client, url: &str, title: &str, author: i64) -> (u16, Value) {
+    let r = http
+        .post(url)
         .json(&json!({"title": title, "content": "", "authorId": author}))
         .send()
         .await
         .unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// A concurrent writer's post: the new post, or None when post-api refused it because its author
+/// is not (or no longer, or not yet) in user_view (422). Any other answer fails the test.
+async fn writer_post(http: &reqwest::Client, url: &str, author: i64) -> Option<Value> {
+    let (status, body) = post_at(http, url, "t", author).await;
+    assert!(matches!(status, 201 | 422), "post-api answered {status}");
+    (status == 201).then_some(body)
 }
 
 fn department<'a>(all: &'a Value, name: &str) -> Option<&'a Value> {
@@ -405,16 +417,7 @@ async fn concurrent_user_and_post_writers_keep_every_view_equal_to_its_definitio
                 let author = pick(&ids);
                 let known = post_ids.lock().unwrap().len();
                 let r = if op < 6 || known == 0 {
-                    let r = http
-                        .post(&url)
-                        .json(&json!({"title": "t", "content": "c", "authorId": author}))
-                        .send()
-                        .await
-                        .unwrap();
-                    let status = r.status().as_u16();
-                    assert!(matches!(status, 201 | 422), "post-api answered {status}");
-                    if status == 201 {
-                        let p: Value = r.json().await.unwrap();
+                    if let Some(p) = writer_post(&http, &url, author).await {
                         post_ids.lock().unwrap().push(p["id"].as_i64().unwrap());
                     }
                     counts.post_writes.fetch_add(1, Ordering::Relaxed);
@@ -791,15 +794,7 @@ async fn a_backlog_applied_two_view_transactions_at_a_time_keeps_every_view_exac
         writers.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let author = rand::rng().random_range(1..=300_i64 + 400);
-                let r = http
-                    .post(&url)
-                    .json(&json!({"title": "t", "content": "c", "authorId": author}))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = r.status().as_u16();
-                // 422: an author not (or no longer, or not yet) in user_view.
-                assert!(matches!(status, 201 | 422), "post-api answered {status}");
+                writer_post(&http, &url, author).await;
                 counts.post_writes.fetch_add(1, Ordering::Relaxed);
             }
         }));
