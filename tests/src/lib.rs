@@ -1053,13 +1053,19 @@ impl Received {
 }
 
 /// Writes `n` users (`Bench user i`, 20 departments, every fourth INACTIVE) in transactions of
-/// `per_tx` rows: the benchmarks' workload.
+/// `per_tx` rows: the benchmarks' workload. `i` goes on from the highest id in the table (from 1
+/// in an empty one), so a second call adds users with other emails.
 pub async fn insert_bench_users(
     client: &tokio_postgres::Client,
     n: i64,
     per_tx: i64,
 ) -> anyhow::Result<()> {
-    let mut done = 0;
+    let first: i64 = client
+        .query_one("SELECT coalesce(max(id), 0) FROM users", &[])
+        .await?
+        .get(0);
+    let n = first + n;
+    let mut done = first;
     while done < n {
         let rows = per_tx.min(n - done);
         client

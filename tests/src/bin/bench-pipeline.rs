@@ -4,7 +4,11 @@
 //!
 //! 1. **Backlog**: N inserts (transactions of 1,000 rows) are committed while nothing reads them
 //!    (the slot exists, so the WAL is kept); then the reader and the projector start together. The
-//!    rate is N over the time from their start to the last row in user_view.
+//!    rate is N over the time from their start to the last row in user_view. With `--warm-up W`
+//!    (default 0: none), a backlog of W inserts goes the same way first and the two services
+//!    stop, so the timed backlog meets a Kafka node that has served traffic (as a pipeline
+//!    catching up after an outage does) instead of one whose JVM still compiles its hot paths;
+//!    the warm-up's own rate is printed too.
 //! 2. **Steady load**: single-row updates committed at a fixed rate (default 1,000 changes/s, in
 //!    transactions of 10 every 10 ms) for S seconds; each change's latency is the time from the
 //!    return of its COMMIT to the `projected_at` of the view row that shows it. Meanwhile
@@ -176,6 +180,60 @@ fn others_cpu() -> (f64, f64) {
     (kafka, postgres)
 }
 
+/// When a drained backlog's rows reached user_view, in seconds from the services' start.
+struct Drained {
+    first_row_s: f64,
+    all_s: f64,
+}
+
+/// Starts the reader and the projector on a backlog of `rows` inserts (the last rows of users) and
+/// waits for the last of them in user_view. The rows arrive in id order (one partition), so the
+/// last id in user_view means all of them are; two index lookups per poll, not a count that would
+/// compete for the cores it measures.
+async fn drain(
+    users: &tokio_postgres::Client,
+    views: &tokio_postgres::Client,
+    reader_env: &[(&str, String)],
+    projector_env: &[(&str, String)],
+    rows: i64,
+) -> anyhow::Result<(Service, Service, Drained)> {
+    let last_id: i64 = users
+        .query_one("SELECT max(id) FROM users", &[])
+        .await?
+        .get(0);
+    let first_id = last_id - rows + 1;
+    let started = Instant::now();
+    let reader = Service::start("cdc-reader", reader_env)?;
+    let projector = Service::start("projector", projector_env)?;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut first_row: Option<f64> = None;
+    loop {
+        let row = views
+            .query_one(
+                "SELECT EXISTS (SELECT FROM user_view WHERE user_id >= $1), \
+                        EXISTS (SELECT FROM user_view WHERE user_id = $2)",
+                &[&first_id, &last_id],
+            )
+            .await?;
+        if row.get::<_, bool>(0) && first_row.is_none() {
+            first_row = Some(started.elapsed().as_secs_f64());
+        }
+        if row.get::<_, bool>(1) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the last of {rows} rows not in user_view within 900 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all_s = started.elapsed().as_secs_f64();
+    let drained = Drained {
+        first_row_s: first_row.unwrap_or(all_s),
+        all_s,
+    };
+    Ok((reader, projector, drained))
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -190,6 +248,7 @@ async fn main() -> anyhow::Result<()> {
     let rate = arg::<i64>("--rate", 1000)?;
     let seconds = arg::<i64>("--seconds", 30)?;
     let big_tx = arg::<i64>("--big-tx", 1_000_000)?;
+    let warm_up = arg::<i64>("--warm-up", 0)?;
     // `off` measures what the derived views cost: their notes on user_view are disabled, so the
     // projector's transactions leave post_stats, user_activity and department_performance alone.
     let derived = arg::<String>("--derived-views", "on".to_owned())?;
@@ -232,43 +291,32 @@ async fn main() -> anyhow::Result<()> {
     reader.wait_healthy().await?;
     reader.stop().await?;
 
+    // 0. The warm-up: a backlog through a fresh Kafka node, then the services stop.
+    let warm_up_s = if warm_up > 0 {
+        e2e::insert_bench_users(&users, warm_up, 1000).await?;
+        let (reader, projector, drained) =
+            drain(&users, &views, &reader_env, &projector_env, warm_up).await?;
+        projector.stop().await?;
+        reader.stop().await?;
+        Some(drained.all_s)
+    } else {
+        None
+    };
+
     let started = Instant::now();
     e2e::insert_bench_users(&users, changes, 1000).await?;
     let write_s = started.elapsed().as_secs_f64();
-
-    // 1. The backlog, end to end. The rows arrive in id order (one partition), so the last id in
-    // user_view means all of them are; two index lookups per poll, not a count that would compete
-    // for the cores it measures.
-    let last_id: i64 = users
+    let first_id: i64 = users
         .query_one("SELECT max(id) FROM users", &[])
         .await?
         .get(0);
+    let first_id = first_id - changes + 1;
+
+    // 1. The backlog, end to end.
     let others_before = others_cpu();
-    let started = Instant::now();
-    let reader = Service::start("cdc-reader", &reader_env)?;
-    let projector = Service::start("projector", &projector_env)?;
-    let deadline = Instant::now() + Duration::from_secs(900);
-    let mut first_row: Option<f64> = None;
-    loop {
-        let row = views
-            .query_one(
-                "SELECT EXISTS (SELECT FROM user_view), \
-                        EXISTS (SELECT FROM user_view WHERE user_id = $1)",
-                &[&last_id],
-            )
-            .await?;
-        if row.get::<_, bool>(0) && first_row.is_none() {
-            first_row = Some(started.elapsed().as_secs_f64());
-        }
-        if row.get::<_, bool>(1) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the last of {changes} rows not in user_view within 900 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let backlog_s = started.elapsed().as_secs_f64();
+    let (reader, projector, drained) =
+        drain(&users, &views, &reader_env, &projector_env, changes).await?;
+    let backlog_s = drained.all_s;
     let others_after = others_cpu();
     let (kafka_cpu_backlog, postgres_cpu_backlog) = (
         others_after.0 - others_before.0,
@@ -282,7 +330,7 @@ async fn main() -> anyhow::Result<()> {
     let view_txs = e2e::metric(&projector.http, "projector_batches_total").await?;
     let overlapped =
         e2e::metric(&projector.http, "projector_transactions_overlapped_total").await?;
-    let first_row_s = first_row.unwrap_or(backlog_s);
+    let first_row_s = drained.first_row_s;
 
     // 2. Steady load: `rate` single-row updates per second, in transactions of 10 every
     //    10,000/rate ms, each changing a distinct user's name to a unique marker.
@@ -444,7 +492,7 @@ async fn main() -> anyhow::Result<()> {
 
     // 4. The limits, with nothing else running.
     let produce_rate = produce_limit(&stack, &topic, changes).await?;
-    let apply_rate = apply_limit(&users, &views, changes).await?;
+    let apply_rate = apply_limit(&users, &views, first_id, changes).await?;
     let reader_json = e2e::bench::earlier_figures("CDC_BENCH_READER_JSON")?;
     let recvlogical_rate = reader_json["pg_recvlogical_changes_per_s"].as_f64();
     let slowest = [Some(produce_rate), Some(apply_rate), recvlogical_rate]
@@ -453,6 +501,13 @@ async fn main() -> anyhow::Result<()> {
         .fold(f64::INFINITY, f64::min);
 
     println!("pipeline benchmark (commit in user_db → row in user_view), derived views {derived}");
+    if let Some(w) = warm_up_s {
+        println!(
+            "  warm-up on the fresh Kafka node: {warm_up} inserts in user_view after {w:.2} s \
+             ({:.0} changes/s); the services stopped",
+            warm_up as f64 / w
+        );
+    }
     println!(
         "  backlog: {changes} inserts written in {write_s:.2} s, then reader + projector started"
     );
@@ -540,6 +595,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let details = serde_json::json!({
         "backlog_s": (backlog_s * 100.0).round() / 100.0,
+        "warm_up_changes": warm_up,
+        "warm_up_changes_per_s": warm_up_s.map(|w| (warm_up as f64 / w).round()),
         "first_row_s": (first_row_s * 100.0).round() / 100.0,
         "steady_rate": rate,
         "steady_changes": total,
@@ -729,17 +786,20 @@ async fn produce_limit(stack: &Stack, topic: &str, n: i64) -> anyhow::Result<f64
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
-/// The final rows of the first `n` users, written the fastest plain way: COPY into a fresh table
-/// shaped like user_view (its indexes included), in one transaction.
+/// The final rows of the `n` users from `first_id` on, written the fastest plain way: COPY into a
+/// fresh table shaped like user_view (its indexes included), in one transaction.
 async fn apply_limit(
     users: &tokio_postgres::Client,
     views: &tokio_postgres::Client,
+    first_id: i64,
     n: i64,
 ) -> anyhow::Result<f64> {
+    let last_id = first_id + n - 1;
     let out = users
         .copy_out(&*format!(
             "COPY (SELECT id, name, email, department, status, created_at, updated_at, \
-                          pg_current_wal_lsn(), 0 FROM users WHERE id <= {n} ORDER BY id) TO STDOUT"
+                          pg_current_wal_lsn(), 0 FROM users WHERE id BETWEEN {first_id} AND {last_id} \
+                          ORDER BY id) TO STDOUT"
         ))
         .await?;
     let chunks: Vec<bytes::Bytes> = out
