@@ -306,11 +306,11 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     e2e::insert_bench_users(&users, changes, 1000).await?;
     let write_s = started.elapsed().as_secs_f64();
-    let first_id: i64 = users
+    let last_id: i64 = users
         .query_one("SELECT max(id) FROM users", &[])
         .await?
         .get(0);
-    let first_id = first_id - changes + 1;
+    let first_id = last_id - changes + 1;
 
     // 1. The backlog, end to end.
     let others_before = others_cpu();
