@@ -50,3 +50,16 @@ pub fn client_error(error: &KafkaError, reason: &str) {
     }
     tracing::warn!(target: "librdkafka", %error, reason, "client error");
 }
+
+/// Drops a short-lived Kafka client on a thread of its own. Destroying a librdkafka handle waits
+/// for its threads to end, about 0.1 s for a consumer here, which a caller done with it (a
+/// start-up's read back, say) need not wait for. If no thread can be started, the client is
+/// dropped here, with the closure that held it.
+pub fn close_detached<T: Send + 'static>(client: T) {
+    let closing = std::thread::Builder::new()
+        .name("kafka-close".into())
+        .spawn(move || drop(client));
+    if let Err(error) = closing {
+        tracing::debug!(%error, "no thread to close a Kafka client on: closed in place");
+    }
+}

@@ -83,6 +83,7 @@ impl Publisher {
                     partition,
                     source,
                 })?;
+            service::kafka::close_detached(reading);
             match last {
                 None | Some(None) => Ok(None),
                 Some(Some(value)) => {
@@ -136,6 +137,7 @@ impl Publisher {
                     found.insert((topic, partition), last);
                 }
             }
+            service::kafka::close_detached(reading);
             Ok::<_, PublishError>(found)
         })
         .await??;
@@ -242,6 +244,10 @@ impl Reading {
             .uncommitted
             .fetch_watermarks(topic, partition, Duration::from_secs(10))
             .map_err(read_back)?;
+        if low >= high {
+            // Empty: no record, committed or open.
+            return Ok(None);
+        }
         let mut window = 16;
         loop {
             let from = low.max(high - window);
@@ -382,6 +388,7 @@ where
                     source,
                 })?;
         }
+        service::kafka::close_detached(reading);
         Ok(state)
     })
     .await

@@ -204,6 +204,7 @@ pub async fn ensure_topics(
                     .is_none()
             });
             let Some(topic) = missing else {
+                service::kafka::close_detached(admin);
                 return Ok(());
             };
             if started.elapsed() > Duration::from_secs(30) {
