@@ -229,12 +229,27 @@ impl Publisher {
         let producer = Arc::new(producer);
         if settings.delivery == Delivery::ExactlyOnce {
             let p = producer.clone();
-            blocking(move || p.init_transactions(COMMIT_TIMEOUT))
-                .await?
-                .map_err(|source| PublishError::Transaction {
-                    action: "registering the transactional id of",
-                    source,
-                })?;
+            let topic = settings.position_topic.clone();
+            blocking(move || {
+                // librdkafka asks for the transaction coordinator only over a connection to a
+                // broker of the cluster that is up, and when there is none it asks again 500 ms
+                // later: a new client has none. Two metadata requests (of the position topic,
+                // which exists by now) bring one up: the first is answered over the bootstrap
+                // connection, after which librdkafka 2.12 knows the brokers by id and is connected
+                // to none yet. Registering then takes 12-16 ms here instead of ~0.5 s. A failure
+                // of theirs is left to init_transactions, which retries by itself.
+                for _ in 0..2 {
+                    let _ = p
+                        .client()
+                        .fetch_metadata(Some(&topic), Duration::from_secs(5));
+                }
+                p.init_transactions(COMMIT_TIMEOUT)
+            })
+            .await?
+            .map_err(|source| PublishError::Transaction {
+                action: "registering the transactional id of",
+                source,
+            })?;
         }
         Ok(Publisher {
             producer,
