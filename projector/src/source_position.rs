@@ -123,6 +123,10 @@ impl Follower {
             .set("isolation.level", "read_committed")
             // Tells when the tail read at the start is done (see [`Known`]).
             .set("enable.partition.eof", "true")
+            // A fetch at a partition's end is held this long before the broker answers that it is
+            // the end: with librdkafka's 500 ms the tail read, and so the projector's first view
+            // transaction, waited that long. (A fetch returns as soon as records come.)
+            .set("fetch.wait.max.ms", "100")
             .create_with_context(TracingContext)?;
         let targets = Arc::new(Mutex::new(Targets::default()));
         let changed = Arc::new(tokio::sync::Notify::new());
