@@ -63,3 +63,28 @@ pub fn close_detached<T: Send + 'static>(client: T) {
         tracing::debug!(%error, "no thread to close a Kafka client on: closed in place");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{channel, Sender};
+    use std::time::Duration;
+
+    /// Tells, when dropped, the name of the thread it was dropped on.
+    struct Probe(Sender<Option<String>>);
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            let _ = self
+                .0
+                .send(std::thread::current().name().map(str::to_owned));
+        }
+    }
+
+    #[test]
+    fn a_detached_close_drops_the_client_on_a_thread_of_its_own() {
+        let (tx, rx) = channel();
+        super::close_detached(Probe(tx));
+        let on = rx.recv_timeout(Duration::from_secs(10)).expect("dropped");
+        assert_eq!(on.as_deref(), Some("kafka-close"));
+    }
+}
