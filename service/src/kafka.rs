@@ -51,16 +51,46 @@ pub fn client_error(error: &KafkaError, reason: &str) {
     tracing::warn!(target: "librdkafka", %error, reason, "client error");
 }
 
-/// Drops a short-lived Kafka client on a thread of its own. Destroying a librdkafka handle waits
-/// for its threads to end, about 0.1 s for a consumer here, which a caller done with it (a
-/// start-up's read back, say) need not wait for. If no thread can be started, the client is
-/// dropped here, with the closure that held it.
-pub fn close_detached<T: Send + 'static>(client: T) {
-    let closing = std::thread::Builder::new()
-        .name("kafka-close".into())
-        .spawn(move || drop(client));
-    if let Err(error) = closing {
-        tracing::debug!(%error, "no thread to close a Kafka client on: closed in place");
+/// A short-lived Kafka client that, when dropped, is closed on a thread of its own. Destroying a
+/// librdkafka handle waits for its threads to end, about 0.1 s for a consumer here, which a caller
+/// done with it (a start-up's read back, say) need not wait for. If no thread can be started, the
+/// client is closed in place.
+pub struct Detached<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> Detached<T> {
+    pub fn new(client: T) -> Self {
+        Detached(Some(client))
+    }
+}
+
+impl<T: Send + 'static> std::ops::Deref for Detached<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        // (Taken only by `drop`.)
+        self.0
+            .as_ref()
+            .expect("a Detached client is there until dropped")
+    }
+}
+
+impl<T: Send + 'static> Drop for Detached<T> {
+    fn drop(&mut self) {
+        let Some(client) = self.0.take() else {
+            return;
+        };
+        let closing = std::thread::Builder::new()
+            .name("kafka-close".into())
+            .spawn(move || drop(client));
+        if let Err(error) = closing {
+            tracing::debug!(%error, "no thread to close a Kafka client on: closed in place");
+        }
+    }
+}
+
+impl<T: Send + 'static> std::fmt::Debug for Detached<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Detached").finish_non_exhaustive()
     }
 }
 
@@ -74,6 +104,7 @@ mod tests {
 
     impl Drop for Probe {
         fn drop(&mut self) {
+            // (Should the send fail, the test's receive times out.)
             let _ = self
                 .0
                 .send(std::thread::current().name().map(str::to_owned));
@@ -81,9 +112,9 @@ mod tests {
     }
 
     #[test]
-    fn a_detached_close_drops_the_client_on_a_thread_of_its_own() {
+    fn a_detached_client_is_dropped_on_a_thread_of_its_own() {
         let (tx, rx) = channel();
-        super::close_detached(Probe(tx));
+        drop(super::Detached::new(Probe(tx)));
         let on = rx.recv_timeout(Duration::from_secs(10)).expect("dropped");
         assert_eq!(on.as_deref(), Some("kafka-close"));
     }

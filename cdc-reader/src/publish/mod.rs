@@ -237,11 +237,14 @@ impl Publisher {
                 // which exists by now) bring one up: the first is answered over the bootstrap
                 // connection, after which librdkafka 2.12 knows the brokers by id and is connected
                 // to none yet. Registering then takes 12-16 ms here instead of ~0.5 s. A failure
-                // of theirs is left to init_transactions, which retries by itself.
+                // of theirs only costs that time: init_transactions retries by itself.
                 for _ in 0..2 {
-                    let _ = p
+                    if let Err(error) = p
                         .client()
-                        .fetch_metadata(Some(&topic), Duration::from_secs(5));
+                        .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                    {
+                        tracing::debug!(%error, "a metadata request before registering failed");
+                    }
                 }
                 p.init_transactions(COMMIT_TIMEOUT)
             })

@@ -12,7 +12,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use service::kafka::TracingContext;
+use service::kafka::{Detached, TracingContext};
 
 use super::{blocking, Delivery, KafkaSettings, PublishError, Publisher, TRANSACTION_TIMEOUT};
 use crate::decode::Lsn;
@@ -83,7 +83,6 @@ impl Publisher {
                     partition,
                     source,
                 })?;
-            service::kafka::close_detached(reading);
             match last {
                 None | Some(None) => Ok(None),
                 Some(Some(value)) => {
@@ -137,7 +136,6 @@ impl Publisher {
                     found.insert((topic, partition), last);
                 }
             }
-            service::kafka::close_detached(reading);
             Ok::<_, PublishError>(found)
         })
         .await??;
@@ -203,11 +201,12 @@ fn consumer(brokers: &str, isolation: &str) -> Result<BaseConsumer<TracingContex
 }
 
 /// Reads partitions back to their end: what every transaction committed before the read began.
+/// Its consumers are closed off the caller's path once it is dropped ([`Detached`]).
 pub(super) struct Reading {
     /// Reads, `read_committed`, and reports ends ([`reading_consumer`]).
-    committed: BaseConsumer<TracingContext>,
+    committed: Detached<BaseConsumer<TracingContext>>,
     /// Only asked for high watermarks: where partitions end, open transactions included.
-    uncommitted: BaseConsumer<TracingContext>,
+    uncommitted: Detached<BaseConsumer<TracingContext>>,
 }
 
 /// Longest wait for the next record or end of partition while reading back.
@@ -222,8 +221,8 @@ const STABLE_WAIT: Duration = TRANSACTION_TIMEOUT.saturating_add(Duration::from_
 impl Reading {
     pub(super) fn new(brokers: &str) -> Result<Self, PublishError> {
         Ok(Reading {
-            committed: reading_consumer(brokers)?,
-            uncommitted: consumer(brokers, "read_uncommitted")?,
+            committed: Detached::new(reading_consumer(brokers)?),
+            uncommitted: Detached::new(consumer(brokers, "read_uncommitted")?),
         })
     }
 
@@ -388,7 +387,6 @@ where
                     source,
                 })?;
         }
-        service::kafka::close_detached(reading);
         Ok(state)
     })
     .await

@@ -7,7 +7,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer;
-use service::kafka::TracingContext;
+use service::kafka::{Detached, TracingContext};
 
 use super::position::reading_consumer;
 use super::{blocking, client_config, Delivery, KafkaSettings, PublishError, Publisher};
@@ -136,9 +136,11 @@ pub async fn ensure_topics(
     settings: &KafkaSettings,
     topics: &[String],
 ) -> Result<(), PublishError> {
-    let admin: AdminClient<TracingContext> = client_config(settings)
-        .create_with_context(TracingContext)
-        .map_err(PublishError::Client)?;
+    let admin: Detached<AdminClient<TracingContext>> = Detached::new(
+        client_config(settings)
+            .create_with_context(TracingContext)
+            .map_err(PublishError::Client)?,
+    );
     let replication = || TopicReplication::Fixed(settings.topic_replication_factor);
     let mut new: Vec<NewTopic<'_>> = topics
         .iter()
@@ -204,7 +206,6 @@ pub async fn ensure_topics(
                     .is_none()
             });
             let Some(topic) = missing else {
-                service::kafka::close_detached(admin);
                 return Ok(());
             };
             if started.elapsed() > Duration::from_secs(30) {
